@@ -1,0 +1,400 @@
+"""Exact per-example gradient clipping for stock PyTorch and Hugging Face models.
+
+The engine attaches from outside with forward hooks. Each forward call of a
+supported layer with trainable parameters stores its input and its output.
+`PerExampleGradients.backward(loss)` then asks autograd for the gradients of
+those outputs only, so autograd never computes the summed weight gradients
+(wasted work in a DP step). From the stored inputs and output gradients it
+computes every example's gradient norm over all trainable parameters together
+(ghost norms from Gram matrices, or materialised per-example gradients when
+that is cheaper), the flat clip factors c_i = min(1, C / ||g_i||), and the
+clipped sum  sum_i c_i g_i  as one weighted GEMM per layer ("book-keeping").
+
+A per-example gradient of one use of a parameter is held as a factor:
+  Outer(left, right): G_i = left_i^T right_i     (linear layers, no T x p x d tensor)
+  Rows(ids, values):  G_i[r] = sum_{t: ids_t = r} values_t  (embeddings, no V x d tensor)
+  Dense(values):      G_i = values_i              (biases, LayerNorm, small layers)
+A parameter used more than once (GPT-2's token embedding tied to its LM head)
+has one per-example gradient, the sum over its uses, so its squared norm
+includes the cross terms 2 <G_u, G_v> between uses.
+
+Anything the engine cannot clip exactly stops the run with an error naming the
+parameter: a trainable parameter of an unsupported layer type (at attach), or a
+trainable parameter reaching the loss outside a supported layer (at the first
+backward).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class UnsupportedParameterError(RuntimeError):
+    """A trainable parameter whose per-example gradient cannot be clipped exactly."""
+
+
+def _f32(tensor):
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+@dataclass
+class Outer:
+    """G_i = left_i^T right_i with left (B, T, R) and right (B, T, K): a linear layer's weight."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def materialise_is_cheaper(self):
+        # Ghost norm costs two B x T x T Gram matrices; materialising costs B x R x K.
+        seq_len = self.left.shape[1]
+        return 2 * seq_len * seq_len >= self.left.shape[2] * self.right.shape[2]
+
+    def materialise(self):
+        return Dense(torch.bmm(_f32(self.left).transpose(1, 2), _f32(self.right)))
+
+    def weighted_sum(self, weights):
+        # Scale the narrower side: for an LM head left is B x T x vocab.
+        left, right = _f32(self.left), _f32(self.right)
+        if left.shape[2] <= right.shape[2]:
+            left = left * weights[:, None, None]
+        else:
+            right = right * weights[:, None, None]
+        return left.flatten(0, 1).T @ right.flatten(0, 1)
+
+
+@dataclass
+class Rows:
+    """G_i[r] = sum over positions t with ids_it = r of values_it: an embedding table."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    num_rows: int
+
+    def weighted_sum(self, weights):
+        scaled = _f32(self.values) * weights[:, None, None]
+        out = scaled.new_zeros(self.num_rows, scaled.shape[2])
+        return out.index_add_(0, self.ids.flatten(), scaled.flatten(0, 1))
+
+
+@dataclass
+class Dense:
+    """Materialised per-example gradients, values (B, *parameter shape)."""
+
+    values: torch.Tensor
+
+    def weighted_sum(self, weights):
+        return torch.einsum("b,b...->...", weights, _f32(self.values))
+
+
+class _GramCache:
+    """Per-example Gram matrices x_i x_i^T, reused by consecutive layers reading the same
+    tensor (BERT's query, key and value); only the newest few are kept, to bound memory."""
+
+    def __init__(self, size=2):
+        self._grams = {}
+        self._size = size
+
+    def __call__(self, tensor):
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key not in self._grams:
+            x = _f32(tensor)
+            self._grams[key] = torch.bmm(x, x.transpose(1, 2))
+            if len(self._grams) > self._size:
+                del self._grams[next(iter(self._grams))]
+        return self._grams[key]
+
+
+def _sq_norm(factor, gram):
+    """Per-example squared Frobenius norm of one factor, shape (B,)."""
+    if isinstance(factor, Outer):
+        return (gram(factor.left) * gram(factor.right)).sum((1, 2))
+    if isinstance(factor, Rows):
+        same_row = factor.ids[:, :, None] == factor.ids[:, None, :]
+        return (gram(factor.values) * same_row).sum((1, 2))
+    return _f32(factor.values).flatten(1).pow(2).sum(1)
+
+
+def _gather_rows(table, ids):
+    """table (B, S, R), ids (B, T) -> table[b, s, ids[b, t]] as (B, S, T)."""
+    return torch.gather(table, 2, ids[:, None, :].expand(-1, table.shape[1], -1))
+
+
+def _inner_outer_outer(f, h):
+    left = torch.bmm(_f32(f.left), _f32(h.left).transpose(1, 2))
+    right = torch.bmm(_f32(f.right), _f32(h.right).transpose(1, 2))
+    return (left * right).sum((1, 2))
+
+
+def _inner_outer_rows(f, h):
+    # <left^T right, rows> = sum_{s,t} left[s, id_t] (right_s . values_t)
+    picked = _gather_rows(_f32(f.left), h.ids)
+    return (picked * torch.bmm(_f32(f.right), _f32(h.values).transpose(1, 2))).sum((1, 2))
+
+
+def _inner_outer_dense(f, h):
+    return torch.einsum("brk,btr,btk->b", _f32(h.values), _f32(f.left), _f32(f.right))
+
+
+def _inner_rows_rows(f, h):
+    same_row = f.ids[:, :, None] == h.ids[:, None, :]
+    return (torch.bmm(_f32(f.values), _f32(h.values).transpose(1, 2)) * same_row).sum((1, 2))
+
+
+def _inner_rows_dense(f, h):
+    picked = torch.gather(_f32(h.values), 1, f.ids[:, :, None].expand(-1, -1, h.values.shape[2]))
+    return (picked * _f32(f.values)).sum((1, 2))
+
+
+def _inner_dense_dense(f, h):
+    return (_f32(f.values).flatten(1) * _f32(h.values).flatten(1)).sum(1)
+
+
+_INNER = {
+    (Outer, Outer): _inner_outer_outer,
+    (Outer, Rows): _inner_outer_rows,
+    (Outer, Dense): _inner_outer_dense,
+    (Rows, Rows): _inner_rows_rows,
+    (Rows, Dense): _inner_rows_dense,
+    (Dense, Dense): _inner_dense_dense,
+}
+
+
+def _inner(f, h):
+    """Per-example inner product <G_f,i, G_h,i> of two uses of one parameter, shape (B,)."""
+    if (type(f), type(h)) in _INNER:
+        return _INNER[type(f), type(h)](f, h)
+    return _INNER[type(h), type(f)](h, f)
+
+
+# One small function per layer type: (layer, input (B, T, ...), output grad (B, T, ...))
+# -> {parameter: factor}. Inputs and output grads arrive flattened to one sequence axis.
+
+
+def _linear(layer, activation, output_grad):
+    factors = {layer.weight: Outer(output_grad, activation)}
+    if layer.bias is not None:
+        factors[layer.bias] = Dense(_f32(output_grad).sum(1))
+    return factors
+
+
+def _conv1d(layer, activation, output_grad):
+    # transformers' Conv1D stores the weight transposed: (in, out), y = x W + b.
+    return {layer.weight: Outer(activation, output_grad), layer.bias: Dense(_f32(output_grad).sum(1))}
+
+
+def _embedding(layer, ids, output_grad):
+    if layer.padding_idx is not None:
+        # torch leaves the padding row's gradient at zero; so must the per-example one.
+        output_grad = output_grad * (ids != layer.padding_idx)[:, :, None]
+    return {layer.weight: Rows(ids, output_grad, layer.num_embeddings)}
+
+
+def _layer_norm(layer, activation, output_grad):
+    shape = layer.normalized_shape
+    normalised = F.layer_norm(_f32(activation), shape, eps=layer.eps)
+    grad = _f32(output_grad)
+    factors = {layer.weight: Dense((grad * normalised).sum(1).unflatten(1, shape))}
+    if layer.bias is not None:
+        factors[layer.bias] = Dense(grad.sum(1).unflatten(1, shape))
+    return factors
+
+
+# layer type -> (factor rule, names of the parameters it handles); exact types only,
+# since a subclass may change forward().
+RULES = {
+    nn.Linear: (_linear, ("weight", "bias")),
+    Conv1D: (_conv1d, ("weight", "bias")),
+    nn.Embedding: (_embedding, ("weight",)),
+    nn.LayerNorm: (_layer_norm, ("weight", "bias")),
+}
+
+
+def _flatten_sequence(tensor, feature_dims):
+    """(B, ..., *features) -> (B, T, prod(features)); T = 1 for 2-D inputs."""
+    batch = tensor.shape[0]
+    if feature_dims == 0:
+        return tensor.reshape(batch, -1)
+    return tensor.reshape(batch, -1, *tensor.shape[tensor.dim() - feature_dims:]).flatten(2)
+
+
+def _feature_dims(layer):
+    if isinstance(layer, nn.LayerNorm):
+        return len(layer.normalized_shape)
+    return 0 if isinstance(layer, nn.Embedding) else 1
+
+
+@dataclass
+class _Use:
+    layer: nn.Module
+    name: str
+    inputs: torch.Tensor
+    output: torch.Tensor
+    input_version: int
+    output_version: int
+
+
+def _batch_size_of(args, kwargs):
+    for key in ("input_ids", "inputs_embeds", "attention_mask", "pixel_values"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key].shape[0]
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
+class PerExampleGradients:
+    """Hooks a model so that `backward(loss)` writes the flat-clipped sum of per-example gradients.
+
+    `loss` must be a sum of per-example losses (not a batch mean), so that example i's
+    gradient is the gradient of its own loss. After `backward`, each trainable parameter's
+    `.grad` holds (accumulates) sum_i c_i g_i with c_i = min(1, max_grad_norm / ||g_i||),
+    the norm taken over all trainable parameters together; no noise is added here.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float):
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+        self.model = model
+        self.max_grad_norm = float(max_grad_norm)
+        self._param_names = {}
+        self._hooked = {}
+        self._check_parameters()
+        self._uses = []
+        self._batch_size = None
+        self._graph_checked = False
+        self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
+        for layer, name in self._hooked.items():
+            self._handles.append(layer.register_forward_hook(self._store_use))
+
+    def _check_parameters(self):
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            if param.requires_grad:
+                self._param_names.setdefault(param, name)
+        for layer_name, layer in self.model.named_modules(remove_duplicate=False):
+            trainable = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
+            if not trainable:
+                continue
+            rule = RULES.get(type(layer))
+            for local_name, param in trainable:
+                full_name = f"{layer_name}.{local_name}" if layer_name else local_name
+                if rule is None or local_name not in rule[1]:
+                    raise UnsupportedParameterError(
+                        f"trainable parameter '{full_name}' belongs to {type(layer).__name__}, which has no "
+                        f"exact per-example gradient rule (supported: {', '.join(t.__name__ for t in RULES)}); "
+                        "freeze it (requires_grad=False) or replace the layer")
+            if isinstance(layer, nn.Embedding) and (layer.max_norm is not None or layer.scale_grad_by_freq
+                                                    or layer.sparse):
+                raise UnsupportedParameterError(
+                    f"trainable parameter '{layer_name}.weight': nn.Embedding with max_norm, "
+                    "scale_grad_by_freq or sparse gradients is not supported")
+            self._hooked[layer] = layer_name
+
+    def _start_forward(self, module, args, kwargs):
+        if torch.is_grad_enabled():
+            self._uses = []
+            self._batch_size = _batch_size_of(args, kwargs)
+
+    def _store_use(self, layer, inputs, output):
+        if not torch.is_grad_enabled():
+            return None
+        name = self._hooked[layer]
+        x = inputs[0]
+        batch = self._batch_size if self._batch_size is not None else x.shape[0]
+        if isinstance(layer, nn.Embedding) and x.shape[0] == 1 and batch > 1:
+            # Ids broadcast over the batch (GPT-2's and BERT's default position_ids):
+            # look them up per example so each example's gradient stays its own.
+            x = x.expand(batch, *x.shape[1:])
+            output = F.embedding(x, layer.weight, layer.padding_idx)
+        min_dims = 1 if isinstance(layer, nn.Embedding) else 2
+        if x.dim() < min_dims or x.shape[0] != batch:
+            raise UnsupportedParameterError(
+                f"layer '{name}' got an input of shape {tuple(x.shape)} whose first axis is not the batch "
+                f"({batch} examples), so its trainable parameters have no per-example gradients")
+        self._uses.append(_Use(layer, name, x, output, x._version, output._version))
+        return output
+
+    def _check_graph(self, loss, uses):
+        """Fail if a trainable parameter reaches the loss other than through a hooked layer."""
+        skip = {}
+        for use in uses:
+            upstream = [use.inputs.grad_fn] if use.inputs.grad_fn is not None else []
+            skip.setdefault(use.output.grad_fn, []).extend(upstream)
+        stack, seen = [loss.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node in skip:
+                stack.extend(skip[node])
+                continue
+            param = getattr(node, "variable", None)
+            if param is not None and param in self._param_names:
+                raise UnsupportedParameterError(
+                    f"trainable parameter '{self._param_names[param]}' reaches the loss outside a supported "
+                    "layer's forward (used directly, e.g. F.linear(x, module.weight)); its per-example "
+                    "gradient cannot be clipped")
+            stack.extend(next_node for next_node, _ in node.next_functions)
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Accumulate the clipped sum into `.grad`; return the unclipped per-example norms (B,)."""
+        uses, self._uses = self._uses, []
+        if not uses:
+            raise RuntimeError("no forward pass with gradients was recorded before backward()")
+        for use in uses:
+            if use.inputs._version != use.input_version or use.output._version != use.output_version:
+                raise RuntimeError(f"the input or output of layer '{use.name}' was modified in place after "
+                                   "its forward; per-example gradients would be wrong")
+        if not self._graph_checked:
+            self._check_graph(loss, uses)
+            self._graph_checked = True
+        output_grads = torch.autograd.grad(loss, [use.output for use in uses], allow_unused=True)
+
+        factors = {}
+        for use, output_grad in zip(uses, output_grads):
+            if output_grad is None:
+                continue
+            rule, _ = RULES[type(use.layer)]
+            feature_dims = _feature_dims(use.layer)
+            x = _flatten_sequence(use.inputs, feature_dims)
+            g = _flatten_sequence(output_grad, 1 if isinstance(use.layer, nn.Embedding) else feature_dims)
+            for param, factor in rule(use.layer, x, g).items():
+                if param.requires_grad:
+                    if isinstance(factor, Outer) and factor.materialise_is_cheaper():
+                        factor = factor.materialise()
+                    factors.setdefault(param, []).append(factor)
+        batch = uses[0].inputs.shape[0]
+        del uses, output_grads
+        if not factors:
+            raise RuntimeError("the loss does not depend on any trainable parameter")
+
+        accumulate_dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
+        sq_norms = loss.new_zeros(batch, dtype=accumulate_dtype)
+        gram = _GramCache()
+        for uses_of_param in factors.values():
+            for i, factor in enumerate(uses_of_param):
+                sq_norms += _sq_norm(factor, gram)
+                for other in uses_of_param[i + 1:]:
+                    sq_norms += 2 * _inner(factor, other)
+        del gram
+        norms = sq_norms.clamp_min(0).sqrt()
+        clip_factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+        for param, uses_of_param in factors.items():
+            clipped_sum = uses_of_param[0].weighted_sum(clip_factors)
+            for factor in uses_of_param[1:]:
+                clipped_sum += factor.weighted_sum(clip_factors)
+            clipped_sum = clipped_sum.to(param.dtype)
+            param.grad = clipped_sum if param.grad is None else param.grad + clipped_sum
+        return norms
+
+    def detach(self):
+        """Remove the hooks; the model is left as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._uses = []

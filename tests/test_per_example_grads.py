@@ -1,0 +1,199 @@
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                          GPT2LMHeadModel)
+
+from dp_finetuning.per_example_grads import PerExampleGradients, UnsupportedParameterError
+from tests.oracle import (batch_loss, classification_loss_per_example, lm_loss_per_example, norms_and_clipped_sum,
+                          per_example_grads)
+
+VOCAB, PAD = 61, 0
+
+
+def gpt2_config(**overrides):
+    return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=24, n_layer=2, n_head=2, pad_token_id=PAD,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides)
+
+
+def bert_model():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=40, max_position_embeddings=32, pad_token_id=PAD,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+def padded_batch(lengths, seq_len=12, seed=0, lm=False):
+    """Right-padded token ids with an attention mask; LM labels are -100 at padding."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), seq_len), generator=generator)
+    mask = (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
+    ids = ids * mask + PAD * (1 - mask)
+    if lm:
+        labels = ids.masked_fill(mask == 0, -100)
+    else:
+        labels = torch.randint(0, 2, (len(lengths),), generator=generator)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lora(model, targets, fan_in_fan_out=False):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
+                        task_type="SEQ_CLS", init_lora_weights=False)
+    return get_peft_model(model, config).eval()
+
+
+def gpt2_lm():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(gpt2_config()).eval()
+
+
+def gpt2_cls():
+    torch.manual_seed(0)
+    return GPT2ForSequenceClassification(gpt2_config(num_labels=2)).eval()
+
+
+CASES = {
+    "gpt2_lm_tied_padded": (gpt2_lm, lm_loss_per_example, True),
+    "gpt2_cls_right_padding": (gpt2_cls, classification_loss_per_example, False),
+    "bert_cls": (bert_model, classification_loss_per_example, False),
+    "lora_gpt2": (lambda: lora(gpt2_cls(), ["c_attn", "c_fc"], fan_in_fan_out=True),
+                  classification_loss_per_example, False),
+    "lora_bert": (lambda: lora(bert_model(), ["query", "value"]), classification_loss_per_example, False),
+}
+
+
+def relative_error(value, reference):
+    return ((value.double() - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_norms_and_clipped_sum_match_brute_force(case):
+    make_model, loss_fn, lm = CASES[case]
+    model = make_model()
+    batch = padded_batch([12, 7, 3, 10, 5], lm=lm)
+    reference_grads = per_example_grads(model, batch, loss_fn)
+    reference_norms, _ = norms_and_clipped_sum(reference_grads, 1.0)
+    max_grad_norm = reference_norms.median().item()  # some examples clipped, some not
+    _, reference_sum = norms_and_clipped_sum(reference_grads, max_grad_norm)
+
+    engine = PerExampleGradients(model, max_grad_norm)
+    norms = engine.backward(batch_loss(model, batch, loss_fn))
+
+    assert relative_error(norms, reference_norms) <= 1e-5
+    for n, ref in zip(norms, reference_norms):
+        assert abs(n.item() - ref.item()) <= 1e-5 * ref.item()
+    params = dict(model.named_parameters())
+    clipped = torch.cat([params[name].grad.flatten() for name in reference_sum])
+    reference = torch.cat([g.flatten() for g in reference_sum.values()])
+    assert relative_error(clipped, reference) <= 1e-5
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in frozen)
+    if case.startswith("lora"):
+        assert frozen, "LoRA leaves the base model frozen"
+
+
+def test_tied_norm_includes_cross_term():
+    """Norms of the embedding and LM-head uses taken apart differ from the norm of their sum."""
+    model = gpt2_lm()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    batch = padded_batch([12, 9], lm=True)
+    reference_norms, _ = norms_and_clipped_sum(per_example_grads(model, batch, lm_loss_per_example), 1.0)
+    norms = PerExampleGradients(model, 1.0).backward(batch_loss(model, batch, lm_loss_per_example))
+    torch.testing.assert_close(norms.double(), reference_norms, rtol=1e-5, atol=0)
+
+
+def test_accumulates_over_micro_batches():
+    model = gpt2_cls()
+    batch = padded_batch([12, 7, 3, 10], seed=3)
+    engine = PerExampleGradients(model, 0.5)
+    for half in (slice(0, 2), slice(2, 4)):
+        engine.backward(batch_loss(model, {k: v[half] for k, v in batch.items()}, classification_loss_per_example))
+    _, reference_sum = norms_and_clipped_sum(per_example_grads(model, batch, classification_loss_per_example), 0.5)
+    params = dict(model.named_parameters())
+    for name, ref in reference_sum.items():
+        torch.testing.assert_close(params[name].grad.double(), ref, rtol=1e-4, atol=1e-7)
+
+
+def test_autocast_bf16_matches_fp32_norms():
+    model = gpt2_lm()
+    batch = padded_batch([12, 7, 3, 10], lm=True)
+    reference_norms, _ = norms_and_clipped_sum(per_example_grads(model, batch, lm_loss_per_example), 1.0)
+    engine = PerExampleGradients(model, 1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = batch_loss(model, batch, lm_loss_per_example)
+    norms = engine.backward(loss)
+    assert norms.dtype == torch.float32
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert relative_error(norms, reference_norms) < 0.05
+
+
+@settings(max_examples=25, deadline=None)
+@given(lengths=st.lists(st.integers(1, 8), min_size=2, max_size=6), removed=st.integers(0, 5),
+       seed=st.integers(0, 1000), max_grad_norm=st.floats(1e-3, 10.0))
+def test_neighbouring_batches_differ_by_at_most_the_clip_norm(lengths, removed, seed, max_grad_norm):
+    model = gpt2_cls()
+    batch = padded_batch(lengths, seq_len=8, seed=seed)
+    removed %= len(lengths)
+    neighbour = {k: torch.cat([v[:removed], v[removed + 1:]]) for k, v in batch.items()}
+
+    engine = PerExampleGradients(model, max_grad_norm)
+
+    def clipped_sum(data):
+        model.zero_grad(set_to_none=True)
+        engine.backward(batch_loss(model, data, classification_loss_per_example))
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    difference = clipped_sum(batch) - clipped_sum(neighbour)
+    engine.detach()
+    assert difference.norm().item() <= max_grad_norm * (1 + 1e-4)
+
+
+class WithConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.head = nn.Linear(2, 2)
+
+
+class WithRawParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x * self.scale)
+
+
+class ReusesWeight(nn.Module):
+    """Uses a Linear's weight a second time outside the Linear's forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(self.proj(x), self.proj.weight)
+
+
+@pytest.mark.parametrize("model, name", [(WithConv(), "conv.weight"), (WithRawParameter(), "scale")])
+def test_unsupported_trainable_layer_is_refused_at_attach(model, name):
+    with pytest.raises(UnsupportedParameterError, match=name.replace(".", r"\.")):
+        PerExampleGradients(model, 1.0)
+
+
+def test_frozen_unsupported_layer_is_ignored():
+    model = WithConv()
+    model.conv.requires_grad_(False)
+    PerExampleGradients(model, 1.0)
+
+
+def test_parameter_used_outside_its_layer_is_refused_at_backward():
+    model = ReusesWeight()
+    engine = PerExampleGradients(model, 1.0)
+    loss = model(torch.randn(3, 4)).sum()
+    with pytest.raises(UnsupportedParameterError, match=r"proj\.weight"):
+        engine.backward(loss)
