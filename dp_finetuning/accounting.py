@@ -1,0 +1,132 @@
+"""Privacy accounting for DP training, from established accountant libraries.
+
+A DP training run is one `Mechanism`: `steps` releases of a Gaussian-noised clipped
+sum (noise std = noise_multiplier x clip). With Poisson sampling each example joins a
+step with probability `sample_rate` (amplification by subsampling applies). With
+shuffled fixed-size batches each example is in exactly one batch per epoch, and no
+amplification is claimed: the run is `epochs` compositions of the plain Gaussian
+mechanism, a valid bound for shuffling but far above the Poisson figure.
+
+Accountants: PRV (`prv-accountant`, the paper's; upper bound and estimate), PLD and
+RDP (`dp-accounting`). Several mechanisms on the same private data (the domain
+classifier and the fine-tuning) compose with the same libraries.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import dp_accounting
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
+
+SAMPLINGS = ("poisson", "shuffle")
+PRV_EPS_ERROR = 0.01
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    sampling: str = "poisson"
+
+    def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.noise_multiplier < 0 or self.steps < 0:
+            raise ValueError(f"noise_multiplier and steps must be non-negative, got {self.noise_multiplier}, "
+                             f"{self.steps}")
+
+    @property
+    def compositions(self):
+        """How many times the mechanism composes: steps (Poisson) or epochs (shuffle)."""
+        if self.sampling == "poisson":
+            return self.steps
+        return math.ceil(self.steps * self.sample_rate - 1e-9)
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _dp_event(mechanism):
+    gaussian = dp_accounting.GaussianDpEvent(mechanism.noise_multiplier)
+    if mechanism.sampling == "poisson":
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(mechanism.sample_rate, gaussian), mechanism.steps)
+    return dp_accounting.SelfComposedDpEvent(gaussian, mechanism.compositions)
+
+
+def _accountant_epsilon(accountant, mechanisms, delta):
+    for mechanism in mechanisms:
+        accountant.compose(_dp_event(mechanism))
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_rdp(mechanisms, delta):
+    return _accountant_epsilon(RdpAccountant(), mechanisms, delta)
+
+
+def epsilon_pld(mechanisms, delta):
+    return _accountant_epsilon(PLDAccountant(value_discretization_interval=1e-3), mechanisms, delta)
+
+
+def epsilon_prv(mechanisms, delta):
+    """(estimate, upper bound) of epsilon from prv-accountant."""
+    used = [m for m in mechanisms if m.compositions > 0]
+    if not used:
+        return 0.0, 0.0
+    prvs = [PoissonSubsampledGaussianMechanism(m.sample_rate, m.noise_multiplier) if m.sampling == "poisson"
+            else GaussianMechanism(m.noise_multiplier) for m in used]
+    counts = [m.compositions for m in used]
+    accountant = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=PRV_EPS_ERROR,
+                               delta_error=delta / 1000)
+    _, estimate, upper = accountant.compute_epsilon(delta=delta, num_self_compositions=counts)
+    return float(estimate), float(upper)
+
+
+def compute_epsilons(mechanisms, delta):
+    """Epsilon at `delta` of the composition of `mechanisms`, per accountant.
+
+    "epsilon" is the headline figure: the PRV upper bound, or PLD where the PRV
+    discretisation fails (very little noise, epsilon in the tens).
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    mechanisms = list(mechanisms)
+    if any(m.noise_multiplier == 0 and m.steps > 0 for m in mechanisms):
+        return dict.fromkeys(("epsilon", "prv", "prv_estimate", "pld", "rdp"), math.inf)
+    epsilons = {"pld": epsilon_pld(mechanisms, delta), "rdp": epsilon_rdp(mechanisms, delta)}
+    try:
+        epsilons["prv_estimate"], epsilons["prv"] = epsilon_prv(mechanisms, delta)
+    except RuntimeError:  # prv-accountant: "Discrete mean differs from continuous mean significantly"
+        epsilons["prv_estimate"] = epsilons["prv"] = None
+    epsilons["epsilon"] = epsilons["prv"] if epsilons["prv"] is not None else epsilons["pld"]
+    return epsilons
+
+
+def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampling="poisson", tolerance=1e-3):
+    """Smallest noise multiplier (to `tolerance` relative) whose PRV upper bound is <= target_epsilon."""
+    if not target_epsilon > 0:
+        raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
+
+    def epsilon(noise_multiplier):
+        return epsilon_prv([Mechanism(noise_multiplier, sample_rate, steps, sampling)], delta)[1]
+
+    low, high = 0.05, 1.0
+    while epsilon(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} with {steps} steps at sample "
+                             f"rate {sample_rate:.4g} and delta {delta:.3g}")
+    while high - low > tolerance * high:
+        middle = (low + high) / 2
+        low, high = (middle, high) if epsilon(middle) > target_epsilon else (low, middle)
+    return high
+
+
+def default_delta(num_examples):
+    """1 / (10 n): well below 1/n, so no single example's release is allowed."""
+    return 1.0 / (10 * num_examples)

@@ -1,0 +1,283 @@
+"""The DP training loop shared by the private stages (domain classifier, fine-tuning).
+
+Each logical step: draw the step's examples (Poisson: each example with probability
+q = expected logical batch / n; or a fixed-size shuffled batch), split them into
+physical micro-batches, let the per-example engine accumulate the flat-clipped sum,
+sum it over processes, add Gaussian noise of std noise_multiplier x clip once, divide
+by the expected logical batch size, and take an optimiser step (DP-SGD, DP-Adam or
+DP-AdamW: a stock torch optimiser on the privatised gradient).
+
+The step's examples depend only on (seed, step) and the noise only on (noise seed,
+step), so a resumed run repeats an uninterrupted one exactly, whatever the number of
+processes: every process draws the same global sample and keeps its own slice.
+"""
+
+import argparse
+import math
+import os
+import secrets
+import warnings
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from dp_finetuning import privacy_ledger
+from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
+from dp_finetuning.atomic_io import replace_directory, write_json
+from dp_finetuning.per_example_grads import PerExampleGradients
+
+STATE_FILE = "training_state.pt"
+
+
+def add_dp_arguments(parser: argparse.ArgumentParser):
+    group = parser.add_argument_group("DP training")
+    group.add_argument("--noise_multiplier", type=float, default=None,
+                       help="Gaussian noise std / clip norm; or give --target_epsilon")
+    group.add_argument("--target_epsilon", type=float, default=None,
+                       help="calibrate the noise multiplier to this epsilon (PRV) for the planned steps")
+    group.add_argument("--max_grad_norm", type=float, default=1.0, help="per-example clip norm C")
+    group.add_argument("--delta", type=float, default=None, help="default 1 / (10 n) for n private examples")
+    group.add_argument("--sampling", choices=("poisson", "shuffle"), default="poisson")
+    group.add_argument("--per_device_train_batch_size", type=int, default=32)
+    group.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    group.add_argument("--learning_rate", type=float, default=1e-3)
+    group.add_argument("--optimizer", choices=("adamw", "adam", "sgd"), default="adamw")
+    group.add_argument("--weight_decay", type=float, default=0.0)
+    group.add_argument("--lr_scheduler_type", choices=("constant", "linear"), default="constant")
+    group.add_argument("--num_warmup_steps", type=int, default=0)
+    group.add_argument("--num_train_epochs", type=float, default=3)
+    group.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    group.add_argument("--checkpointing_steps", type=int, default=None, help="also checkpoint every N steps")
+    group.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N directory, or 'latest'")
+    group.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
+    group.add_argument("--run_dir", default=None,
+                       help="directory of the run's privacy ledger (default: the parent of --output_dir)")
+    group.add_argument("--output_dir", required=True)
+    group.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def sequence_classification_losses(model, batch):
+    """Per-example cross-entropy of a sequence classifier; batch holds `labels` and the model inputs."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return F.cross_entropy(model(**inputs).logits.float(), batch["labels"], reduction="none")
+
+
+class DPTrainer:
+    """Trains `model` on `dataset` (indexable; `collate_fn` turns a list of examples into a batch of tensors).
+
+    `loss_fn(model, batch)` returns per-example losses. `eval_fn(model)`, if given, returns a dict of
+    metrics and runs after every epoch on the main process.
+    """
+
+    def __init__(self, model, dataset, collate_fn, loss_fn, args, stage, private_data, eval_fn=None):
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.model = model.to(self.accelerator.device)
+        self.dataset, self.collate_fn, self.loss_fn, self.eval_fn = dataset, collate_fn, loss_fn, eval_fn
+        self.args, self.stage, self.private_data = args, stage, private_data
+        self.num_examples = len(dataset)
+        self.logical_batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+                              * self.accelerator.num_processes)
+        self._check_arguments()
+        self.sample_rate = self.logical_batch / self.num_examples
+        self.steps_per_epoch = max(1, self.num_examples // self.logical_batch)
+        self.total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * self.steps_per_epoch)
+        self.delta = args.delta if args.delta is not None else default_delta(self.num_examples)
+        if args.noise_multiplier is None:
+            self.noise_multiplier = calibrate_noise_multiplier(args.target_epsilon, self.sample_rate,
+                                                               self.total_steps, self.delta, args.sampling)
+        else:
+            self.noise_multiplier = args.noise_multiplier
+        if args.sampling == "shuffle":
+            warnings.warn("--sampling shuffle: fixed-size shuffled batches get no amplification by subsampling, so "
+                          "epsilon is accounted as one Gaussian mechanism per epoch; the paper's epsilon assumed "
+                          "Poisson sampling", stacklevel=2)
+        self.engine = PerExampleGradients(self.model, args.max_grad_norm)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        self.step = 0
+        self.noise_seed = secrets.randbits(62)
+        self.history = []
+        self.run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.output_dir))
+
+    def _check_arguments(self):
+        args = self.args
+        if (args.noise_multiplier is None) == (args.target_epsilon is None):
+            raise ValueError("give exactly one of --noise_multiplier and --target_epsilon")
+        if args.noise_multiplier is not None and not 0 <= args.noise_multiplier < 1e4:
+            raise ValueError(f"--noise_multiplier must be in [0, 1e4), got {args.noise_multiplier}")
+        if args.target_epsilon is not None and not args.target_epsilon > 0:
+            raise ValueError(f"--target_epsilon must be positive, got {args.target_epsilon}")
+        if not 0 < args.max_grad_norm < math.inf:
+            raise ValueError(f"--max_grad_norm must be positive and finite, got {args.max_grad_norm}")
+        if args.delta is not None and not 0 < args.delta < 1 / self.num_examples:
+            raise ValueError(f"--delta must be in (0, 1/n) = (0, {1 / self.num_examples:.3g}), got {args.delta}")
+        if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+            raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+        if self.logical_batch > self.num_examples:
+            raise ValueError(f"the logical batch ({self.logical_batch} = per-device batch x accumulation x "
+                             f"processes) is larger than the dataset ({self.num_examples} examples)")
+
+    def _make_optimizer(self):
+        args = self.args
+        if args.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+        return optimizer(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    def _make_scheduler(self):
+        warmup, total, linear = self.args.num_warmup_steps, self.total_steps, self.args.lr_scheduler_type == "linear"
+
+        def factor(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            return max(0.0, (total - step) / max(1, total - warmup)) if linear else 1.0
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    # --- sampling and privatisation -------------------------------------------------------
+
+    def step_indices(self, step):
+        """This process's examples for logical step `step`: a slice of one global draw."""
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
+        if self.args.sampling == "poisson":
+            chosen = (torch.rand(self.num_examples, generator=generator) < self.sample_rate).nonzero().flatten()
+        else:
+            epoch, position = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(self.num_examples,
+                                   generator=torch.Generator().manual_seed(self.args.seed * 1_000_003 - epoch - 1))
+            chosen = order[position * self.logical_batch:(position + 1) * self.logical_batch]
+        return chosen[self.accelerator.process_index::self.accelerator.num_processes]
+
+    def privatise_gradients(self, step):
+        """Sum the clipped sums over processes, add the noise once, divide by the expected batch size."""
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                          for p in self.params])
+        if self.accelerator.is_main_process and self.noise_multiplier > 0:
+            generator = torch.Generator(device=flat.device).manual_seed(self.noise_seed + step)
+            noise = torch.randn(flat.shape, generator=generator, device=flat.device)
+            flat += noise * (self.noise_multiplier * self.args.max_grad_norm)
+        if self.accelerator.num_processes > 1:
+            flat = self.accelerator.reduce(flat, reduction="sum")
+        flat /= self.logical_batch  # the expected logical batch (Poisson) or the fixed one (shuffle)
+        for param, grad in zip(self.params, flat.split([p.numel() for p in self.params])):
+            param.grad = grad.view_as(param).to(param.dtype)
+
+    def mechanism(self, steps=None):
+        return Mechanism(self.noise_multiplier, self.sample_rate, self.step if steps is None else steps,
+                         self.args.sampling)
+
+    def epsilons(self):
+        return compute_epsilons([self.mechanism()], self.delta)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def train(self):
+        if self.args.resume_from_checkpoint:
+            self.load_checkpoint(self._resolve_checkpoint(self.args.resume_from_checkpoint))
+        self.print(f"DP training ({self.stage}): n={self.num_examples}, logical batch {self.logical_batch} "
+                   f"(q={self.sample_rate:.4g}, {self.args.sampling}), {self.total_steps} steps, noise multiplier "
+                   f"{self.noise_multiplier:.4g}, clip {self.args.max_grad_norm}, delta {self.delta:.3g}")
+        autocast = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
+                                  enabled=self.args.mixed_precision == "bf16")
+        progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
+                        disable=not self.accelerator.is_main_process)
+        self.model.train()
+        while self.step < self.total_steps:
+            examples = 0
+            for chunk in self.step_indices(self.step).split(self.args.per_device_train_batch_size):
+                batch = self.collate_fn([self.dataset[i] for i in chunk.tolist()])
+                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+                with autocast:
+                    losses = self.loss_fn(self.model, batch)
+                self.engine.backward(losses.sum())
+                examples += len(chunk)
+            self.privatise_gradients(self.step)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            progress.update(1)
+            progress.set_postfix(examples=examples, lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
+                self.end_of_epoch()
+            if self.args.checkpointing_steps and self.step % self.args.checkpointing_steps == 0:
+                self.save_checkpoint()
+        progress.close()
+        self.save_checkpoint()
+        return self.write_privacy_report()
+
+    def end_of_epoch(self):
+        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "epsilon": self.epsilons()}
+        if self.eval_fn is not None and self.accelerator.is_main_process:
+            self.model.eval()
+            with torch.no_grad():
+                record.update(self.eval_fn(self.model))
+            self.model.train()
+        self.history.append(record)
+        self.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                            if k != "epsilon") + f" epsilon={record['epsilon']['epsilon']:.3f}")
+
+    def write_privacy_report(self):
+        report = {"stage": self.stage, "private_data": self.private_data, "num_examples": self.num_examples,
+                  "logical_batch_size": self.logical_batch, "max_grad_norm": self.args.max_grad_norm,
+                  "delta": self.delta, **self.mechanism().as_dict(), "epsilon": self.epsilons()}
+        if self.accelerator.is_main_process:
+            write_json(os.path.join(self.args.output_dir, "privacy.json"), report)
+            privacy_ledger.record(self.run_dir, self.stage, self.mechanism(), self.delta, self.private_data)
+            composed, _ = privacy_ledger.composed_epsilon(self.run_dir, self.delta)
+            self.print(f"epsilon of this stage: {report['epsilon']['epsilon']:.3f}, composed over the run's "
+                       f"ledger: {composed['epsilon']:.3f} at delta {self.delta:.3g} (PRV upper bounds)")
+        return report
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def run_signature(self):
+        """What must match for a checkpoint to continue this run."""
+        return {"stage": self.stage, "num_examples": self.num_examples, "logical_batch": self.logical_batch,
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.args.max_grad_norm,
+                "sampling": self.args.sampling, "seed": self.args.seed, "total_steps": self.total_steps,
+                "delta": self.delta}
+
+    def save_checkpoint(self):
+        if not self.accelerator.is_main_process:
+            return
+        final_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.step}")
+        tmp_dir = f"{final_dir}.tmp"
+        os.makedirs(tmp_dir, exist_ok=True)
+        torch.save({"signature": self.run_signature(), "step": self.step, "noise_seed": self.noise_seed,
+                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(), "history": self.history},
+                   os.path.join(tmp_dir, STATE_FILE))
+        replace_directory(tmp_dir, final_dir)
+
+    def _resolve_checkpoint(self, path):
+        if path != "latest":
+            return path
+        steps = [int(name.split("-")[1]) for name in os.listdir(self.args.output_dir)
+                 if name.startswith("checkpoint-") and name.split("-")[1].isdigit()] \
+            if os.path.isdir(self.args.output_dir) else []
+        if not steps:
+            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N in {self.args.output_dir}")
+        return os.path.join(self.args.output_dir, f"checkpoint-{max(steps)}")
+
+    def load_checkpoint(self, path):
+        state_path = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no {STATE_FILE} in it")
+        state = torch.load(state_path, map_location=self.accelerator.device, weights_only=True)
+        mine = self.run_signature()
+        different = {k: (state["signature"].get(k), v) for k, v in mine.items() if state["signature"].get(k) != v}
+        if different:
+            raise ValueError(f"checkpoint {path} belongs to another run: " + ", ".join(
+                f"{k} {old} != {new}" for k, (old, new) in different.items()))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.noise_seed, self.history = state["step"], state["noise_seed"], state["history"]
+
+    def print(self, message):
+        if self.accelerator.is_main_process:
+            tqdm.write(message)

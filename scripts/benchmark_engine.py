@@ -1,0 +1,175 @@
+"""Time and peak memory of one DP optimiser step, as ratios to a non-private step in the same process.
+
+GPT-2 (4 layers, width 256, 4 heads, vocab 8192, all parameters trainable), batch 32:
+non-private, this engine, and Opacus (hooks and ghost modes, if installed:
+`pip install -r requirements-bench.txt`), for sequence classification and for the
+LM-head model with tied weights. Variants run interleaved; the time is the median.
+Peak memory = memory held before the step (parameters, gradients, optimiser state)
+plus the largest amount allocated during the step, from the profiler's allocation events.
+
+    python scripts/benchmark_engine.py [--seq_lens 64 128 256] [--repeats 3]
+"""
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+from dp_finetuning.per_example_grads import PerExampleGradients
+
+NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
+
+
+def per_example_loss(logits, labels, lm):
+    if not lm:
+        return F.cross_entropy(logits, labels, reduction="none")
+    token_losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    return token_losses.mean(1)
+
+
+def positions(ids):
+    return torch.arange(ids.shape[1]).expand_as(ids)
+
+
+def non_private(model, lm, batch_size):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(ids, labels):
+        per_example_loss(model(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, optimizer
+
+
+def this_engine(model, lm, batch_size):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    engine = PerExampleGradients(model, MAX_GRAD_NORM)
+
+    def step(ids, labels):
+        engine.backward(per_example_loss(model(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).sum())
+        for param in model.parameters():
+            param.grad.add_(torch.randn_like(param.grad), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM)
+            param.grad.div_(batch_size)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, optimizer
+
+
+def opacus_hooks(model, lm, batch_size):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    module = GradSampleModule(model)
+    optimizer = DPOptimizer(torch.optim.AdamW(module.parameters(), lr=1e-4), noise_multiplier=NOISE_MULTIPLIER,
+                            max_grad_norm=MAX_GRAD_NORM, expected_batch_size=batch_size)
+
+    def step(ids, labels):
+        per_example_loss(module(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, optimizer
+
+
+def opacus_ghost(model, lm, batch_size):
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+    from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+    module = GradSampleModuleFastGradientClipping(model, max_grad_norm=MAX_GRAD_NORM, use_ghost_clipping=True)
+    optimizer = DPOptimizerFastGradientClipping(torch.optim.AdamW(module.parameters(), lr=1e-4),
+                                                noise_multiplier=NOISE_MULTIPLIER, max_grad_norm=MAX_GRAD_NORM,
+                                                expected_batch_size=batch_size)
+    criterion = DPLossFastGradientClipping(module, optimizer, torch.nn.CrossEntropyLoss(reduction="mean"))
+
+    def step(ids, labels):
+        logits = module(input_ids=ids, position_ids=positions(ids)).logits
+        if lm:
+            logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+        criterion(logits, labels).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step, optimizer
+
+
+VARIANTS = {"non-private": non_private, "this engine": this_engine, "Opacus hooks": opacus_hooks,
+            "Opacus ghost": opacus_ghost}
+
+
+def resting_bytes(model, optimizer):
+    tensors = {id(p): p for p in model.parameters()}
+    tensors.update({id(p.grad): p.grad for p in model.parameters() if p.grad is not None})
+    for state in optimizer.state.values():
+        tensors.update({id(t): t for t in state.values() if isinstance(t, torch.Tensor)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def peak_step_bytes(step, model, optimizer, ids, labels):
+    before = resting_bytes(model, optimizer)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(ids, labels)
+    allocations = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]")
+    in_use = peak = 0
+    for _, nbytes in allocations:
+        in_use += nbytes
+        peak = max(peak, in_use)
+    return before + peak
+
+
+def measure(lm, seq_len, batch_size, repeats):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=8192, n_positions=max(256, seq_len), n_embd=256, n_layer=4, n_head=4,
+                        num_labels=2, pad_token_id=0)
+    base = (GPT2LMHeadModel if lm else GPT2ForSequenceClassification)(config)
+    ids = torch.randint(1, 8192, (batch_size, seq_len))
+    labels = ids if lm else torch.randint(0, 2, (batch_size,))
+    steps, results = {}, {}
+    for name, make in VARIANTS.items():
+        model = copy.deepcopy(base).train()
+        try:
+            step, optimizer = make(model, lm, batch_size)
+            step(ids, labels)  # warm-up, creates the optimiser state
+            memory = peak_step_bytes(step, model, optimizer, ids, labels)
+            steps[name] = step
+            results[name] = {"times": [], "memory": memory}
+        except ImportError:
+            results[name] = {"error": "not installed (pip install -r requirements-bench.txt)"}
+        except Exception as error:  # report why a library refuses the model, then go on
+            results[name] = {"error": f"cannot run: {type(error).__name__}: {str(error).splitlines()[0][:70]}"}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(ids, labels)
+            results[name]["times"].append(time.perf_counter() - start)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq_lens", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
+    for lm in (False, True):
+        print(f"\n### GPT-2 {'LM head, tied weights' if lm else 'sequence classification'}\n")
+        print("| T | variant | time (s) | time ratio | peak memory (MB) | memory ratio |")
+        print("|---|---|---|---|---|---|")
+        for seq_len in args.seq_lens:
+            results = measure(lm, seq_len, args.batch_size, args.repeats)
+            base = results["non-private"]
+            base_time = statistics.median(base["times"])
+            for name, result in results.items():
+                if "error" in result:
+                    print(f"| {seq_len} | {name} | {result['error']} | | | |")
+                    continue
+                seconds = statistics.median(result["times"])
+                print(f"| {seq_len} | {name} | {seconds:.3f} | {seconds / base_time:.2f}x | "
+                      f"{result['memory'] / 2**20:.0f} | {result['memory'] / base['memory']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Run by test_dp_training under 1 or 2 processes: train a few DP steps or draw the noise, save the result."""
+
+import sys
+
+import torch
+
+from dp_finetuning.dp_training import DPTrainer, sequence_classification_losses
+from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
+
+
+def main():
+    mode, result_path, *dp_argv = sys.argv[1:]
+    trainer = DPTrainer(tiny_model(), tiny_dataset(), collate, sequence_classification_losses,
+                        parse_dp_args(dp_argv), stage="worker", private_data="tiny")
+    if mode == "train":
+        trainer.train()
+        result = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    else:  # the privatised gradient of all-zero clipped sums is the noise / logical batch
+        result = torch.stack([_noise(trainer, step) for step in range(20)])
+    if trainer.accelerator.is_main_process:
+        torch.save(result, result_path)
+
+
+def _noise(trainer, step):
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.privatise_gradients(step)
+    return torch.cat([p.grad.flatten() for p in trainer.params]) * trainer.logical_batch
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+import math
+
+import pytest
+from scipy.optimize import brentq
+from scipy.stats import norm
+from prv_accountant.other_accountants import RDP as PrvLibraryRDP
+from prv_accountant import PoissonSubsampledGaussianMechanism
+
+from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
+from dp_finetuning import privacy_ledger
+
+SST2 = 2048 / 67349
+
+# DESIGN.md section 4: (sigma, q, steps, delta) -> (RDP, PRV estimate)
+REFERENCE = [
+    ((1.0, 0.01, 1000, 1e-5), (2.101, 1.828)),
+    ((1.4, SST2, 987, 1e-5), (3.782, 3.459)),
+    ((1.4, SST2, 987, 1 / 67349), (3.702, 3.377)),
+]
+
+
+@pytest.mark.parametrize("setting, expected", REFERENCE)
+def test_reference_figures(setting, expected):
+    sigma, q, steps, delta = setting
+    epsilons = compute_epsilons([Mechanism(sigma, q, steps)], delta)
+    assert epsilons["rdp"] == pytest.approx(expected[0], abs=2e-3)
+    assert epsilons["prv_estimate"] == pytest.approx(expected[1], abs=2e-3)
+    assert epsilons["prv_estimate"] <= epsilons["prv"] <= epsilons["prv_estimate"] + 0.021
+    # a second library: dp-accounting's PLD against prv-accountant's PRV
+    assert epsilons["pld"] == pytest.approx(epsilons["prv_estimate"], abs=0.02)
+
+
+def test_rdp_agrees_with_a_second_library():
+    sigma, q, steps, delta = 1.4, SST2, 987, 1e-5
+    other = PrvLibraryRDP(prvs=[PoissonSubsampledGaussianMechanism(q, sigma)])
+    _, _, other_epsilon = other.compute_epsilon(delta=delta, num_self_compositions=[steps])
+    assert compute_epsilons([Mechanism(sigma, q, steps)], delta)["rdp"] == pytest.approx(other_epsilon, rel=0.02)
+
+
+def test_calibration_round_trip():
+    q, steps, delta = 0.02, 500, 1e-5
+    for target in (1.0, 4.0):
+        sigma = calibrate_noise_multiplier(target, q, steps, delta)
+        epsilon = compute_epsilons([Mechanism(sigma, q, steps)], delta)["prv"]
+        assert target * 0.99 <= epsilon <= target
+
+
+def test_composition_is_tighter_than_a_sum_and_above_each_part():
+    first, second = Mechanism(1.0, 0.01, 300), Mechanism(1.2, 0.03, 200)
+    delta = 1e-5
+    eps_first = compute_epsilons([first], delta)["prv"]
+    eps_second = compute_epsilons([second], delta)["prv"]
+    composed = compute_epsilons([first, second], delta)["prv"]
+    assert max(eps_first, eps_second) < composed < eps_first + eps_second
+
+
+def analytic_gaussian_epsilon(sigma, compositions, delta):
+    """Exact epsilon of k Gaussian mechanisms (Balle and Wang 2018): one with sigma / sqrt(k)."""
+    mu = math.sqrt(compositions) / sigma
+
+    def delta_of(epsilon):
+        return norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * norm.cdf(-epsilon / mu - mu / 2)
+    return brentq(lambda epsilon: delta_of(epsilon) - delta, 0, 100)
+
+
+def test_shuffle_is_accounted_as_one_gaussian_per_epoch_without_amplification():
+    shuffle = Mechanism(1.4, 0.1, 100, "shuffle")
+    assert shuffle.compositions == 10
+    epsilons = compute_epsilons([shuffle], 1e-5)
+    exact = analytic_gaussian_epsilon(1.4, 10, 1e-5)
+    assert epsilons["prv_estimate"] == pytest.approx(exact, abs=0.02)
+    assert epsilons["pld"] == pytest.approx(exact, abs=0.02)
+    assert exact > 2.5 * compute_epsilons([Mechanism(1.4, 0.1, 100, "poisson")], 1e-5)["prv"]
+
+
+def test_no_noise_means_infinite_epsilon():
+    assert math.isinf(compute_epsilons([Mechanism(0.0, 0.1, 10)], 1e-5)["prv"])
+
+
+def test_default_delta():
+    assert default_delta(67349) == pytest.approx(1 / 673490)
+
+
+def test_ledger_composes_stages(tmp_path):
+    privacy_ledger.record(tmp_path, "classifier", Mechanism(1.0, 0.01, 300), 1e-5, "target")
+    privacy_ledger.record(tmp_path, "finetune", Mechanism(1.2, 0.03, 200), 1e-5, "target")
+    privacy_ledger.record(tmp_path, "finetune", Mechanism(1.2, 0.03, 200), 1e-5, "target")  # rerun replaces
+    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["classifier", "finetune"]
+    composed, delta = privacy_ledger.composed_epsilon(tmp_path)
+    expected = compute_epsilons([Mechanism(1.0, 0.01, 300), Mechanism(1.2, 0.03, 200)], 1e-5)
+    assert delta == 1e-5 and composed == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("kwargs", [dict(sample_rate=0), dict(sample_rate=1.5), dict(sampling="random")])
+def test_bad_mechanism(kwargs):
+    with pytest.raises(ValueError):
+        Mechanism(**{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, **kwargs})
+
+
+def test_headline_epsilon_falls_back_to_pld_where_prv_fails():
+    epsilons = compute_epsilons([Mechanism(0.3, 0.25, 24)], 1e-3)
+    assert epsilons["prv"] is None
+    assert epsilons["epsilon"] == epsilons["pld"] > 10
+    assert compute_epsilons([Mechanism(1.0, 0.01, 100)], 1e-5)["epsilon"] == compute_epsilons(
+        [Mechanism(1.0, 0.01, 100)], 1e-5)["prv"]
