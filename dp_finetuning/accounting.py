@@ -98,13 +98,13 @@ def compute_epsilons(mechanisms, delta):
     mechanisms = list(mechanisms)
     if any(m.noise_multiplier == 0 and m.steps > 0 for m in mechanisms):
         return dict.fromkeys(("epsilon", "prv", "prv_estimate", "pld", "rdp"), math.inf)
-    epsilons = {"pld": epsilon_pld(mechanisms, delta), "rdp": epsilon_rdp(mechanisms, delta)}
+    pld = epsilon_pld(mechanisms, delta)
     try:
-        epsilons["prv_estimate"], epsilons["prv"] = epsilon_prv(mechanisms, delta)
+        prv_estimate, prv = epsilon_prv(mechanisms, delta)
     except RuntimeError:  # prv-accountant: "Discrete mean differs from continuous mean significantly"
-        epsilons["prv_estimate"] = epsilons["prv"] = None
-    epsilons["epsilon"] = epsilons["prv"] if epsilons["prv"] is not None else epsilons["pld"]
-    return epsilons
+        prv_estimate = prv = None
+    return {"epsilon": pld if prv is None else prv, "prv": prv, "prv_estimate": prv_estimate, "pld": pld,
+            "rdp": epsilon_rdp(mechanisms, delta)}
 
 
 def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampling="poisson", tolerance=1e-3):

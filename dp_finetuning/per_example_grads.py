@@ -110,11 +110,16 @@ class _GramCache:
 def _sq_norm(factor, gram):
     """Per-example squared Frobenius norm of one factor, shape (B,)."""
     if isinstance(factor, Outer):
-        return (gram(factor.left) * gram(factor.right)).sum((1, 2))
+        return _batched_dot(gram(factor.left), gram(factor.right))
     if isinstance(factor, Rows):
         same_row = factor.ids[:, :, None] == factor.ids[:, None, :]
         return (gram(factor.values) * same_row).sum((1, 2))
     return _f32(factor.values).flatten(1).pow(2).sum(1)
+
+
+def _batched_dot(x, y):
+    """sum over all but the first axis of x * y, without the x * y temporary."""
+    return torch.bmm(x.reshape(x.shape[0], 1, -1), y.reshape(y.shape[0], -1, 1)).flatten()
 
 
 def _gather_rows(table, ids):
@@ -125,7 +130,7 @@ def _gather_rows(table, ids):
 def _inner_outer_outer(f, h):
     left = torch.bmm(_f32(f.left), _f32(h.left).transpose(1, 2))
     right = torch.bmm(_f32(f.right), _f32(h.right).transpose(1, 2))
-    return (left * right).sum((1, 2))
+    return _batched_dot(left, right)
 
 
 def _inner_outer_rows(f, h):

@@ -56,7 +56,8 @@ def main():
     for e in load_entries(args.run_dir):
         print(f"| {e['stage']} | {e['private_data']} | {e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | "
               f"{e['steps']} | {e['sampling']} |")
-    print(f"\ncomposed epsilon at delta={delta:.3g}: " + ", ".join(f"{k} {v:.3f}" for k, v in epsilons.items()))
+    print(f"\ncomposed epsilon at delta={delta:.3g}: " + ", ".join(
+        f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in epsilons.items()))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def per_example_loss(logits, labels, lm):
 
 
 def positions(ids):
-    return torch.arange(ids.shape[1]).expand_as(ids)
+    return torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
 
 
 def non_private(model, lm, batch_size):
@@ -53,8 +53,7 @@ def this_engine(model, lm, batch_size):
     def step(ids, labels):
         engine.backward(per_example_loss(model(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).sum())
         for param in model.parameters():
-            param.grad.add_(torch.randn_like(param.grad), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM)
-            param.grad.div_(batch_size)
+            param.grad.add_(torch.randn_like(param.grad), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch_size)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, optimizer

@@ -103,3 +103,14 @@ def test_headline_epsilon_falls_back_to_pld_where_prv_fails():
     assert epsilons["epsilon"] == epsilons["pld"] > 10
     assert compute_epsilons([Mechanism(1.0, 0.01, 100)], 1e-5)["epsilon"] == compute_epsilons(
         [Mechanism(1.0, 0.01, 100)], 1e-5)["prv"]
+
+
+def test_ledger_command_prints_the_composed_epsilon(tmp_path, capsys, monkeypatch):
+    privacy_ledger.record(tmp_path, "classifier", Mechanism(1.0, 0.01, 300), 1e-5, "target")
+    privacy_ledger.record(tmp_path, "finetune", Mechanism(1.2, 0.03, 200), 1e-5, "target")
+    monkeypatch.setattr("sys.argv", ["privacy_ledger", str(tmp_path)])
+    privacy_ledger.main()
+    composed, _ = privacy_ledger.composed_epsilon(tmp_path)
+    out = capsys.readouterr().out
+    assert "| classifier |" in out and "| finetune |" in out
+    assert f"composed epsilon at delta=1e-05: epsilon {composed['epsilon']:.3f}" in out
