@@ -33,6 +33,7 @@ COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs",
                         "sgt", "mt", "ft", "jan", "feb", "mar", "apr", "aug", "sept", "oct", "nov", "dec", "a.m",
                         "p.m", "ph.d", "approx", "dept", "est", "fig", "vol", "al")
 TRAINING_CHARACTERS = 4_000_000
+EMPTY_SHARD = "EMPTY"
 
 
 def load_punkt(documents, language="english"):
@@ -109,26 +110,33 @@ def compute_stats(sentences, documents, replaced_bytes, excluded_count, punkt):
 
 
 def split_corpus(documents, tokenizer, work_dir, num_shards, num_proc, excluded=frozenset()):
-    """Split shard by shard into work_dir/shard-i (skipping finished shards); returns the concatenation."""
+    """Split shard by shard into work_dir/shard-i (skipping finished shards); returns the shards."""
     progress = tqdm(total=len(documents), desc="splitting", unit="doc")
+    datasets.disable_progress_bars()  # one bar for the whole stage, not one per shard
     shards, sentences_done, start = [], 0, time.perf_counter()
     for index in range(num_shards):
         shard_dir = os.path.join(work_dir, f"shard-{index:05d}")
         if not os.path.exists(shard_dir):
             shard = documents.shard(num_shards, index, contiguous=True)
-            split = shard.map(_split_batch, batched=True, batch_size=200, num_proc=num_proc,
-                              remove_columns=shard.column_names, fn_kwargs={"tokenizer": tokenizer,
-                                                                             "excluded": excluded},
-                              desc=None)
-            split.save_to_disk(f"{shard_dir}.tmp")
+            split = shard.map(_split_batch, batched=True, batch_size=200, num_proc=num_proc if num_proc > 1 else None,
+                              remove_columns=shard.column_names,
+                              fn_kwargs={"tokenizer": tokenizer, "excluded": excluded})
+            shutil.rmtree(f"{shard_dir}.tmp", ignore_errors=True)  # left by a run killed while saving
+            if len(split):
+                split.save_to_disk(f"{shard_dir}.tmp")
+            else:  # datasets cannot load an empty saved dataset back
+                os.makedirs(f"{shard_dir}.tmp", exist_ok=True)
+                open(os.path.join(f"{shard_dir}.tmp", EMPTY_SHARD), "w").close()
             os.replace(f"{shard_dir}.tmp", shard_dir)
-        shards.append(datasets.load_from_disk(shard_dir))
-        sentences_done += len(shards[-1])
+        if not os.path.exists(os.path.join(shard_dir, EMPTY_SHARD)):
+            shards.append(datasets.load_from_disk(shard_dir))
+            sentences_done += len(shards[-1])
         progress.update(math.ceil(len(documents) * (index + 1) / num_shards) - progress.n)
         progress.set_postfix(sentences=sentences_done,
                              sent_per_s=f"{sentences_done / (time.perf_counter() - start):.0f}")
     progress.close()
-    return datasets.concatenate_datasets(shards)
+    datasets.enable_progress_bars()
+    return shards
 
 
 def main(argv=None):
@@ -156,10 +164,11 @@ def main(argv=None):
     print(f"{len(documents):,} documents; Punkt: {punkt}")
     work_dir = f"{args.output_dir.rstrip('/')}.partial"
     num_shards = args.num_shards or max(1, math.ceil(len(documents) / 20_000))
-    sentences = split_corpus(documents, tokenizer, work_dir, num_shards, max(1, args.num_proc), excluded)
-    if len(sentences) == 0:
+    shards = split_corpus(documents, tokenizer, work_dir, num_shards, max(1, args.num_proc), excluded)
+    if not shards:
         shutil.rmtree(work_dir)
         raise DataError(f"--corpus {' '.join(args.corpus)}: no sentences in the documents")
+    sentences = datasets.concatenate_datasets(shards)
     removed = sum(sentences["is_target"])
     sentences = sentences.filter(lambda flags: [not f for f in flags], input_columns="is_target", batched=True,
                                  batch_size=10_000).remove_columns("is_target")

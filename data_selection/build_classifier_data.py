@@ -1,0 +1,97 @@
+"""Stage 2: the domain classifier's data, as the reference build_classifier_data_for_sst2.py.
+
+    python data_selection/build_classifier_data.py --sentences_dir runs/demo/sentences --target demo \\
+        --output_dir runs/demo/classifier_data
+
+Positives (label 1): the target task's train sentences. Negatives (label 0): random public
+sentences, --od_data_size times as many. Validation: the target's validation and test
+sentences against other random public sentences in the same ratio. Punctuation removed,
+lowercased. Writes filter_train_nonewline.json and filter_val_nonewline.json (JSON Lines,
+`sentence` and `label`) and the same as an HF DatasetDict (train, validation).
+"""
+
+import argparse
+import os
+import shutil
+import string
+import sys
+
+import datasets
+import numpy as np
+from datasets import Dataset, DatasetDict
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
+from dp_finetuning.atomic_io import write_json  # noqa: E402
+
+# Apostrophes join ("don't" -> "dont"); other punctuation separates ("well-known" -> "well known").
+_PUNCTUATION = str.maketrans({p: "" if p == "'" else " " for p in string.punctuation})
+
+
+def remove_punctuation(text):
+    return " ".join(text.replace("\u2019", "'").translate(_PUNCTUATION).lower().split())
+
+
+def build(target, public_sentences, ratio, seed):
+    """DatasetDict train/validation with `sentence`, `label`; negatives drawn without replacement."""
+    positives = {"train": list(target["train"]["sentence"]),
+                 "validation": list(target["validation"]["sentence"])
+                 + (list(target["test"]["sentence"]) if "test" in target else [])}
+    wanted = {name: ratio * len(sentences) for name, sentences in positives.items()}
+    if sum(wanted.values()) > len(public_sentences):
+        raise DataError(f"--od_data_size {ratio} asks for {sum(wanted.values()):,} negative sentences but the public "
+                        f"corpus has {len(public_sentences):,}; lower --od_data_size or add public text")
+    order = np.random.default_rng(seed).permutation(len(public_sentences))
+    splits, start = {}, 0
+    for name in ("train", "validation"):
+        negatives = public_sentences.select(order[start:start + wanted[name]])["text"]
+        start += wanted[name]
+        sentences = [remove_punctuation(s) for s in positives[name]] + [remove_punctuation(s) for s in negatives]
+        labels = [1] * len(positives[name]) + [0] * len(negatives)
+        splits[name] = Dataset.from_dict({"sentence": sentences, "label": labels}).shuffle(seed=seed).flatten_indices()
+    return DatasetDict(splits)
+
+
+def write_json_lines(dataset, path):
+    dataset.to_json(path, lines=True, force_ascii=False)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sentences_dir", required=True, help="stage 1's output")
+    parser.add_argument("--target", default="demo", help="'demo', 'glue/sst2', or local files")
+    parser.add_argument("--text_column", default="sentence")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--od_data_size", type=int, default=5, help="negatives per positive")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    args = parser.parse_args(argv)
+
+    if os.path.exists(os.path.join(args.output_dir, "stats.json")):
+        print(f"{args.output_dir} is complete; nothing to do")
+        return
+    if args.od_data_size < 1:
+        raise DataError(f"--od_data_size must be a positive integer, got {args.od_data_size}")
+    if not os.path.exists(os.path.join(args.sentences_dir, "stats.json")):
+        raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
+    public = datasets.load_from_disk(args.sentences_dir)
+    target = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.seed)
+    data = build(target, public, args.od_data_size, args.seed)
+
+    tmp_dir = f"{args.output_dir.rstrip('/')}.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    data.save_to_disk(tmp_dir)
+    write_json_lines(data["train"], os.path.join(tmp_dir, "filter_train_nonewline.json"))
+    write_json_lines(data["validation"], os.path.join(tmp_dir, "filter_val_nonewline.json"))
+    stats = {name: {"examples": len(split), "positives": sum(split["label"])} for name, split in data.items()}
+    write_json(os.path.join(tmp_dir, "stats.json"), {**stats, "od_data_size": args.od_data_size,
+                                                     "target": args.target, "seed": args.seed})
+    if os.path.exists(args.output_dir):
+        shutil.rmtree(args.output_dir)
+    os.replace(tmp_dir, args.output_dir)
+    print(f"train {stats['train']}, validation {stats['validation']} -> {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+import json
+import os
+
+import datasets
+import pytest
+from datasets import Dataset, DatasetDict
+from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+
+from data_selection import build_classifier_data, sources, split_sentences
+from data_selection.sources import DataError, load_local, load_public_corpus, load_target_task
+
+DOCS = ["The first document. It has two sentences.", "Second one here! Is it a question? Yes."]
+
+
+@pytest.fixture
+def local_files(tmp_path):
+    (tmp_path / "docs.txt").write_text("\n".join(DOCS) + "\n\n")
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in DOCS))
+    (tmp_path / "docs.csv").write_text("body,other\n" + "".join(f'"{d}",x\n' for d in DOCS))
+    Dataset.from_dict({"body": DOCS}).to_parquet(str(tmp_path / "docs.parquet"))
+    Dataset.from_dict({"body": DOCS}).save_to_disk(str(tmp_path / "saved"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("name, column", [("docs.txt", "text"), ("docs.jsonl", "body"), ("docs.csv", "body"),
+                                          ("docs.parquet", "body"), ("saved", "body")])
+def test_local_public_corpus_loaders(local_files, name, column):
+    corpus, replaced = load_public_corpus([str(local_files / name)], column)
+    assert corpus["text"] == DOCS and replaced == 0
+    assert corpus["source"] == [name] * 2 and corpus["doc_id"] == [f"{name}/0", f"{name}/1"]
+
+
+def test_undecodable_bytes_are_replaced_and_counted(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait. \xff\xfe ok.\n")
+    corpus, replaced = load_public_corpus([str(tmp_path / "bad.txt")])
+    assert replaced == 3 and corpus["text"][0].count("\ufffd") == 3
+
+
+@pytest.mark.parametrize("content, message", [("", "no records"), ("other\nx\n", "no column 'body'")])
+def test_bad_local_files(tmp_path, content, message):
+    (tmp_path / "f.csv").write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_local(str(tmp_path / "f.csv"), "body")
+
+
+def test_unknown_names_and_paths_are_refused():
+    with pytest.raises(DataError, match="--corpus 'wikipedia-fr'"):
+        load_public_corpus(["wikipedia-fr"])
+    with pytest.raises(DataError, match="--target 'sst5'"):
+        load_target_task("sst5")
+
+
+def test_hub_loaders_use_the_paper_datasets(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(repository, config=None, split=None):
+        calls.append((repository, config, split))
+        if repository == "nyu-mll/glue":
+            return DatasetDict({name: Dataset.from_dict({"sentence": ["a film .", "bad ."], "label": labels,
+                                                         "idx": [0, 1]})
+                                for name, labels in (("train", [1, 0]), ("validation", [0, 1]),
+                                                     ("test", [-1, -1]))})
+        return Dataset.from_dict({"id": ["1"], "title": ["T"], "text": ["Some text. More text."]})
+    monkeypatch.setattr(sources, "load_dataset", fake_load_dataset)
+    corpus, _ = load_public_corpus(["wikipedia", "bookcorpus"])
+    assert calls[:2] == [("wikimedia/wikipedia", "20231101.en", "train"), ("bookcorpus/bookcorpus", None, "train")]
+    assert corpus["source"] == ["wikipedia", "bookcorpus"]
+    task = load_target_task("glue/sst2")
+    assert calls[-1][:2] == ("nyu-mll/glue", "sst2")
+    assert task["train"]["label"] == [1, 0] and task["test"]["label"] == [-1, -1]
+    assert task["train"].column_names == ["sentence", "label"]
+
+
+def test_local_target_task_directory_and_label_check(tmp_path):
+    for name, labels in (("train", [0, 1, 1]), ("validation", [1, 0, 0])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"review": f"r{i}", "stars": y}) + "\n"
+                                                        for i, y in enumerate(labels)))
+    task = load_target_task(str(tmp_path), "review", "stars")
+    assert task["train"]["label"] == [0, 1, 1] and task["validation"]["sentence"] == ["r0", "r1", "r2"]
+    (tmp_path / "train.jsonl").write_text(json.dumps({"review": "x", "stars": 4}) + "\n")
+    with pytest.raises(DataError, match="labels must be 0 or 1, found \\[4\\]"):
+        load_target_task(str(tmp_path), "review", "stars")
+
+
+def test_split_text_handles_abbreviations():
+    parameters = PunktParameters()
+    parameters.abbrev_types.update(split_sentences.COMMON_ABBREVIATIONS)
+    tokenizer = PunktSentenceTokenizer(parameters)
+    text = ("Dr. Smith met Mr. Jones at 5 p.m. on Monday. They flew to the U.S. embassy, e.g. by plane!\n"
+            "Was it   late? It was.")
+    assert split_sentences.split_text(tokenizer, text) == [
+        "dr. smith met mr. jones at 5 p.m. on monday.", "they flew to the u.s. embassy, e.g. by plane!",
+        "was it late?", "it was."]
+
+
+def test_punkt_trained_on_the_corpus_learns_its_abbreviations(monkeypatch):
+    text = " ".join(f"Prof. Rabe number {i} taught the class. The class was long." for i in range(300))
+    monkeypatch.setattr(split_sentences, "COMMON_ABBREVIATIONS", ())
+    tokenizer, how = split_sentences.load_punkt([text])
+    assert "trained" in how or "installed" in how
+    assert split_sentences.split_text(tokenizer, "Prof. Rabe taught. It was long.") == [
+        "prof. rabe taught.", "it was long."]
+
+
+def test_stage1_on_local_files_resumes_at_the_next_shard(tmp_path, local_files):
+    output = tmp_path / "sentences"
+    argv = ["--corpus", str(local_files / "docs.jsonl"), "--text_column", "body", "--output_dir", str(output),
+            "--num_shards", "2", "--num_proc", "1"]
+    split_sentences.main(argv)
+    stats = json.loads((output / "stats.json").read_text())
+    assert stats["documents"] == 2 and stats["sentences"] == 5 and stats["words"] == 15
+    assert datasets.load_from_disk(str(output))["text"][0] == "the first document."
+    # a killed run: shard 0 finished (with a marker sentence), shard 1 not
+    partial = tmp_path / "again.partial"
+    first = datasets.load_from_disk(str(output)).select(range(2))
+    first = first.map(lambda row: {"text": "marker."}).add_column("is_target", [False] * 2)
+    first.save_to_disk(str(partial / "shard-00000"))
+    split_sentences.main(argv[:-6] + ["--output_dir", str(tmp_path / "again"), "--num_shards", "2",
+                                      "--num_proc", "1"])
+    resumed = datasets.load_from_disk(str(tmp_path / "again"))["text"]
+    assert resumed[:2] == ["marker.", "marker."] and resumed[2:] == datasets.load_from_disk(str(output))["text"][2:]
+    assert not partial.exists()
+
+
+def test_stage1_empty_corpus_leaves_no_output(tmp_path):
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(DataError, match="no sentences"):
+        split_sentences.main(["--corpus", str(tmp_path / "blank.jsonl"), "--output_dir", str(tmp_path / "out"),
+                              "--num_proc", "1"])
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_stage2_ratio_labels_and_punctuation(tmp_path):
+    public = Dataset.from_dict({"text": [f"public, sentence number {i}!" for i in range(100)],
+                                "source": ["p"] * 100, "doc_id": ["p/0"] * 100})
+    target = DatasetDict({"train": Dataset.from_dict({"sentence": ["A great film!", "Don't see it."],
+                                                      "label": [1, 0]}),
+                          "validation": Dataset.from_dict({"sentence": ["Fine."], "label": [1]}),
+                          "test": Dataset.from_dict({"sentence": ["Meh..."], "label": [-1]})})
+    data = build_classifier_data.build(target, public, 5, seed=0)
+    assert len(data["train"]) == 12 and sum(data["train"]["label"]) == 2
+    assert len(data["validation"]) == 12 and sum(data["validation"]["label"]) == 2
+    assert {"a great film", "dont see it"} <= set(data["train"]["sentence"])
+    negatives = [row["sentence"] for name in ("train", "validation") for row in data[name] if row["label"] == 0]
+    assert len(set(negatives)) == 20 and all(s.startswith("public sentence number") for s in negatives)
+    again = build_classifier_data.build(target, public, 5, seed=0)
+    assert list(again["train"]["sentence"]) == list(data["train"]["sentence"])
+    with pytest.raises(DataError, match="asks for 200 negative sentences but the public corpus has 100"):
+        build_classifier_data.build(target, public, 50, seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo_sentences(tmp_path_factory):
+    output = tmp_path_factory.mktemp("demo") / "sentences"
+    split_sentences.main(["--corpus", "demo", "--output_dir", str(output)])
+    return output
+
+
+def test_demo_target_task_counts():
+    task = load_target_task("demo")
+    assert {name: len(split) for name, split in task.items()} == {"train": 10752, "validation": 1000, "test": 1000}
+    everything = [s for split in task.values() for s in split["sentence"]]
+    assert len(set(everything)) == 12752
+    assert sum(sum(split["label"]) for split in task.values()) == 7403 - _duplicates_removed("fresh")
+
+
+def _duplicates_removed(category):
+    seen, removed = set(), 0
+    for row in sources._rotten_tomatoes_rows(sources.DEFAULT_CACHE_DIR):
+        if row["category"] in ("fresh", "rotten"):
+            removed += row["text"] in seen and row["category"] == category
+            seen.add(row["text"])
+    return removed
+
+
+def test_demo_public_corpus_sources_and_no_target_sentence(demo_sentences):
+    stats = json.loads((demo_sentences / "stats.json").read_text())
+    assert set(stats["per_source"]) == {"wikipedia", "news", "movie_plots", "speeches", "books_and_tales"}
+    assert stats["per_source"]["news"]["documents"] == 3824
+    assert stats["per_source"]["movie_plots"]["documents"] == 1097
+    assert stats["sentences"] > 100_000
+    public = set(datasets.load_from_disk(str(demo_sentences))["text"])
+    assert not public & split_sentences.target_sentences("demo", sources.DEFAULT_CACHE_DIR)
+    assert stats["target_sentences_removed"] > 0
+
+
+def test_stage2_on_the_demo(tmp_path, demo_sentences):
+    build_classifier_data.main(["--sentences_dir", str(demo_sentences), "--output_dir", str(tmp_path / "cls")])
+    train = [json.loads(line) for line in (tmp_path / "cls" / "filter_train_nonewline.json").open()]
+    assert len(train) == 6 * 10752 and sum(r["label"] for r in train) == 10752
+    assert datasets.load_from_disk(str(tmp_path / "cls"))["validation"].num_rows == 6 * 2000
