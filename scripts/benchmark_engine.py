@@ -7,7 +7,7 @@ LM-head model with tied weights. Variants run interleaved; the time is the media
 Peak memory = memory held before the step (parameters, gradients, optimiser state)
 plus the largest amount allocated during the step, from the profiler's allocation events.
 
-    python scripts/benchmark_engine.py [--seq_lens 64 128 256] [--repeats 3]
+    python scripts/benchmark_engine.py [--seq_lens 64 128 256] [--repeats 3] [--models classification lm]
 """
 
 import argparse
@@ -151,9 +151,10 @@ def main():
     parser.add_argument("--seq_lens", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", choices=("classification", "lm"), default=["classification", "lm"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}")
-    for lm in (False, True):
+    for lm in [model == "lm" for model in args.models]:
         print(f"\n### GPT-2 {'LM head, tied weights' if lm else 'sequence classification'}\n")
         print("| T | variant | time (s) | time ratio | peak memory (MB) | memory ratio |")
         print("|---|---|---|---|---|---|")

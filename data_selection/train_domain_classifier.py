@@ -1,0 +1,167 @@
+"""Stage 3: train the domain classifier with DP, then score every public sentence.
+
+    python data_selection/train_domain_classifier.py --data_dir runs/demo/classifier_data \\
+        --sentences_dir runs/demo/sentences --output_dir runs/demo/domain_classifier \\
+        --noise_multiplier 1.4 --max_grad_norm 1 --per_device_train_batch_size 64 \\
+        --gradient_accumulation_steps 32 --learning_rate 1e-3
+
+Training uses the shared DP loop (Poisson sampling, exact clipping, noise, `privacy.json`,
+an entry in the run's privacy ledger). The private data are the target sentences (the
+positives), so delta defaults to 1 / (10 x positives). The classifier goes to
+`<output_dir>/classifier`; scores (in-domain probability and logit margin) to
+`<output_dir>/scores/shard-NNNNN.npz`, one shard at a time, so a killed run resumes at the
+next unfinished shard; several processes (`accelerate launch`) share the shards.
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_selection.domain_classifier import (build_classifier, load_classifier, save_classifier,  # noqa: E402
+                                              score_sentences)
+from data_selection.sources import DataError  # noqa: E402
+from dp_finetuning.accounting import default_delta  # noqa: E402
+from dp_finetuning.atomic_io import write_json  # noqa: E402
+from dp_finetuning.dp_training import DPTrainer, add_dp_arguments, sequence_classification_losses  # noqa: E402
+
+SCORES_COMPLETE = "complete.json"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="stage 2's output")
+    parser.add_argument("--sentences_dir", required=True, help="stage 1's output: the sentences to score")
+    parser.add_argument("--backbone", choices=("hashed", "transformer"), default="hashed")
+    parser.add_argument("--model_name_or_path", default="minilm",
+                        help="transformer backbone: 'minilm' (offline), 'bert-base-uncased' (the paper) or a path")
+    parser.add_argument("--num_buckets", type=int, default=2 ** 18, help="hashed backbone: hash buckets")
+    parser.add_argument("--embedding_dim", type=int, default=64, help="hashed backbone: embedding width")
+    parser.add_argument("--score_batch_size", type=int, default=512)
+    parser.add_argument("--score_shard_size", type=int, default=100_000, help="sentences per scores shard")
+    add_dp_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def train(args, accelerator):
+    data = datasets.load_from_disk(args.data_dir)
+    train_set, validation = data["train"], data["validation"]
+    positives = sum(train_set["label"])
+    if args.delta is None:
+        args.delta = default_delta(positives)
+    model, encode = build_classifier(args.backbone, args.model_name_or_path, args.num_buckets, args.embedding_dim)
+
+    def collate(examples):
+        return {**encode([e["sentence"] for e in examples]), "labels": torch.tensor([e["label"] for e in examples])}
+
+    held_out = validation.shuffle(seed=0).select(range(min(len(validation), 4000)))
+
+    def evaluate(trained):
+        probability, _ = score_sentences(trained, encode, list(held_out["sentence"]), device=accelerator.device)
+        labels = np.array(held_out["label"])
+        return {"val_accuracy": float(((probability > 0.5) == labels).mean()),
+                "val_auc": _auc(probability, labels)}
+
+    trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args,
+                        stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate)
+    trainer.train()
+    if accelerator.is_main_process:
+        tmp = os.path.join(args.output_dir, "classifier.tmp")
+        save_classifier(trainer.model, tmp, args.backbone, args.model_name_or_path)
+        shutil.rmtree(os.path.join(args.output_dir, "classifier"), ignore_errors=True)
+        os.replace(tmp, os.path.join(args.output_dir, "classifier"))
+    accelerator.wait_for_everyone()
+
+
+def _private_data_name(data_dir):
+    stats_path = os.path.join(data_dir, "stats.json")
+    if os.path.exists(stats_path):
+        with open(stats_path) as handle:
+            return json.load(handle).get("target", "target")
+    return "target"
+
+
+def _auc(scores, labels):
+    """Area under the ROC curve: the probability that a positive outranks a negative."""
+    ranks = np.argsort(np.argsort(scores)) + 1
+    positives = labels == 1
+    count_pos, count_neg = positives.sum(), (~positives).sum()
+    if count_pos == 0 or count_neg == 0:
+        return float("nan")
+    return float((ranks[positives].sum() - count_pos * (count_pos + 1) / 2) / (count_pos * count_neg))
+
+
+def score(args, accelerator):
+    """Score every sentence shard by shard; skip shards already written."""
+    scores_dir = os.path.join(args.output_dir, "scores")
+    if os.path.exists(os.path.join(scores_dir, SCORES_COMPLETE)):
+        return
+    sentences = datasets.load_from_disk(args.sentences_dir)
+    model, encode = load_classifier(os.path.join(args.output_dir, "classifier"))
+    model.to(accelerator.device)
+    os.makedirs(scores_dir, exist_ok=True)
+    num_shards = math.ceil(len(sentences) / args.score_shard_size)
+    mine = [i for i in range(num_shards) if i % accelerator.num_processes == accelerator.process_index]
+    progress = tqdm(total=len(sentences), desc="scoring", unit="sent", disable=not accelerator.is_main_process)
+    start, done = time.perf_counter(), 0
+    for index in mine:
+        path = os.path.join(scores_dir, f"shard-{index:05d}.npz")
+        begin, end = index * args.score_shard_size, min(len(sentences), (index + 1) * args.score_shard_size)
+        if not os.path.exists(path):
+            probability, logit = score_sentences(model, encode, list(sentences.select(range(begin, end))["text"]),
+                                                 args.score_batch_size, accelerator.device)
+            with open(f"{path}.tmp", "wb") as handle:
+                np.savez(handle, probability=probability, logit=logit)
+            os.replace(f"{path}.tmp", path)
+            done += end - begin
+        progress.update((end - begin) * accelerator.num_processes)
+        progress.set_postfix(sent_per_s=f"{done / (time.perf_counter() - start):.0f}")
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(os.path.join(scores_dir, SCORES_COMPLETE), {"sentences": len(sentences), "shards": num_shards,
+                                                                "shard_size": args.score_shard_size})
+
+
+def load_scores(scores_dir, expected_count):
+    """(probability, logit) of a finished scoring run; checks the count and that no score is NaN."""
+    complete = os.path.join(scores_dir, SCORES_COMPLETE)
+    if not os.path.exists(complete):
+        raise DataError(f"--scores_dir {scores_dir}: scoring is not finished (no {SCORES_COMPLETE})")
+    with open(complete) as handle:
+        num_shards = json.load(handle)["shards"]
+    parts = [np.load(os.path.join(scores_dir, f"shard-{i:05d}.npz")) for i in range(num_shards)]
+    probability = np.concatenate([p["probability"] for p in parts])
+    logit = np.concatenate([p["logit"] for p in parts])
+    if len(probability) != expected_count:
+        raise DataError(f"--scores_dir {scores_dir}: {len(probability):,} scores for {expected_count:,} sentences")
+    if np.isnan(probability).any():
+        raise DataError(f"--scores_dir {scores_dir}: {int(np.isnan(probability).sum())} scores are NaN")
+    return probability, logit
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    for path in (args.data_dir, args.sentences_dir):
+        if not os.path.isdir(path):
+            raise DataError(f"{path}: no such directory (run the earlier stages first)")
+    if os.path.exists(os.path.join(args.output_dir, "classifier", "classifier.json")):
+        print(f"{args.output_dir}/classifier exists; training skipped")
+    else:
+        train(args, accelerator)
+    score(args, accelerator)
+
+
+if __name__ == "__main__":
+    main()
