@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from data_selection.build_classifier_data import remove_punctuation
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, fetch_wheel
 
 MAX_LENGTH = 128
@@ -32,9 +33,12 @@ WEIGHTS_NAME = "classifier.pt"
 class HashedNgramClassifier(nn.Module):
     """Mean of hashed unigram and bigram embeddings -> linear layer; id 0 is padding."""
 
-    def __init__(self, num_buckets=2 ** 18, embedding_dim=64, num_labels=2):
+    def __init__(self, num_buckets=2 ** 16, embedding_dim=64, num_labels=2):
         super().__init__()
         self.embedding = nn.Embedding(num_buckets, embedding_dim, padding_idx=0)
+        # Start near zero: DP noise moves every row a little each step, and rows that start large
+        # would keep the sentence vectors mostly random for a short private training run.
+        nn.init.normal_(self.embedding.weight, std=0.01)
         self.classifier = nn.Linear(embedding_dim, num_labels)
         self.config = {"num_buckets": num_buckets, "embedding_dim": embedding_dim, "num_labels": num_labels}
 
@@ -45,13 +49,14 @@ class HashedNgramClassifier(nn.Module):
 
 
 class HashedNgramTokenizer:
-    """Whitespace words and adjacent word pairs, hashed (crc32, stable across runs) to buckets 1..n-1."""
+    """Whitespace words and adjacent word pairs of the text as stage 2 writes it (punctuation removed,
+    lowercased), hashed (crc32, stable across runs) to buckets 1..n-1."""
 
     def __init__(self, num_buckets):
         self.num_buckets = num_buckets
 
     def ids(self, sentence):
-        words = sentence.split()[:MAX_LENGTH // 2]
+        words = remove_punctuation(sentence).split()[:MAX_LENGTH // 2]
         grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
         return [zlib.crc32(g.encode()) % (self.num_buckets - 1) + 1 for g in grams] or [0]
 
@@ -88,7 +93,7 @@ def transformer_classifier(model_name_or_path, lora_r=32, lora_alpha=16):
     return get_peft_model(model, config), tokenizer
 
 
-def build_classifier(backbone, model_name_or_path=None, num_buckets=2 ** 18, embedding_dim=64):
+def build_classifier(backbone, model_name_or_path=None, num_buckets=2 ** 16, embedding_dim=64):
     """(model, encode): `encode(list of sentences)` -> dict of model input tensors."""
     if backbone == "hashed":
         model = HashedNgramClassifier(num_buckets, embedding_dim)
@@ -97,7 +102,7 @@ def build_classifier(backbone, model_name_or_path=None, num_buckets=2 ** 18, emb
         model, tokenizer = transformer_classifier(model_name_or_path or "minilm")
 
         def encode(sentences):
-            return dict(tokenizer(list(sentences), padding=True, truncation=True, max_length=MAX_LENGTH,
+            return dict(tokenizer([remove_punctuation(s) for s in sentences], padding=True, truncation=True, max_length=MAX_LENGTH,
                                   return_tensors="pt", return_token_type_ids=False))
         return model, encode
     raise DataError(f"--backbone must be 'hashed' or 'transformer', got {backbone!r}")

@@ -9,6 +9,11 @@ words, take sentences in descending in-domain probability until the budget (mill
 whitespace words; a number below 1 is a fraction of the corpus's words) is passed, shuffle,
 and save an HF dataset with `text` (and `source`, `score`). `--random` takes the same budget
 of random sentences. Writes selection_report.json and selection_report.png beside it.
+
+Beyond the paper, `--document_weight w` ranks by (1 - w) x the sentence's logit margin + w x
+the mean margin of its document's sentences: a sentence inherits some of its document's domain
+signal (public data and the released classifier only, so no privacy cost). w = 0, the default,
+is the paper's ranking by in-domain probability.
 """
 
 import argparse
@@ -31,13 +36,22 @@ def word_budget(num_tokens, total_words):
     return int(num_tokens * total_words) if num_tokens < 1 else int(num_tokens * 1_000_000)
 
 
-def select(word_counts, probability, budget, min_words, random_order, seed):
+def document_smoothed(logit, doc_ids, weight):
+    """(1 - weight) x logit + weight x the mean logit of the same document."""
+    if weight == 0:
+        return logit
+    _, document = np.unique(doc_ids, return_inverse=True)
+    document_mean = np.bincount(document, weights=logit) / np.bincount(document)
+    return (1 - weight) * logit + weight * document_mean[document]
+
+
+def select(word_counts, ranking_score, budget, min_words, random_order, seed):
     """Indices of the kept sentences, in selection order, and whether the budget exceeded the corpus."""
     eligible = np.flatnonzero(word_counts >= min_words)
     if random_order:
         order = eligible[np.random.default_rng(seed).permutation(len(eligible))]
     else:
-        order = eligible[np.argsort(-probability[eligible], kind="stable")]
+        order = eligible[np.argsort(-ranking_score[eligible], kind="stable")]
     cumulative = np.cumsum(word_counts[order])
     if len(cumulative) == 0 or cumulative[-1] <= budget:
         return order, True
@@ -90,6 +104,8 @@ def main(argv=None):
                         help="word budget in millions of whitespace words, or a fraction of the corpus if < 1")
     parser.add_argument("--random", action="store_true", help="random sentences instead of the top-scored")
     parser.add_argument("--min_words", type=int, default=6)
+    parser.add_argument("--document_weight", type=float, default=0.0,
+                        help="weight of the document's mean score in the ranking (0: the paper's sentence score)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -102,14 +118,17 @@ def main(argv=None):
     sentences = datasets.load_from_disk(args.sentences_dir)
     texts = sentences["text"]
     word_counts = np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(sentences))
+    if not 0 <= args.document_weight <= 1:
+        raise DataError(f"--document_weight must be in [0, 1], got {args.document_weight}")
     if args.random:
-        probability = np.full(len(sentences), np.nan, dtype=np.float32)
+        probability = ranking = np.full(len(sentences), np.nan, dtype=np.float32)
     elif args.scores_dir is None:
         raise DataError("--scores_dir is required unless --random is given")
     else:
-        probability, _ = load_scores(args.scores_dir, len(sentences))
+        probability, logit = load_scores(args.scores_dir, len(sentences))
+        ranking = document_smoothed(logit.astype(np.float64), np.array(sentences["doc_id"]), args.document_weight)
     budget = word_budget(args.num_tokens, int(word_counts.sum()))
-    kept, took_all = select(word_counts, probability, budget, args.min_words, args.random, args.seed)
+    kept, took_all = select(word_counts, ranking, budget, args.min_words, args.random, args.seed)
     if took_all:
         print(f"the budget ({budget:,} words) is at least the corpus's eligible words: all "
               f"{len(kept):,} eligible sentences are taken")
@@ -125,6 +144,7 @@ def main(argv=None):
         "mode": "random" if args.random else "top in-domain probability",
         "budget_words": budget, "selected_words": int(word_counts[kept].sum()), "selected_sentences": len(kept),
         "corpus_words": int(word_counts.sum()), "corpus_sentences": len(sentences), "min_words": args.min_words,
+        "document_weight": args.document_weight,
         "budget_exceeds_corpus": bool(took_all), "seed": args.seed,
         "corpus_source_share": corpus_shares, "selection_source_share": selection_shares,
         "share_ratio": {k: selection_shares.get(k, 0) / v for k, v in corpus_shares.items() if v > 0},
@@ -132,7 +152,7 @@ def main(argv=None):
     if not args.random:
         report["top_sentences"] = [{"text": texts[i], "probability": float(probability[i])} for i in kept[:10]]
         eligible_by_score = np.flatnonzero(word_counts >= args.min_words)
-        bottom = eligible_by_score[np.argsort(probability[eligible_by_score])[:10]]
+        bottom = eligible_by_score[np.argsort(ranking[eligible_by_score], kind="stable")[:10]]
         report["bottom_sentences"] = [{"text": texts[i], "probability": float(probability[i])} for i in bottom]
 
     tmp = f"{args.output_dir.rstrip('/')}.tmp"

@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--backbone", choices=("hashed", "transformer"), default="hashed")
     parser.add_argument("--model_name_or_path", default="minilm",
                         help="transformer backbone: 'minilm' (offline), 'bert-base-uncased' (the paper) or a path")
-    parser.add_argument("--num_buckets", type=int, default=2 ** 18, help="hashed backbone: hash buckets")
+    parser.add_argument("--num_buckets", type=int, default=2 ** 16, help="hashed backbone: hash buckets")
     parser.add_argument("--embedding_dim", type=int, default=64, help="hashed backbone: embedding width")
     parser.add_argument("--score_batch_size", type=int, default=512)
     parser.add_argument("--score_shard_size", type=int, default=100_000, help="sentences per scores shard")

@@ -130,3 +130,11 @@ def test_transformer_backbone_has_only_adapters_and_head_trainable():
     losses = torch.nn.functional.cross_entropy(model(**batch).logits, torch.tensor([1, 0]), reduction="none")
     norms = engine.backward(losses.sum())
     assert norms.shape == (2,) and torch.all(norms > 0)
+
+
+def test_document_weight_blends_the_document_mean():
+    logit = np.array([4.0, -2.0, 0.0, 1.0])
+    doc_ids = np.array(["a", "a", "b", "b"])
+    assert np.array_equal(sampling_with_logits.document_smoothed(logit, doc_ids, 0.0), logit)
+    assert np.allclose(sampling_with_logits.document_smoothed(logit, doc_ids, 1.0), [1.0, 1.0, 0.5, 0.5])
+    assert np.allclose(sampling_with_logits.document_smoothed(logit, doc_ids, 0.5), [2.5, -0.5, 0.25, 0.75])
