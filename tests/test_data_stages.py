@@ -149,13 +149,6 @@ def test_stage2_ratio_labels_and_punctuation(tmp_path):
         build_classifier_data.build(target, public, 50, seed=0)
 
 
-@pytest.fixture(scope="module")
-def demo_sentences(tmp_path_factory):
-    output = tmp_path_factory.mktemp("demo") / "sentences"
-    split_sentences.main(["--corpus", "demo", "--output_dir", str(output)])
-    return output
-
-
 def test_demo_target_task_counts():
     task = load_target_task("demo")
     assert {name: len(split) for name, split in task.items()} == {"train": 10752, "validation": 1000, "test": 1000}

@@ -138,3 +138,21 @@ def test_document_weight_blends_the_document_mean():
     assert np.array_equal(sampling_with_logits.document_smoothed(logit, doc_ids, 0.0), logit)
     assert np.allclose(sampling_with_logits.document_smoothed(logit, doc_ids, 1.0), [1.0, 1.0, 0.5, 0.5])
     assert np.allclose(sampling_with_logits.document_smoothed(logit, doc_ids, 0.5), [2.5, -0.5, 0.25, 0.75])
+
+
+def test_demo_selection_finds_the_movie_plots_at_epsilon_one(tmp_path, demo_sentences):
+    """Stage 3 at epsilon 1 on the demo data: plot sentences' share of a 20% selection is >= 3x their share."""
+    from data_selection import build_classifier_data
+    build_classifier_data.main(["--sentences_dir", str(demo_sentences), "--output_dir", str(tmp_path / "data")])
+    train_domain_classifier.main([
+        "--data_dir", str(tmp_path / "data"), "--sentences_dir", str(demo_sentences),
+        "--output_dir", str(tmp_path / "run" / "domain_classifier"), "--target_epsilon", "1",
+        "--per_device_train_batch_size", "512", "--gradient_accumulation_steps", "16", "--learning_rate", "0.1",
+        "--num_train_epochs", "6"])
+    privacy = json.loads((tmp_path / "run" / "domain_classifier" / "privacy.json").read_text())
+    assert privacy["epsilon"]["epsilon"] <= 1.0 and privacy["epsilon"]["rdp"] > 1.0
+    sampling_with_logits.main(["--sentences_dir", str(demo_sentences), "--num_tokens", "0.2",
+                               "--scores_dir", str(tmp_path / "run" / "domain_classifier" / "scores"),
+                               "--document_weight", "0.7", "--output_dir", str(tmp_path / "selected")])
+    report = json.loads((tmp_path / "selected" / "selection_report.json").read_text())
+    assert report["share_ratio"]["movie_plots"] >= 3.0
