@@ -1,0 +1,80 @@
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from data_selection.sources import DataError
+from pretraining import pretrain_gpt2
+
+WORDS = "the film was a long and quiet story about a family who moved to the sea in winter".split()
+
+
+@pytest.fixture
+def sentences(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    texts = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (12,), generator=generator).tolist())
+             for _ in range(600)]
+    path = tmp_path / "selected"
+    Dataset.from_dict({"text": texts}).save_to_disk(str(path))
+    return path
+
+
+def argv(data, output, *extra):
+    return ["--dataset_path", str(data), "--output_dir", str(output), "--model_size", "nano", "--vocab_size", "300",
+            "--block_size", "32", "--per_device_train_batch_size", "8", "--learning_rate", "3e-3",
+            "--logging_steps", "1", *extra]
+
+
+def test_a_few_steps_lower_the_loss_and_write_the_outputs(tmp_path, sentences):
+    output = tmp_path / "pretrained"
+    pretrain_gpt2.main(argv(sentences, output, "--max_train_steps", "30", "--eval_target", "demo"))
+    losses = [json.loads(line)["loss"] for line in (output / "metrics.jsonl").open()]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["held_out_perplexity"] < 300 and results["target_validation_perplexity"] > 1
+    assert json.loads((output / "config.json").read_text())["selective_pretraining_size"] == "nano"
+    assert (output / "loss.png").exists() and (output / "checkpoint-30").is_dir()
+
+
+def test_checkpoint_loads_for_sequence_classification(tmp_path, sentences):
+    output = tmp_path / "pretrained"
+    pretrain_gpt2.main(argv(sentences, output, "--max_train_steps", "2"))
+    model = GPT2ForSequenceClassification.from_pretrained(str(output), num_labels=2)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(output))
+    batch = tokenizer(["a quiet film", "the sea in winter was long"], padding=True, return_tensors="pt")
+    assert model(**batch).logits.shape == (2, 2)
+    lm = GPT2LMHeadModel.from_pretrained(str(output))
+    assert torch.equal(model.transformer.wte.weight, lm.transformer.wte.weight)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_resume_continues_with_the_same_data_order(tmp_path, sentences):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    pretrain_gpt2.main(argv(sentences, full, "--max_train_steps", "8", "--checkpointing_steps", "4"))
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    pretrain_gpt2.main(argv(sentences, resumed, "--max_train_steps", "8", "--resume_from_checkpoint", "latest"))
+    a, b = GPT2LMHeadModel.from_pretrained(str(full)), GPT2LMHeadModel.from_pretrained(str(resumed))
+    for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+    full_losses = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").open()][4:]
+    resumed_losses = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").open()]
+    assert resumed_losses == pytest.approx(full_losses, rel=1e-5)
+
+
+def test_bad_inputs(tmp_path, sentences):
+    with pytest.raises(DataError, match="--model_size 'huge'"):
+        pretrain_gpt2.main(argv(sentences, tmp_path / "a", "--model_size", "huge"))
+    Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "nocolumn"))
+    with pytest.raises(DataError, match="no column 'text'"):
+        pretrain_gpt2.main(argv(tmp_path / "nocolumn", tmp_path / "b"))
+    Dataset.from_dict({"text": ["one short sentence"] * 3}).save_to_disk(str(tmp_path / "short"))
+    with pytest.raises(DataError, match="too little text"):
+        pretrain_gpt2.main(argv(tmp_path / "short", tmp_path / "c"))
+    pretrain_gpt2.main(argv(sentences, tmp_path / "d", "--max_train_steps", "2", "--checkpointing_steps", "2"))
+    with pytest.raises(DataError, match="a nano model, but --model_size is micro"):
+        pretrain_gpt2.main(argv(sentences, tmp_path / "e", "--model_size", "micro", "--max_train_steps", "2",
+                                "--resume_from_checkpoint", str(tmp_path / "d" / "checkpoint-2")))
