@@ -216,7 +216,9 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, step, d
     shutil.rmtree(tmp, ignore_errors=True)
     accelerator.unwrap_model(model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),  # dropout masks continue as in an uninterrupted run
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                os.path.join(tmp, STATE_FILE))
     replace_directory(tmp, directory)
 
@@ -236,6 +238,9 @@ def train(args):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
     model, optimizer = accelerator.prepare(model, optimizer)
     shard = train_blocks.shard(accelerator.num_processes, accelerator.process_index, contiguous=True)
     micro_batches_per_epoch = len(shard) // args.per_device_train_batch_size
@@ -268,7 +273,8 @@ def train(args):
         step += 1
         progress.update(1)
         if step % args.logging_steps == 0 or step == args.max_train_steps:
-            rate = tokens / (time.perf_counter() - start)
+            rate = tokens / (time.perf_counter() - start)  # since the last log line
+            tokens, start = 0, time.perf_counter()
             record = {"step": step, "loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0],
                       "tokens_per_second": rate}
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_per_s=f"{rate:.0f}")
