@@ -1,0 +1,140 @@
+"""Stage 6: fine-tune GPT-2 for sequence classification with DP on the private target task.
+
+    python dp_finetuning/dp_finetune.py --model_name_or_path runs/demo/pretrained_selected --target demo \\
+        --output_dir runs/demo/finetune_selected --noise_multiplier 1.4 --max_grad_norm 1 \\
+        --per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3 \\
+        --num_train_epochs 30
+
+--model_name_or_path is a stage 5 checkpoint (model and tokenizer); with --random_init the
+weights are drawn afresh (the no-pre-training baseline) and only the tokenizer and config are
+used, both learnt from public text. All parameters are trained by default; --freeze and
+--lora_r give partial fine-tuning. Validation accuracy after every epoch and test accuracy at
+the end go to results.json with this stage's epsilon and the composed epsilon of the run's
+privacy ledger.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
+from dp_finetuning import privacy_ledger  # noqa: E402
+from dp_finetuning.atomic_io import write_json  # noqa: E402
+from dp_finetuning.dp_training import DPTrainer, add_dp_arguments, sequence_classification_losses  # noqa: E402
+
+FREEZE_CHOICES = ("none", "embeddings", "body")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", required=True, help="a stage 5 output directory")
+    parser.add_argument("--random_init", action="store_true",
+                        help="random weights (no pre-training); the checkpoint's config and tokenizer are kept")
+    parser.add_argument("--target", default="demo", help="'demo', 'glue/sst2' or local files")
+    parser.add_argument("--text_column", default="sentence")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--max_length", type=int, default=128)
+    parser.add_argument("--freeze", choices=FREEZE_CHOICES, default="none",
+                        help="embeddings: token and position embeddings frozen; body: only the final LayerNorm "
+                             "and the classification head trained")
+    parser.add_argument("--lora_r", type=int, default=0, help="LoRA adapters of this rank instead (0: off)")
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    add_dp_arguments(parser)
+    parser.set_defaults(lr_scheduler_type="linear")
+    return parser.parse_args(argv)
+
+
+def load_model(args):
+    """(model, tokenizer) from a stage 5 directory; errors name what is missing."""
+    path = args.model_name_or_path
+    for required in ("config.json", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(path, required)):
+            raise DataError(f"--model_name_or_path {path}: no {required}; expected a stage 5 output (model and "
+                            "tokenizer)")
+    if not args.random_init and not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise DataError(f"--model_name_or_path {path}: no model.safetensors (use --random_init for no pre-training)")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    torch.manual_seed(args.seed)
+    if args.random_init:
+        config = GPT2ForSequenceClassification.config_class.from_pretrained(path, num_labels=2)
+        model = GPT2ForSequenceClassification(config)
+    else:
+        model = GPT2ForSequenceClassification.from_pretrained(path, num_labels=2)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if args.lora_r:
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, fan_in_fan_out=True,
+                                                 target_modules=["c_attn", "c_proj", "c_fc"], task_type="SEQ_CLS"))
+    elif args.freeze != "none":
+        frozen = model.transformer.wte, model.transformer.wpe
+        if args.freeze == "body":
+            frozen = frozen + (model.transformer.h,)
+        for module in frozen:
+            module.requires_grad_(False)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, split, max_length, batch_size=128):
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(split), batch_size):
+        rows = split[start:start + batch_size]
+        batch = tokenizer([s.lower() for s in rows["sentence"]], padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt").to(device)
+        predictions = model(**batch).logits.argmax(-1).cpu()
+        correct += int((predictions == torch.tensor(rows["label"])).sum())
+    return correct / len(split)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if os.path.exists(os.path.join(args.output_dir, "results.json")):
+        print(f"{args.output_dir} is complete; nothing to do")
+        return
+    model, tokenizer = load_model(args)
+    task = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.seed)
+    train_set = task["train"]
+
+    def collate(examples):
+        # lowercased, as the public text the model was pre-trained on
+        batch = tokenizer([e["sentence"].lower() for e in examples], padding=True, truncation=True,
+                          max_length=args.max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "labels": torch.tensor([e["label"] for e in examples])}
+
+    def evaluate(trained):
+        return {"val_accuracy": accuracy(trained, tokenizer, task["validation"], args.max_length)}
+
+    trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args, stage="finetune",
+                        private_data=args.target, eval_fn=evaluate)
+    report = trainer.train()
+    if not trainer.accelerator.is_main_process:
+        return
+    trainer.model.eval()
+    test_labelled = "test" in task and -1 not in set(task["test"]["label"])
+    test_accuracy = accuracy(trainer.model, tokenizer, task["test"], args.max_length) if test_labelled else None
+    composed, delta = privacy_ledger.composed_epsilon(trainer.run_dir, trainer.delta)
+    results = {
+        "model_name_or_path": args.model_name_or_path, "random_init": args.random_init, "freeze": args.freeze,
+        "lora_r": args.lora_r, "seed": args.seed, "target": args.target,
+        "val_accuracy_per_epoch": [r["val_accuracy"] for r in trainer.history],
+        "val_accuracy": trainer.history[-1]["val_accuracy"], "test_accuracy": test_accuracy,
+        "epsilon": report["epsilon"]["epsilon"], "epsilons": report["epsilon"],
+        "composed_epsilon": composed["epsilon"], "composed_epsilons": composed, "delta": delta,
+        "ledger_stages": [e["stage"] for e in privacy_ledger.load_entries(trainer.run_dir)],
+    }
+    write_json(os.path.join(args.output_dir, "results.json"), results)
+    print(f"validation accuracy {results['val_accuracy']:.4f}, test accuracy "
+          f"{'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}, epsilon {results['epsilon']:.3f}, "
+          f"composed over the run {results['composed_epsilon']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

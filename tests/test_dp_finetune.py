@@ -1,0 +1,71 @@
+import json
+
+import pytest
+from datasets import Dataset
+
+from data_selection.sources import DataError
+from dp_finetuning import dp_finetune, privacy_ledger
+from dp_finetuning.accounting import Mechanism
+from pretraining import pretrain_gpt2
+
+GOOD, BAD = "a wonderful moving film", "a dull tedious mess"
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrained")
+    Dataset.from_dict({"text": [f"{GOOD} number {i} . {BAD} again ." for i in range(300)]}).save_to_disk(
+        str(root / "data"))
+    pretrain_gpt2.main(["--dataset_path", str(root / "data"), "--output_dir", str(root / "model"),
+                        "--model_size", "nano", "--vocab_size", "200", "--block_size", "32",
+                        "--per_device_train_batch_size", "8", "--max_train_steps", "5"])
+    return root / "model"
+
+
+@pytest.fixture
+def target(tmp_path):
+    for name, count in (("train", 80), ("validation", 20), ("test", 20)):
+        rows = [{"sentence": f"{GOOD if i % 2 else BAD} {i}", "label": i % 2} for i in range(count)]
+        (tmp_path / "target").mkdir(exist_ok=True)
+        (tmp_path / "target" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path / "target"
+
+
+def finetune_argv(model, target, output, *extra):
+    return ["--model_name_or_path", str(model), "--target", str(target), "--output_dir", str(output),
+            "--noise_multiplier", "0.5", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2",
+            "--learning_rate", "5e-3", "--num_train_epochs", "4", *extra]
+
+
+def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained, target):
+    privacy_ledger.record(tmp_path / "run", "domain_classifier", Mechanism(1.0, 0.01, 100), 1e-3, "target")
+    dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / "finetune"))
+    results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
+    assert len(results["val_accuracy_per_epoch"]) == 4 and 0 <= results["test_accuracy"] <= 1
+    assert results["test_accuracy"] >= 0.75  # the words give the label away
+    assert results["ledger_stages"] == ["domain_classifier", "finetune"]
+    assert results["composed_epsilon"] > results["epsilon"] > 0
+    assert (tmp_path / "run" / "finetune" / "privacy.json").exists()
+
+
+def test_random_init_and_freezing(tmp_path, pretrained, target):
+    args = dp_finetune.parse_args(finetune_argv(pretrained, target, tmp_path / "x", "--freeze", "body"))
+    model, _ = dp_finetune.load_model(args)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "transformer.ln_f.weight", "transformer.ln_f.bias", "score.weight"}
+    trained, _ = dp_finetune.load_model(dp_finetune.parse_args(finetune_argv(pretrained, target, tmp_path / "y")))
+    fresh, _ = dp_finetune.load_model(dp_finetune.parse_args(finetune_argv(pretrained, target, tmp_path / "z",
+                                                                           "--random_init")))
+    assert not fresh.transformer.wte.weight.equal(trained.transformer.wte.weight)
+    dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "lora", "--lora_r", "2", "--num_train_epochs", "1"))
+    assert (tmp_path / "lora" / "results.json").exists()
+
+
+def test_bad_inputs_fail_before_any_work(tmp_path, pretrained, target):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no config.json"):
+        dp_finetune.main(finetune_argv(tmp_path / "empty", target, tmp_path / "a"))
+    (target / "train.jsonl").write_text(json.dumps({"sentence": "x", "label": 3}) + "\n")
+    with pytest.raises(DataError, match="labels must be 0 or 1"):
+        dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "b"))
+    assert not (tmp_path / "b").exists()
