@@ -107,13 +107,22 @@ def compute_epsilons(mechanisms, delta):
             "rdp": epsilon_rdp(mechanisms, delta)}
 
 
-def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampling="poisson", tolerance=1e-3):
-    """Smallest noise multiplier (to `tolerance` relative) whose PRV upper bound is <= target_epsilon."""
+def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampling="poisson", tolerance=1e-3,
+                               earlier=()):
+    """Smallest noise multiplier (to `tolerance` relative) whose PRV upper bound is <= target_epsilon.
+
+    `earlier`: mechanisms already run on the same data; the target then bounds their composition
+    with this one.
+    """
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
+    earlier = list(earlier)
+    if earlier and epsilon_prv(earlier, delta)[1] >= target_epsilon:
+        raise ValueError(f"the earlier stages already spend epsilon {epsilon_prv(earlier, delta)[1]:.3f} >= "
+                         f"the target {target_epsilon}")
 
     def epsilon(noise_multiplier):
-        return epsilon_prv([Mechanism(noise_multiplier, sample_rate, steps, sampling)], delta)[1]
+        return epsilon_prv(earlier + [Mechanism(noise_multiplier, sample_rate, steps, sampling)], delta)[1]
 
     low, high = 0.05, 1.0
     while epsilon(high) > target_epsilon:

@@ -37,6 +37,9 @@ def add_dp_arguments(parser: argparse.ArgumentParser):
                        help="Gaussian noise std / clip norm; or give --target_epsilon")
     group.add_argument("--target_epsilon", type=float, default=None,
                        help="calibrate the noise multiplier to this epsilon (PRV) for the planned steps")
+    group.add_argument("--target_epsilon_scope", choices=("stage", "run"), default="stage",
+                       help="run: --target_epsilon bounds this stage composed with the other stages already in "
+                            "the run's privacy ledger")
     group.add_argument("--max_grad_norm", type=float, default=1.0, help="per-example clip norm C")
     group.add_argument("--delta", type=float, default=None, help="default 1 / (10 n) for n private examples")
     group.add_argument("--sampling", choices=("poisson", "shuffle"), default="poisson")
@@ -85,9 +88,14 @@ class DPTrainer:
         self.steps_per_epoch = max(1, self.num_examples // self.logical_batch)
         self.total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * self.steps_per_epoch)
         self.delta = args.delta if args.delta is not None else default_delta(self.num_examples)
+        self.run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.output_dir))
         if args.noise_multiplier is None:
+            earlier = [] if args.target_epsilon_scope == "stage" else [
+                Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"], e["sampling"])
+                for e in privacy_ledger.load_entries(self.run_dir) if e["stage"] != stage]
             self.noise_multiplier = calibrate_noise_multiplier(args.target_epsilon, self.sample_rate,
-                                                               self.total_steps, self.delta, args.sampling)
+                                                               self.total_steps, self.delta, args.sampling,
+                                                               earlier=earlier)
         else:
             self.noise_multiplier = args.noise_multiplier
         if args.sampling == "shuffle":
@@ -101,7 +109,6 @@ class DPTrainer:
         self.step = 0
         self.noise_seed = secrets.randbits(62)
         self.history = []
-        self.run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.output_dir))
 
     def _check_arguments(self):
         args = self.args

@@ -114,3 +114,14 @@ def test_ledger_command_prints_the_composed_epsilon(tmp_path, capsys, monkeypatc
     out = capsys.readouterr().out
     assert "| classifier |" in out and "| finetune |" in out
     assert f"composed epsilon at delta=1e-05: epsilon {composed['epsilon']:.3f}" in out
+
+
+def test_calibration_against_a_total_budget_with_earlier_stages():
+    earlier = [Mechanism(1.5, 0.03, 100)]
+    delta = 1e-5
+    sigma = calibrate_noise_multiplier(4.0, 0.05, 300, delta, earlier=earlier)
+    total = compute_epsilons(earlier + [Mechanism(sigma, 0.05, 300)], delta)["prv"]
+    assert 4.0 * 0.99 <= total <= 4.0
+    assert sigma > calibrate_noise_multiplier(4.0, 0.05, 300, delta)
+    with pytest.raises(ValueError, match="already spend"):
+        calibrate_noise_multiplier(0.1, 0.05, 300, delta, earlier=earlier)

@@ -152,3 +152,13 @@ def test_two_processes_add_the_noise_once(tmp_path):
     noise = run_worker(tmp_path, 2, "noise", "noise", ["--noise_multiplier", "1.5", "--max_grad_norm", "2",
                                                         "--per_device_train_batch_size", "4"])
     assert noise.std().item() == pytest.approx(1.5 * 2, rel=0.03)
+
+
+def test_target_epsilon_for_the_whole_run(tmp_path):
+    privacy_ledger.record(tmp_path, "domain_classifier", Mechanism(2.0, 0.05, 100), 1 / 640, "tiny")
+    trainer = make_trainer(tmp_path, "--target_epsilon", "3", "--target_epsilon_scope", "run",
+                           "--max_train_steps", "20")
+    trainer.train()
+    composed, _ = privacy_ledger.composed_epsilon(tmp_path, trainer.delta)
+    assert 2.97 <= composed["epsilon"] <= 3.0
+    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["domain_classifier", "test"]
