@@ -64,6 +64,8 @@ def main(argv=None):
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--od_data_size", type=int, default=5, help="negatives per positive")
     parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--max_train_samples", type=int, default=None,
+                        help="use a seeded random sample of this many target train sentences (quick runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     args = parser.parse_args(argv)
@@ -77,6 +79,8 @@ def main(argv=None):
         raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
     public = datasets.load_from_disk(args.sentences_dir)
     target = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.seed)
+    if args.max_train_samples is not None and args.max_train_samples < len(target["train"]):
+        target["train"] = target["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
     data = build(target, public, args.od_data_size, args.seed)
 
     tmp_dir = f"{args.output_dir.rstrip('/')}.tmp"

@@ -150,6 +150,8 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_proc", type=int, default=os.cpu_count())
     parser.add_argument("--num_shards", type=int, default=None, help="default: one per 20,000 documents")
+    parser.add_argument("--max_documents", type=int, default=None,
+                        help="keep a seeded random sample of this many documents (quick runs)")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     args = parser.parse_args(argv)
 
@@ -157,6 +159,8 @@ def main(argv=None):
         print(f"{args.output_dir} is complete; nothing to do")
         return
     documents, replaced = load_public_corpus(args.corpus, args.text_column, args.cache_dir)
+    if args.max_documents is not None and args.max_documents < len(documents):
+        documents = documents.shuffle(seed=0).select(range(args.max_documents)).flatten_indices()
     exclude = args.exclude_target or ("demo" if args.corpus == ["demo"] else None)
     excluded = frozenset(target_sentences(exclude, args.cache_dir)) if exclude else frozenset()
     tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else

@@ -42,6 +42,8 @@ def parse_args(argv=None):
                         help="embeddings: token and position embeddings frozen; body: only the final LayerNorm "
                              "and the classification head trained")
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA adapters of this rank instead (0: off)")
+    parser.add_argument("--max_train_samples", type=int, default=None,
+                        help="use a seeded random sample of this many training examples (quick runs)")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     add_dp_arguments(parser)
     parser.set_defaults(lr_scheduler_type="linear")
@@ -101,6 +103,8 @@ def main(argv=None):
     model, tokenizer = load_model(args)
     task = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.seed)
     train_set = task["train"]
+    if args.max_train_samples is not None and args.max_train_samples < len(train_set):
+        train_set = train_set.shuffle(seed=args.seed).select(range(args.max_train_samples))
 
     def collate(examples):
         # lowercased, as the public text the model was pre-trained on

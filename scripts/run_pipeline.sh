@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The whole pipeline, stages 1 to 6: DP fine-tuning after selective pre-training, after random
+# pre-training of the same budget, and without pre-training, at one total privacy budget.
+#
+#   bash scripts/run_pipeline.sh [--preset smoke|demo|paper] [--run_dir DIR] [--seed N]
+#                                [--total_epsilon E] [--force] [--dry_run]
+#
+# Presets: demo (default; the offline demo data, about 20 minutes on 2 CPU cores), smoke (a few
+# minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs).
+# A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
+# --force deletes the run directory first. Layout of the run directory:
+#   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
+#   privacy_ledger.json holds the domain classifier and the fine-tuning)
+#   baselines/random/{selected,pretrained,finetune}/ and baselines/scratch/finetune/ (their own ledgers)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PRESET=demo RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET=$2; shift 2 ;;
+    --run_dir) RUN_DIR=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --total_epsilon) TOTAL_EPSILON=$2; shift 2 ;;
+    --force) FORCE=1; shift ;;
+    --dry_run) DRY_RUN=1; shift ;;
+    *) echo "run_pipeline.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+
+NUM_PROCESSES=${NUM_PROCESSES:-1}
+case "$PRESET" in
+  smoke)
+    CORPUS=(--corpus demo --max_documents 800); TARGET=demo
+    CLASSIFIER_DATA=(--od_data_size 1 --max_train_samples 3000)
+    CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 2
+                --learning_rate 0.1 --num_train_epochs 2)
+    BUDGET=(--num_tokens 0.2 --document_weight 0.7)
+    PRETRAIN=(--model_size nano --vocab_size 2000 --block_size 64 --per_device_train_batch_size 16
+              --learning_rate 1e-3 --max_train_steps 20)
+    FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
+              --num_train_epochs 1 --max_length 48 --freeze embeddings --max_train_samples 2000)
+    DEFAULT_EPSILON=4 ;;
+  demo)
+    CORPUS=(--corpus demo); TARGET=demo
+    CLASSIFIER_DATA=(--od_data_size 5)
+    CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
+                --learning_rate 0.1 --num_train_epochs 6)
+    BUDGET=(--num_tokens 0.2 --document_weight 0.7)
+    PRETRAIN=(--model_size micro --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
+              --max_train_steps 300)
+    FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
+              --num_train_epochs 6 --max_length 64 --freeze embeddings)
+    DEFAULT_EPSILON=4 ;;
+  paper)
+    CORPUS=(--corpus wikipedia bookcorpus); TARGET=glue/sst2
+    CLASSIFIER_DATA=(--od_data_size 5)
+    CLASSIFIER=(--backbone transformer --model_name_or_path bert-base-uncased --noise_multiplier 1.4
+                --per_device_train_batch_size 64 --gradient_accumulation_steps 32 --learning_rate 1e-3
+                --num_train_epochs 3)
+    BUDGET=(--num_tokens 40)
+    PRETRAIN=(--model_size tiny --block_size 128 --per_device_train_batch_size 32 --learning_rate 3e-4
+              --max_train_steps 1000000 --checkpointing_steps 10000)
+    FINETUNE=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
+              --num_train_epochs 30)
+    DEFAULT_EPSILON=4 ;;
+  *) echo "run_pipeline.sh: unknown preset '$PRESET' (smoke, demo, paper)" >&2; exit 2 ;;
+esac
+RUN_DIR=${RUN_DIR:-runs/$PRESET}
+TOTAL_EPSILON=${TOTAL_EPSILON:-$DEFAULT_EPSILON}
+
+run() {
+  echo "+ $*"
+  if [ "$DRY_RUN" = 0 ]; then "$@"; fi
+}
+launch() {  # several processes for the stages that use them
+  if [ "$NUM_PROCESSES" -gt 1 ]; then run accelerate launch --num_processes "$NUM_PROCESSES" "$@"; else run python "$@"; fi
+}
+
+if [ "$DRY_RUN" = 0 ]; then
+  source scripts/setup_venv.sh
+  if [ "$FORCE" = 1 ]; then rm -rf "$RUN_DIR"; fi
+  mkdir -p "$RUN_DIR"
+fi
+start=$(date +%s)
+R=$RUN_DIR B=$RUN_DIR/baselines
+
+echo "== stage 1: sentences"
+run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$R/sentences"
+echo "== stage 2: domain-classifier data"
+run python data_selection/build_classifier_data.py --sentences_dir "$R/sentences" --target "$TARGET" \
+  "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED"
+echo "== stage 3: DP domain classifier and scores"
+launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$R/sentences" \
+  "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --seed "$SEED"
+echo "== stage 4: selection (top-scored and random, same budget)"
+run python data_selection/sampling_with_logits.py --sentences_dir "$R/sentences" \
+  --scores_dir "$R/domain_classifier/scores" "${BUDGET[@]}" --output_dir "$R/selected" --seed "$SEED"
+run python data_selection/sampling_with_logits.py --sentences_dir "$R/sentences" --random "${BUDGET[@]}" \
+  --output_dir "$B/random/selected" --seed "$SEED"
+echo "== stage 5: pre-training"
+for variant in "$R" "$B/random"; do
+  launch pretraining/pretrain_gpt2.py --dataset_path "$variant/selected" "${PRETRAIN[@]}" --eval_target "$TARGET" \
+    --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED"
+done
+echo "== stage 6: DP fine-tuning at a total epsilon of $TOTAL_EPSILON"
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" --target "$TARGET" "${FINETUNE[@]}" \
+  --target_epsilon "$TOTAL_EPSILON" --target_epsilon_scope run --output_dir "$R/finetune" --seed "$SEED"
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" --target "$TARGET" "${FINETUNE[@]}" \
+  --target_epsilon "$TOTAL_EPSILON" --output_dir "$B/random/finetune" --seed "$SEED"
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" --random_init --target "$TARGET" \
+  "${FINETUNE[@]}" --target_epsilon "$TOTAL_EPSILON" --output_dir "$B/scratch/finetune" --seed "$SEED"
+
+if [ "$DRY_RUN" = 0 ]; then
+  python scripts/summarize_runs.py "$RUN_DIR"
+  echo "pipeline finished in $(( $(date +%s) - start )) s"
+fi
