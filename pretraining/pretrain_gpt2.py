@@ -69,7 +69,12 @@ def train_tokenizer(texts, vocab_size):
 
 
 def load_tokenizer(path):
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    """A local tokenizer directory, or a hub name already in the local cache (e.g. gpt2): never downloads."""
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    except OSError:
+        raise DataError(f"--tokenizer_name_or_path {path}: no tokenizer there or in the local cache; leave the "
+                        "flag out to train a byte-level BPE on the text") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

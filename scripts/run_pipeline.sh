@@ -3,7 +3,7 @@
 # pre-training of the same budget, and without pre-training, at one total privacy budget.
 #
 #   bash scripts/run_pipeline.sh [--preset smoke|demo|paper] [--run_dir DIR] [--seed N]
-#                                [--total_epsilon E] [--force] [--dry_run]
+#                                [--total_epsilon E] [--until STAGE] [--force] [--dry_run]
 #
 # Presets: demo (default; the offline demo data, about 20 minutes on 2 CPU cores), smoke (a few
 # minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs).
@@ -15,13 +15,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRESET=demo RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON=""
+PRESET=demo RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --run_dir) RUN_DIR=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --total_epsilon) TOTAL_EPSILON=$2; shift 2 ;;
+    --until) UNTIL=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     --dry_run) DRY_RUN=1; shift ;;
     *) echo "run_pipeline.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
@@ -67,11 +68,16 @@ case "$PRESET" in
   *) echo "run_pipeline.sh: unknown preset '$PRESET' (smoke, demo, paper)" >&2; exit 2 ;;
 esac
 RUN_DIR=${RUN_DIR:-runs/$PRESET}
+case "$UNTIL" in [1-6]) ;; *) echo "run_pipeline.sh: --until takes a stage number from 1 to 6, got '$UNTIL'" >&2; exit 2 ;; esac
 TOTAL_EPSILON=${TOTAL_EPSILON:-$DEFAULT_EPSILON}
 
 run() {
   echo "+ $*"
   if [ "$DRY_RUN" = 0 ]; then "$@"; fi
+}
+stage() {  # stage N TITLE: announce stage N, or stop after --until
+  if [ "$1" -gt "$UNTIL" ]; then echo "stopping after stage $UNTIL (--until)"; exit 0; fi
+  echo "== stage $1: $2"
 }
 launch() {  # several processes for the stages that use them
   if [ "$NUM_PROCESSES" -gt 1 ]; then run accelerate launch --num_processes "$NUM_PROCESSES" "$@"; else run python "$@"; fi
@@ -85,25 +91,25 @@ fi
 start=$(date +%s)
 R=$RUN_DIR B=$RUN_DIR/baselines
 
-echo "== stage 1: sentences"
+stage 1 "sentences"
 run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$R/sentences"
-echo "== stage 2: domain-classifier data"
+stage 2 "domain-classifier data"
 run python data_selection/build_classifier_data.py --sentences_dir "$R/sentences" --target "$TARGET" \
   "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED"
-echo "== stage 3: DP domain classifier and scores"
+stage 3 "DP domain classifier and scores"
 launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$R/sentences" \
   "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --seed "$SEED"
-echo "== stage 4: selection (top-scored and random, same budget)"
+stage 4 "selection (top-scored and random, same budget)"
 run python data_selection/sampling_with_logits.py --sentences_dir "$R/sentences" \
   --scores_dir "$R/domain_classifier/scores" "${BUDGET[@]}" --output_dir "$R/selected" --seed "$SEED"
 run python data_selection/sampling_with_logits.py --sentences_dir "$R/sentences" --random "${BUDGET[@]}" \
   --output_dir "$B/random/selected" --seed "$SEED"
-echo "== stage 5: pre-training"
+stage 5 "pre-training"
 for variant in "$R" "$B/random"; do
   launch pretraining/pretrain_gpt2.py --dataset_path "$variant/selected" "${PRETRAIN[@]}" --eval_target "$TARGET" \
     --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED"
 done
-echo "== stage 6: DP fine-tuning at a total epsilon of $TOTAL_EPSILON"
+stage 6 "DP fine-tuning at a total epsilon of $TOTAL_EPSILON"
 launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" --target "$TARGET" "${FINETUNE[@]}" \
   --target_epsilon "$TOTAL_EPSILON" --target_epsilon_scope run --output_dir "$R/finetune" --seed "$SEED"
 launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" --target "$TARGET" "${FINETUNE[@]}" \

@@ -66,6 +66,8 @@ def test_resume_continues_with_the_same_data_order(tmp_path, sentences):
 
 
 def test_bad_inputs(tmp_path, sentences):
+    with pytest.raises(DataError, match="no tokenizer there or in the local cache"):
+        pretrain_gpt2.main(argv(sentences, tmp_path / "t", "--tokenizer_name_or_path", str(tmp_path / "none")))
     with pytest.raises(DataError, match="--model_size 'huge'"):
         pretrain_gpt2.main(argv(sentences, tmp_path / "a", "--model_size", "huge"))
     Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "nocolumn"))
