@@ -146,7 +146,9 @@ def main(argv=None):
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--exclude_target", default=None,
                         help="drop public sentences equal to a sentence of this target task (default: 'demo' "
-                             "for the demo corpus)")
+                             "for the demo corpus, whose public and private text come from the same package). "
+                             "This reads the private data without DP: which sentences were dropped reveals them, "
+                             "so keep it for building benchmark corpora")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_proc", type=int, default=os.cpu_count())
     parser.add_argument("--num_shards", type=int, default=None, help="default: one per 20,000 documents")
