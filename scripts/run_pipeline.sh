@@ -51,7 +51,7 @@ case "$PRESET" in
     PRETRAIN=(--model_size micro --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
               --max_train_steps 300)
     FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
-              --num_train_epochs 6 --max_length 64 --freeze embeddings)
+              --num_train_epochs 6 --max_length 64)
     DEFAULT_EPSILON=4 ;;
   paper)
     CORPUS=(--corpus wikipedia bookcorpus); TARGET=glue/sst2
