@@ -78,6 +78,9 @@ class DPTrainer:
     def __init__(self, model, dataset, collate_fn, loss_fn, args, stage, private_data, eval_fn=None):
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.model = model.to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:  # every process starts from the main process's weights
+            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+                torch.distributed.broadcast(tensor.data, src=0)
         self.dataset, self.collate_fn, self.loss_fn, self.eval_fn = dataset, collate_fn, loss_fn, eval_fn
         self.args, self.stage, self.private_data = args, stage, private_data
         self.num_examples = len(dataset)

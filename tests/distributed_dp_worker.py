@@ -1,5 +1,6 @@
 """Run by test_dp_training under 1 or 2 processes: train a few DP steps or draw the noise, save the result."""
 
+import os
 import sys
 
 import torch
@@ -10,7 +11,9 @@ from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 def main():
     mode, result_path, *dp_argv = sys.argv[1:]
-    trainer = DPTrainer(tiny_model(), tiny_dataset(), collate, sequence_classification_losses,
+    # a second process starts from other weights: the trainer must take the main process's
+    rank = int(os.environ.get("RANK", "0"))
+    trainer = DPTrainer(tiny_model(seed=rank), tiny_dataset(), collate, sequence_classification_losses,
                         parse_dp_args(dp_argv), stage="worker", private_data="tiny")
     if mode == "train":
         trainer.train()

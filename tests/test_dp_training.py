@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -125,11 +126,18 @@ def test_bad_arguments_fail_before_training(tmp_path, argv, message):
     assert not os.path.exists(tmp_path / "run")
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def run_worker(tmp_path, processes, mode, name, dp_argv):
     result = tmp_path / f"{name}.pt"
     launcher = [sys.executable]
     if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", "29517"]
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                     str(free_port())]
     command = launcher + [os.path.join(ROOT, "tests", "distributed_dp_worker.py"), mode, str(result),
                           "--output_dir", str(tmp_path / name), *dp_argv]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
