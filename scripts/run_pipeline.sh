@@ -49,9 +49,9 @@ case "$PRESET" in
                 --learning_rate 0.1 --num_train_epochs 6)
     BUDGET=(--num_tokens 0.2 --document_weight 0.7)
     PRETRAIN=(--model_size micro --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
-              --max_train_steps 300)
+              --max_train_steps 250)
     FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
-              --num_train_epochs 6 --max_length 64)
+              --num_train_epochs 5 --max_length 64)
     DEFAULT_EPSILON=4 ;;
   paper)
     CORPUS=(--corpus wikipedia bookcorpus); TARGET=glue/sst2
