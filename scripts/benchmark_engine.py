@@ -36,14 +36,17 @@ def positions(ids):
     return torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
 
 
-def non_private(model, lm, batch_size):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
+def mean_loss_step(module, optimizer, lm):
+    """A step whose backward is autograd's own on the batch-mean loss (non-private, Opacus hooks)."""
     def step(ids, labels):
-        per_example_loss(model(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean().backward()
+        per_example_loss(module(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, optimizer
+
+
+def non_private(model, lm, batch_size):
+    return mean_loss_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), lm)
 
 
 def this_engine(model, lm, batch_size):
@@ -65,12 +68,7 @@ def opacus_hooks(model, lm, batch_size):
     module = GradSampleModule(model)
     optimizer = DPOptimizer(torch.optim.AdamW(module.parameters(), lr=1e-4), noise_multiplier=NOISE_MULTIPLIER,
                             max_grad_norm=MAX_GRAD_NORM, expected_batch_size=batch_size)
-
-    def step(ids, labels):
-        per_example_loss(module(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step, optimizer
+    return mean_loss_step(module, optimizer, lm)
 
 
 def opacus_ghost(model, lm, batch_size):
