@@ -1,18 +1,31 @@
 """Write outputs so that a killed process never leaves a half-written file or directory."""
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 
 
-def write_json(path, obj):
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path next to `path`; it becomes `path` only if the block finishes."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
+    handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(handle)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
         json.dump(obj, handle, indent=2)
         handle.write("\n")
-    os.replace(handle.name, path)
 
 
 def replace_directory(tmp_dir, final_dir):

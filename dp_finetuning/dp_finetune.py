@@ -116,8 +116,10 @@ def main(argv=None):
     def evaluate(trained):
         return {"val_accuracy": accuracy(trained, tokenizer, task["validation"], args.max_length)}
 
+    lengths = [min(len(ids), args.max_length)
+               for ids in tokenizer([s.lower() for s in train_set["sentence"]])["input_ids"]]
     trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args, stage="finetune",
-                        private_data=args.target, eval_fn=evaluate)
+                        private_data=args.target, eval_fn=evaluate, lengths=lengths)
     report = trainer.train()
     if not trainer.accelerator.is_main_process:
         return

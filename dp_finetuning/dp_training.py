@@ -72,10 +72,13 @@ class DPTrainer:
     """Trains `model` on `dataset` (indexable; `collate_fn` turns a list of examples into a batch of tensors).
 
     `loss_fn(model, batch)` returns per-example losses. `eval_fn(model)`, if given, returns a dict of
-    metrics and runs after every epoch on the main process.
+    metrics and runs after every epoch on the main process. `lengths`, if given (one per example),
+    orders each step's examples by length before they are split into micro-batches: less padding,
+    and the same clipped sum, since it does not depend on the order.
     """
 
-    def __init__(self, model, dataset, collate_fn, loss_fn, args, stage, private_data, eval_fn=None):
+    def __init__(self, model, dataset, collate_fn, loss_fn, args, stage, private_data, eval_fn=None,
+                 lengths=None):
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.model = model.to(self.accelerator.device)
         if self.accelerator.num_processes > 1:  # every process starts from the main process's weights
@@ -84,6 +87,10 @@ class DPTrainer:
         self.dataset, self.collate_fn, self.loss_fn, self.eval_fn = dataset, collate_fn, loss_fn, eval_fn
         self.args, self.stage, self.private_data = args, stage, private_data
         self.num_examples = len(dataset)
+        self.lengths = None if lengths is None else torch.as_tensor(lengths)
+        if self.lengths is not None and self.lengths.shape != (self.num_examples,):
+            raise ValueError(f"lengths: one per example expected ({self.num_examples}), "
+                             f"got shape {tuple(self.lengths.shape)}")
         self.logical_batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps
                               * self.accelerator.num_processes)
         self._check_arguments()
@@ -196,8 +203,10 @@ class DPTrainer:
                         disable=not self.accelerator.is_main_process)
         self.model.train()
         while self.step < self.total_steps:
-            examples = 0
-            for chunk in self.step_indices(self.step).split(self.args.per_device_train_batch_size):
+            examples, indices = 0, self.step_indices(self.step)
+            if self.lengths is not None:
+                indices = indices[self.lengths[indices].argsort(stable=True)]
+            for chunk in indices.split(self.args.per_device_train_batch_size):
                 batch = self.collate_fn([self.dataset[i] for i in chunk.tolist()])
                 batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
                 with autocast:

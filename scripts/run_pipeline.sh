@@ -3,25 +3,31 @@
 # pre-training of the same budget, and without pre-training, at one total privacy budget.
 #
 #   bash scripts/run_pipeline.sh [--preset smoke|demo|paper] [--run_dir DIR] [--seed N]
-#                                [--total_epsilon E] [--until STAGE] [--force] [--dry_run]
+#                                [--total_epsilon E] [--num_tokens M] [--model_size S]
+#                                [--sentences_dir DIR] [--until STAGE] [--force] [--dry_run]
 #
 # Presets: demo (default; the offline demo data, about 20 minutes on 2 CPU cores), smoke (a few
 # minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
-# --force deletes the run directory first. Layout of the run directory:
+# --force deletes the run directory first. --num_tokens (stage 4's budget: a fraction of the
+# corpus's words below 1, millions of words from 1) and --model_size (stage 5) override the preset; --sentences_dir reads (or writes) stage 1's output
+# there instead of in the run directory, so that several runs share it. Layout of the run directory:
 #   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
 #   privacy_ledger.json holds the domain classifier and the fine-tuning)
 #   baselines/random/{selected,pretrained,finetune}/ and baselines/scratch/finetune/ (their own ledgers)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRESET=demo RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6
+PRESET=demo RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE="" SENTENCES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --run_dir) RUN_DIR=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --total_epsilon) TOTAL_EPSILON=$2; shift 2 ;;
+    --num_tokens) NUM_TOKENS=$2; shift 2 ;;
+    --model_size) MODEL_SIZE=$2; shift 2 ;;
+    --sentences_dir) SENTENCES=$2; shift 2 ;;
     --until) UNTIL=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
     --dry_run) DRY_RUN=1; shift ;;
@@ -36,8 +42,8 @@ case "$PRESET" in
     CLASSIFIER_DATA=(--od_data_size 1 --max_train_samples 3000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 2
                 --learning_rate 0.1 --num_train_epochs 2)
-    BUDGET=(--num_tokens 0.2 --document_weight 0.7)
-    PRETRAIN=(--model_size nano --vocab_size 2000 --block_size 64 --per_device_train_batch_size 16
+    BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
+    PRETRAIN=(--model_size "${MODEL_SIZE:-nano}" --vocab_size 2000 --block_size 64 --per_device_train_batch_size 16
               --learning_rate 1e-3 --max_train_steps 20)
     FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
               --num_train_epochs 1 --max_length 48 --freeze embeddings --max_train_samples 2000)
@@ -47,9 +53,9 @@ case "$PRESET" in
     CLASSIFIER_DATA=(--od_data_size 5)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
                 --learning_rate 0.1 --num_train_epochs 6)
-    BUDGET=(--num_tokens 0.2 --document_weight 0.7)
-    PRETRAIN=(--model_size micro --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
-              --max_train_steps 250)
+    BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
+    PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
+              --max_train_steps 400)
     FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
               --num_train_epochs 5 --max_length 64)
     DEFAULT_EPSILON=4 ;;
@@ -59,8 +65,8 @@ case "$PRESET" in
     CLASSIFIER=(--backbone transformer --model_name_or_path bert-base-uncased --noise_multiplier 1.4
                 --per_device_train_batch_size 64 --gradient_accumulation_steps 32 --learning_rate 1e-3
                 --num_train_epochs 3)
-    BUDGET=(--num_tokens 40)
-    PRETRAIN=(--model_size tiny --block_size 128 --per_device_train_batch_size 32 --learning_rate 3e-4
+    BUDGET=(--num_tokens "${NUM_TOKENS:-40}")
+    PRETRAIN=(--model_size "${MODEL_SIZE:-tiny}" --block_size 128 --per_device_train_batch_size 32 --learning_rate 3e-4
               --max_train_steps 1000000 --checkpointing_steps 10000)
     FINETUNE=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
               --num_train_epochs 30)
@@ -89,20 +95,20 @@ if [ "$DRY_RUN" = 0 ]; then
   mkdir -p "$RUN_DIR"
 fi
 start=$(date +%s)
-R=$RUN_DIR B=$RUN_DIR/baselines
+R=$RUN_DIR B=$RUN_DIR/baselines S=${SENTENCES:-$RUN_DIR/sentences}
 
 stage 1 "sentences"
-run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$R/sentences"
+run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$S"
 stage 2 "domain-classifier data"
-run python data_selection/build_classifier_data.py --sentences_dir "$R/sentences" --target "$TARGET" \
+run python data_selection/build_classifier_data.py --sentences_dir "$S" --target "$TARGET" \
   "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED"
 stage 3 "DP domain classifier and scores"
-launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$R/sentences" \
+launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$S" \
   "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --seed "$SEED"
 stage 4 "selection (top-scored and random, same budget)"
-run python data_selection/sampling_with_logits.py --sentences_dir "$R/sentences" \
+run python data_selection/sampling_with_logits.py --sentences_dir "$S" \
   --scores_dir "$R/domain_classifier/scores" "${BUDGET[@]}" --output_dir "$R/selected" --seed "$SEED"
-run python data_selection/sampling_with_logits.py --sentences_dir "$R/sentences" --random "${BUDGET[@]}" \
+run python data_selection/sampling_with_logits.py --sentences_dir "$S" --random "${BUDGET[@]}" \
   --output_dir "$B/random/selected" --seed "$SEED"
 stage 5 "pre-training"
 for variant in "$R" "$B/random"; do

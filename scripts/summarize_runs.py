@@ -1,14 +1,27 @@
-"""Summary of one pipeline run: selective vs random pre-training vs none, accuracy and total epsilon.
+"""Summaries of pipeline runs: selective vs random pre-training vs none, accuracy and total epsilon.
 
-    python scripts/summarize_runs.py RUN_DIR
+    python scripts/summarize_runs.py RUN_DIR [RUN_DIR ...] [--output_dir results]
+
+Prints one table per run. With --output_dir, also aggregates the runs over seeds (mean and sample
+standard deviation per model size, pre-training budget and variant) into table.md, table.csv,
+runs.csv (one row per run and variant) and accuracy_vs_tokens.png.
 """
 
+import argparse
+import csv
 import json
 import os
+import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dp_finetuning.atomic_io import atomic_path  # noqa: E402
 
 VARIANTS = (("selective pre-training", "", "selected"), ("random pre-training", "baselines/random", "selected"),
             ("no pre-training", "baselines/scratch", None))
+RUN_FIELDS = ("run_dir", "seed", "model_size", "budget_words", "variant", "pretraining_words", "target_perplexity",
+              "val_accuracy", "test_accuracy", "total_epsilon", "dp_stages")
+METRICS = ("val_accuracy", "test_accuracy", "target_perplexity", "total_epsilon")
 
 
 def read_json(path):
@@ -19,6 +32,9 @@ def read_json(path):
 
 
 def summary_rows(run_dir):
+    """One row per variant of one run; fields of an unfinished stage are None."""
+    selective_report = read_json(os.path.join(run_dir, "selected", "selection_report.json"))
+    selective_model = read_json(os.path.join(run_dir, "pretrained", "eval_results.json"))
     rows = []
     for name, sub, selection in VARIANTS:
         base = os.path.join(run_dir, sub)
@@ -26,6 +42,11 @@ def summary_rows(run_dir):
         pretrained = read_json(os.path.join(base, "pretrained", "eval_results.json")) if selection else None
         report = read_json(os.path.join(base, selection, "selection_report.json")) if selection else None
         rows.append({
+            "run_dir": run_dir,
+            "seed": results["seed"] if results else None,
+            # the no-pre-training baseline takes the selective model's size and tokenizer
+            "model_size": selective_model["model_size"] if selective_model else None,
+            "budget_words": selective_report["budget_words"] if selective_report else None,
             "variant": name,
             "pretraining_words": report["selected_words"] if report else 0,
             "target_perplexity": pretrained.get("target_validation_perplexity") if pretrained else None,
@@ -41,9 +62,7 @@ def fmt(value, pattern):
     return "n/a" if value is None else pattern.format(value)
 
 
-def main():
-    run_dir = sys.argv[1]
-    rows = summary_rows(run_dir)
+def print_run(run_dir, rows):
     print(f"\n## {run_dir}\n")
     print("| variant | pre-training words | target perplexity | val accuracy | test accuracy | total epsilon | "
           "DP stages |")
@@ -52,6 +71,110 @@ def main():
         print(f"| {r['variant']} | {r['pretraining_words']:,} | {fmt(r['target_perplexity'], '{:.1f}')} | "
               f"{fmt(r['val_accuracy'], '{:.4f}')} | {fmt(r['test_accuracy'], '{:.4f}')} | "
               f"{fmt(r['total_epsilon'], '{:.3f}')} | {r['dp_stages']} |")
+
+
+def aggregate(rows):
+    """Mean and sample std over seeds of the finished rows, per (model size, budget, variant)."""
+    groups = {}
+    for r in rows:
+        if r["test_accuracy"] is None and r["val_accuracy"] is None:
+            continue
+        groups.setdefault((r["model_size"], r["budget_words"], r["variant"]), []).append(r)
+    order = {name: i for i, (name, _, _) in enumerate(VARIANTS)}
+    table = []
+    for (size, budget, variant), members in sorted(groups.items(), key=lambda kv: (
+            str(kv[0][0]), kv[0][1] or 0, order[kv[0][2]])):
+        entry = {"model_size": size, "budget_words": budget, "variant": variant, "seeds": len(members),
+                 "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
+        for metric in METRICS:
+            values = [m[metric] for m in members if m[metric] is not None]
+            entry[f"{metric}_mean"] = statistics.mean(values) if values else None
+            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        table.append(entry)
+    return table
+
+
+def mean_std(entry, metric, pattern):
+    mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
+    if mean is None:
+        return "n/a"
+    return pattern.format(mean) + ("" if std is None else " ± " + pattern.format(std))
+
+
+def write_markdown(path, table):
+    lines = ["| model | budget (words) | variant | seeds | target perplexity | val accuracy | test accuracy | "
+             "total epsilon |", "|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        lines.append(f"| {e['model_size']} | {e['budget_words']:,} | {e['variant']} | {e['seeds']} | "
+                     f"{mean_std(e, 'target_perplexity', '{:.1f}')} | {mean_std(e, 'val_accuracy', '{:.4f}')} | "
+                     f"{mean_std(e, 'test_accuracy', '{:.4f}')} | {mean_std(e, 'total_epsilon', '{:.3f}')} |")
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def write_csv(path, rows, fields):
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_accuracy_vs_tokens(path, table):
+    """Test accuracy (validation where the test split has no labels) against pre-training words."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "test_accuracy" if any(e["test_accuracy_mean"] is not None for e in table) else "val_accuracy"
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for size in sorted({e["model_size"] for e in table}, key=str):
+        for variant, marker in zip((v[0] for v in VARIANTS), "osx"):
+            points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
+                             and e[f"{metric}_mean"] is not None), key=lambda e: e["pretraining_words"])
+            if not points:
+                continue
+            axes.errorbar([p["pretraining_words"] for p in points], [p[f"{metric}_mean"] for p in points],
+                          yerr=[p[f"{metric}_std"] or 0.0 for p in points], marker=marker, capsize=3,
+                          linestyle="-" if len(points) > 1 else "none", label=f"{size}: {variant}")
+    axes.set_xscale("symlog", linthresh=1e4)
+    axes.set_xlabel("pre-training words (0: no pre-training)")
+    axes.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120)
+    plt.close(figure)
+
+
+def write_table(output_dir, rows):
+    table = aggregate(rows)
+    os.makedirs(output_dir, exist_ok=True)
+    write_markdown(os.path.join(output_dir, "table.md"), table)
+    write_csv(os.path.join(output_dir, "table.csv"), table, list(table[0]) if table else ["model_size"])
+    write_csv(os.path.join(output_dir, "runs.csv"), rows, RUN_FIELDS)
+    if table:
+        plot_accuracy_vs_tokens(os.path.join(output_dir, "accuracy_vs_tokens.png"), table)
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+")
+    parser.add_argument("--output_dir", default=None, help="write the table over all runs here")
+    args = parser.parse_args(argv)
+    rows = []
+    for run_dir in args.run_dirs:
+        if not os.path.isdir(run_dir):
+            sys.exit(f"summarize_runs.py: {run_dir} is not a directory (expected a pipeline run directory)")
+        run_rows = summary_rows(run_dir)
+        print_run(run_dir, run_rows)
+        rows += run_rows
+    if args.output_dir:
+        write_table(args.output_dir, rows)
+        print(f"\n## over seeds -> {args.output_dir}/table.md\n")
+        with open(os.path.join(args.output_dir, "table.md")) as handle:
+            print(handle.read())
 
 
 if __name__ == "__main__":

@@ -98,6 +98,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert resumed_report["steps"] == 4
 
 
+def test_length_ordered_micro_batches_give_the_same_training(tmp_path):
+    lengths = torch.randint(1, 100, (64,), generator=torch.Generator().manual_seed(1))
+    plain = make_trainer(tmp_path, "--max_train_steps", "3", name="plain")
+    ordered = make_trainer(tmp_path, "--max_train_steps", "3", name="ordered")
+    ordered.lengths, ordered.noise_seed = lengths, plain.noise_seed
+    seen = []
+    ordered.collate_fn = lambda examples: seen.append(examples) or collate(examples)
+    plain.train()
+    ordered.train()
+    assert torch.allclose(flat_params(ordered.model), flat_params(plain.model), atol=1e-6)
+    first_step = sorted(ordered.step_indices(0).tolist(), key=lambda i: (lengths[i], i))
+    drawn = [e for chunk in seen for e in chunk][:len(first_step)]
+    dataset = tiny_dataset(64)
+    assert [e["input_ids"].tolist() for e in drawn] == [dataset[i]["input_ids"].tolist() for i in first_step]
+
+
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     make_trainer(tmp_path, "--max_train_steps", "2").train()
     other = make_trainer(tmp_path, "--max_train_steps", "2", "--noise_multiplier", "2.0",

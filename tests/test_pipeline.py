@@ -7,22 +7,34 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def pipeline(*args):
-    completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), *args],
+def script(name, *args):
+    completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *args],
                                capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout
 
 
+def pipeline(*args):
+    return script("run_pipeline.sh", *args)
+
+
+def smoke_table(base):
+    """The smoke pipeline through scripts/reproduce_table.sh: one seed, stage 1 shared in RUNS/sentences."""
+    return script("reproduce_table.sh", "--preset", "smoke", "--seeds", "0", "--runs_dir", str(base / "runs"),
+                  "--output_dir", str(base / "results"))
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    return run_dir, pipeline("--preset", "smoke", "--run_dir", str(run_dir))
+    base = tmp_path_factory.mktemp("smoke")
+    return base, smoke_table(base)
 
 
 def test_smoke_pipeline_end_to_end(smoke_run):
-    run_dir, output = smoke_run
-    for path in ("sentences/stats.json", "classifier_data/filter_train_nonewline.json",
+    base, output = smoke_run
+    run_dir = base / "runs" / "nano_0.2_seed0"
+    assert (base / "runs" / "sentences" / "stats.json").exists() and not (run_dir / "sentences").exists()
+    for path in ("classifier_data/filter_train_nonewline.json",
                  "domain_classifier/classifier/classifier.json", "domain_classifier/scores/complete.json",
                  "selected/selection_report.json", "selected/selection_report.png", "pretrained/eval_results.json",
                  "pretrained/loss.png", "finetune/results.json", "finetune/privacy.json",
@@ -37,12 +49,19 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     baseline = json.loads((run_dir / "baselines" / "random" / "finetune" / "results.json").read_text())
     assert baseline["ledger_stages"] == ["finetune"] and 3.9 <= baseline["composed_epsilon"] <= 4.0
     assert "| selective pre-training |" in output and "| no pre-training |" in output
+    table = (base / "results" / "table.md").read_text()
+    for variant in ("selective pre-training", "random pre-training", "no pre-training"):
+        assert f"| nano | {json.loads((run_dir / 'selected' / 'selection_report.json').read_text())['budget_words']:,}" \
+               f" | {variant} | 1 |" in table
+    assert (base / "results" / "runs.csv").read_text().count("\n") == 4
+    assert (base / "results" / "accuracy_vs_tokens.png").stat().st_size > 1000
 
 
 def test_completed_stages_are_skipped(smoke_run):
-    run_dir, _ = smoke_run
+    base, _ = smoke_run
+    run_dir = base / "runs" / "nano_0.2_seed0"
     before = (run_dir / "finetune" / "results.json").stat().st_mtime_ns
-    output = pipeline("--preset", "smoke", "--run_dir", str(run_dir))
+    output = smoke_table(base)
     assert output.count("nothing to do") >= 7 and "training skipped" in output
     assert (run_dir / "finetune" / "results.json").stat().st_mtime_ns == before
 
@@ -61,3 +80,14 @@ def test_unknown_preset_is_refused():
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "huge"],
                                capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 2 and "unknown preset 'huge'" in completed.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--seeds", "0 one"], "--seeds takes integers, got 'one'"),
+    (["--epochs", "3"], "unknown argument '--epochs'"),
+])
+def test_reproduce_table_refuses_bad_arguments(args, message):
+    completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce_table.sh"), *args],
+                               capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 2 and message in completed.stderr

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The paper's comparison as a table: at one total privacy budget (both DP stages together), DP
+# fine-tuning after selective pre-training, after random pre-training of the same budget, and
+# without pre-training, over several seeds, token budgets and model sizes.
+#
+#   bash scripts/reproduce_table.sh [--preset demo|smoke|paper] [--seeds "0 1 2"]
+#        [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
+#        [--runs_dir DIR] [--output_dir results] [--dry_run]
+#
+# One pipeline run (scripts/run_pipeline.sh) per model size, budget and seed, in
+# RUNS_DIR/<size>_<budget>_seed<seed>; stage 1 is shared by all of them. --num_tokens is stage 4's
+# budget: a fraction of the corpus's words below 1, millions of words from 1. A killed table
+# resumes: every run skips its complete stages. Writes OUTPUT_DIR/table.md (mean ± std over
+# seeds), table.csv, runs.csv (one row per run and variant) and accuracy_vs_tokens.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PRESET=demo SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=results DRY_RUN=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) PRESET=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --num_tokens) NUM_TOKENS=$2; shift 2 ;;
+    --model_sizes) MODEL_SIZES=$2; shift 2 ;;
+    --total_epsilon) TOTAL_EPSILON=$2; shift 2 ;;
+    --runs_dir) RUNS_DIR=$2; shift 2 ;;
+    --output_dir) OUTPUT_DIR=$2; shift 2 ;;
+    --dry_run) DRY_RUN=(--dry_run); shift ;;
+    *) echo "reproduce_table.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
+  esac
+done
+case "$PRESET" in  # the presets' own budget and model size (scripts/run_pipeline.sh)
+  smoke) NUM_TOKENS=${NUM_TOKENS:-0.2} MODEL_SIZES=${MODEL_SIZES:-nano} ;;
+  demo) NUM_TOKENS=${NUM_TOKENS:-0.2} MODEL_SIZES=${MODEL_SIZES:-micro} ;;
+  paper) NUM_TOKENS=${NUM_TOKENS:-40} MODEL_SIZES=${MODEL_SIZES:-tiny} ;;
+  *) echo "reproduce_table.sh: unknown preset '$PRESET' (smoke, demo, paper)" >&2; exit 2 ;;
+esac
+for seed in $SEEDS; do
+  case "$seed" in ''|*[!0-9]*) echo "reproduce_table.sh: --seeds takes integers, got '$seed'" >&2; exit 2 ;; esac
+done
+RUNS_DIR=${RUNS_DIR:-runs/table_$PRESET}
+
+run_dirs=()
+for size in $MODEL_SIZES; do
+  for tokens in $NUM_TOKENS; do
+    for seed in $SEEDS; do
+      run_dir=$RUNS_DIR/${size}_${tokens}_seed$seed
+      echo "=== model $size, budget $tokens, seed $seed -> $run_dir"
+      bash scripts/run_pipeline.sh --preset "$PRESET" --run_dir "$run_dir" --seed "$seed" \
+        --num_tokens "$tokens" --model_size "$size" --total_epsilon "$TOTAL_EPSILON" \
+        --sentences_dir "$RUNS_DIR/sentences" "${DRY_RUN[@]}"
+      run_dirs+=("$run_dir")
+    done
+  done
+done
+if [ ${#DRY_RUN[@]} = 0 ]; then
+  source scripts/setup_venv.sh
+  python scripts/summarize_runs.py "${run_dirs[@]}" --output_dir "$OUTPUT_DIR"
+fi

@@ -1,0 +1,73 @@
+import csv
+import json
+import statistics
+
+import pytest
+
+from scripts import summarize_runs
+
+# (seed, selective test accuracy, random, none) of three fake runs of one model size and budget
+RUNS = [(0, 0.70, 0.64, 0.57), (1, 0.74, 0.61, 0.58), (2, 0.69, 0.66, 0.55)]
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def fake_run(run_dir, seed, accuracies, budget=1000):
+    stages = {"": ["domain_classifier", "finetune"], "baselines/random": ["finetune"],
+              "baselines/scratch": ["finetune"]}
+    for (sub, ledger_stages), accuracy in zip(stages.items(), accuracies):
+        base = run_dir / sub if sub else run_dir
+        write(base / "finetune" / "results.json", {
+            "seed": seed, "val_accuracy": accuracy + 0.01, "test_accuracy": accuracy,
+            "composed_epsilon": 3.99 + 0.001 * seed, "ledger_stages": ledger_stages})
+        if sub != "baselines/scratch":
+            write(base / "selected" / "selection_report.json",
+                  {"budget_words": budget, "selected_words": budget + 7 + seed})
+            write(base / "pretrained" / "eval_results.json",
+                  {"model_size": "nano", "target_validation_perplexity": 500.0 + 10 * seed + 50 * bool(sub)})
+
+
+def test_table_over_seeds_has_the_mean_and_sample_std(tmp_path):
+    run_dirs = [tmp_path / f"run{seed}" for seed, *_ in RUNS]
+    for run_dir, (seed, *accuracies) in zip(run_dirs, RUNS):
+        fake_run(run_dir, seed, accuracies)
+    summarize_runs.main([str(d) for d in run_dirs] + ["--output_dir", str(tmp_path / "results")])
+
+    with open(tmp_path / "results" / "table.csv") as handle:
+        table = {row["variant"]: row for row in csv.DictReader(handle)}
+    for column, variant in enumerate(("selective pre-training", "random pre-training", "no pre-training"), 1):
+        accuracies = [run[column] for run in RUNS]
+        row = table[variant]
+        assert int(row["seeds"]) == 3 and row["model_size"] == "nano" and int(row["budget_words"]) == 1000
+        assert float(row["test_accuracy_mean"]) == pytest.approx(sum(accuracies) / 3)
+        assert float(row["test_accuracy_std"]) == pytest.approx(statistics.stdev(accuracies))
+        assert float(row["val_accuracy_mean"]) == pytest.approx(sum(accuracies) / 3 + 0.01)
+    assert float(table["no pre-training"]["pretraining_words"]) == 0
+    assert float(table["random pre-training"]["pretraining_words"]) == 1008
+    assert float(table["selective pre-training"]["target_perplexity_mean"]) == pytest.approx(510.0)
+    assert table["no pre-training"]["target_perplexity_mean"] == ""
+
+    markdown = (tmp_path / "results" / "table.md").read_text()
+    assert "| nano | 1,000 | selective pre-training | 3 | 510.0 ± 10.0 | 0.7200 ± 0.0265 | 0.7100 ± 0.0265 |" \
+        in markdown
+    with open(tmp_path / "results" / "runs.csv") as handle:
+        runs = list(csv.DictReader(handle))
+    assert len(runs) == 9 and {r["seed"] for r in runs} == {"0", "1", "2"}
+    assert (tmp_path / "results" / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_unfinished_run_is_reported_but_not_averaged(tmp_path, capsys):
+    fake_run(tmp_path / "done", 0, RUNS[0][1:])
+    (tmp_path / "started" / "selected").mkdir(parents=True)
+    summarize_runs.main([str(tmp_path / "done"), str(tmp_path / "started"), "--output_dir", str(tmp_path / "out")])
+    assert "| selective pre-training | 0 | n/a | n/a | n/a | n/a |  |" in capsys.readouterr().out
+    with open(tmp_path / "out" / "table.csv") as handle:
+        assert all(row["seeds"] == "1" for row in csv.DictReader(handle))
+
+
+def test_a_missing_run_directory_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no_such_run is not a directory"):
+        summarize_runs.main([str(tmp_path / "no_such_run")])
