@@ -14,6 +14,9 @@ def atomic_path(path):
     os.makedirs(directory, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions of a file opened normally, not mkstemp's 0600
     try:
         yield tmp
         os.replace(tmp, path)

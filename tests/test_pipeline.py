@@ -50,9 +50,9 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     assert baseline["ledger_stages"] == ["finetune"] and 3.9 <= baseline["composed_epsilon"] <= 4.0
     assert "| selective pre-training |" in output and "| no pre-training |" in output
     table = (base / "results" / "table.md").read_text()
+    budget = json.loads((run_dir / "selected" / "selection_report.json").read_text())["budget_words"]
     for variant in ("selective pre-training", "random pre-training", "no pre-training"):
-        assert f"| nano | {json.loads((run_dir / 'selected' / 'selection_report.json').read_text())['budget_words']:,}" \
-               f" | {variant} | 1 |" in table
+        assert f"| nano | {budget:,} | {variant} | 1 |" in table
     assert (base / "results" / "runs.csv").read_text().count("\n") == 4
     assert (base / "results" / "accuracy_vs_tokens.png").stat().st_size > 1000
 
