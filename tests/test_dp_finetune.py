@@ -1,4 +1,6 @@
 import json
+import os
+import subprocess
 
 import pytest
 from datasets import Dataset
@@ -69,3 +71,20 @@ def test_bad_inputs_fail_before_any_work(tmp_path, pretrained, target):
     with pytest.raises(DataError, match="labels must be 0 or 1"):
         dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "b"))
     assert not (tmp_path / "b").exists()
+
+
+def test_reference_command_maps_its_positional_arguments(tmp_path, pretrained):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "target").mkdir()
+    for name, count in (("train", 2100), ("validation", 20), ("test", 20)):
+        rows = [{"sentence": f"{GOOD if i % 2 else BAD} {i}", "label": i % 2} for i in range(count)]
+        (tmp_path / "target" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    environment = dict(os.environ, TARGET=str(tmp_path / "target"), OUTPUT_DIR=str(tmp_path / "run" / "finetune"))
+    completed = subprocess.run(["bash", "scripts/train_sst2.sh", str(pretrained), "1.4", "1", "32", "64", "1e-3", "30",
+                                "0", "--max_train_steps", "1", "--max_length", "16"],
+                               capture_output=True, text=True, cwd=root, env=environment, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    privacy = json.loads((tmp_path / "run" / "finetune" / "privacy.json").read_text())
+    assert privacy["noise_multiplier"] == 1.4 and privacy["max_grad_norm"] == 1.0 and privacy["steps"] == 1
+    assert privacy["logical_batch_size"] == 32 * 64 and privacy["sample_rate"] == pytest.approx(2048 / 2100)
+    assert json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())["seed"] == 0
