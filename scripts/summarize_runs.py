@@ -127,19 +127,20 @@ def plot_accuracy_vs_tokens(path, table):
 
     metric = "test_accuracy" if any(e["test_accuracy_mean"] is not None for e in table) else "val_accuracy"
     figure, axes = plt.subplots(figsize=(6, 4))
-    for size in sorted({e["model_size"] for e in table}, key=str):
-        for dodge, (variant, marker) in enumerate(zip((v[0] for v in VARIANTS), "osx")):
-            points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
-                             and e[f"{metric}_mean"] is not None), key=lambda e: e["pretraining_words"])
-            if not points:
-                continue
-            # variants at the same budget are shifted by a few percent so that equal values stay visible
-            axes.errorbar([p["pretraining_words"] * 1.06 ** dodge for p in points],
-                          [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_std"] or 0.0 for p in points],
-                          marker=marker, capsize=3, linestyle="-" if len(points) > 1 else "none",
-                          label=f"{size}: {variant}")
+    series = [(size, variant, marker) for size in sorted({e["model_size"] for e in table}, key=str)
+              for variant, marker in zip((v[0] for v in VARIANTS), "osx")]
+    for dodge, (size, variant, marker) in enumerate(series):
+        points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
+                         and e[f"{metric}_mean"] is not None), key=lambda e: e["pretraining_words"])
+        if not points:
+            continue
+        # series at the same budget are shifted by a few percent so that equal values stay visible
+        axes.errorbar([p["pretraining_words"] * 1.06 ** dodge for p in points],
+                      [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_std"] or 0.0 for p in points],
+                      marker=marker, capsize=3, linestyle="-" if len(points) > 1 else "none",
+                      label=f"{size}: {variant}")
     axes.set_xscale("symlog", linthresh=1e4)
-    axes.set_xlabel("pre-training words (0: no pre-training; variants shifted apart)")
+    axes.set_xlabel("pre-training words (0: no pre-training; series shifted apart)")
     axes.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
