@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DataError  # noqa: E402
 from data_selection.train_domain_classifier import load_scores  # noqa: E402
+from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.atomic_io import write_json  # noqa: E402
 
 
@@ -161,6 +162,8 @@ def main(argv=None):
     if not args.random:
         plot_report(os.path.join(tmp, "selection_report.png"), probability, kept, corpus_shares, selection_shares,
                     f"{len(kept):,} sentences, {report['selected_words']:,} words selected")
+    # the selection depends on the DP classifier's release, the random baseline on none
+    privacy_ledger.write_releases(tmp, [] if args.random else privacy_ledger.read_releases(args.scores_dir))
     write_json(os.path.join(tmp, "selection_report.json"), report)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     os.replace(tmp, args.output_dir)

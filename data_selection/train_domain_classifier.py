@@ -5,10 +5,12 @@
         --noise_multiplier 1.4 --max_grad_norm 1 --per_device_train_batch_size 64 \\
         --gradient_accumulation_steps 32 --learning_rate 1e-3
 
-Training uses the shared DP loop (Poisson sampling, exact clipping, noise, `privacy.json`,
-an entry in the run's privacy ledger). The private data are the target sentences (the
-positives), so delta defaults to 1 / (10 x positives). The classifier goes to
-`<output_dir>/classifier`; scores (in-domain probability and logit margin) to
+Training uses the shared DP loop (Poisson sampling, exact clipping, noise, an entry in
+the run's privacy ledger). The private data are the target sentences (the positives), so
+delta defaults to 1 / (10 x positives). The release, the classifier with its
+`privacy.json`, goes to `<output_dir>/classifier`; the private training state (under
+`<output_dir>/private_training_state`, resumed with --resume_from_checkpoint) is deleted
+once it is written. Scores (in-domain probability and logit margin) to
 `<output_dir>/scores/shard-NNNNN.npz`, one shard at a time, so a killed run resumes at the
 next unfinished shard; several processes (`accelerate launch`) share the shards.
 """
@@ -31,9 +33,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.domain_classifier import (build_classifier, load_classifier, save_classifier,  # noqa: E402
                                               score_sentences)
 from data_selection.sources import DataError  # noqa: E402
+from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.accounting import default_delta  # noqa: E402
 from dp_finetuning.atomic_io import write_json  # noqa: E402
-from dp_finetuning.dp_training import DPTrainer, add_dp_arguments, sequence_classification_losses  # noqa: E402
+from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
+                                      sequence_classification_losses)
 
 SCORES_COMPLETE = "complete.json"
 
@@ -75,11 +79,13 @@ def train(args, accelerator):
     trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args,
                         stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate)
     trainer.train()
+    tmp = os.path.join(args.output_dir, "classifier.tmp")
+    trainer.release(lambda directory: save_classifier(trainer.model, directory, args.backbone,
+                                                      args.model_name_or_path), tmp)
     if accelerator.is_main_process:
-        tmp = os.path.join(args.output_dir, "classifier.tmp")
-        save_classifier(trainer.model, tmp, args.backbone, args.model_name_or_path)
         shutil.rmtree(os.path.join(args.output_dir, "classifier"), ignore_errors=True)
         os.replace(tmp, os.path.join(args.output_dir, "classifier"))
+    trainer.discard_training_state()
     accelerator.wait_for_everyone()
 
 
@@ -129,6 +135,8 @@ def score(args, accelerator):
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "classifier", "privacy.json")) as handle:
+            privacy_ledger.write_releases(scores_dir, [privacy_ledger.release_of(json.load(handle))])
         write_json(os.path.join(scores_dir, SCORES_COMPLETE), {"sentences": len(sentences), "shards": num_shards,
                                                                 "shard_size": args.score_shard_size})
 
@@ -158,6 +166,7 @@ def main(argv=None):
             raise DataError(f"{path}: no such directory (run the earlier stages first)")
     if os.path.exists(os.path.join(args.output_dir, "classifier", "classifier.json")):
         print(f"{args.output_dir}/classifier exists; training skipped")
+        discard_training_state(args.output_dir, args.keep_training_state)
     else:
         train(args, accelerator)
     score(args, accelerator)

@@ -13,7 +13,8 @@ classifier and the fine-tuning) compose with the same libraries.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import dp_accounting
 from absl import logging as absl_logging
@@ -35,10 +36,13 @@ class Mechanism:
     sample_rate: float
     steps: int
     sampling: str = "poisson"
+    steps_per_epoch: Optional[int] = None  # shuffle: the loop's steps per permutation
 
     def __post_init__(self):
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.sampling == "shuffle" and not (self.steps_per_epoch or 0) >= 1:
+            raise ValueError(f"shuffle sampling needs steps_per_epoch >= 1, got {self.steps_per_epoch}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.noise_multiplier < 0 or self.steps < 0:
@@ -47,13 +51,18 @@ class Mechanism:
 
     @property
     def compositions(self):
-        """How many times the mechanism composes: steps (Poisson) or epochs (shuffle)."""
+        """How many times the mechanism composes: steps (Poisson) or epochs begun (shuffle)."""
         if self.sampling == "poisson":
             return self.steps
-        return math.ceil(self.steps * self.sample_rate - 1e-9)
+        return math.ceil(self.steps / self.steps_per_epoch)
 
     def as_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record):
+        """The mechanism of a ledger entry or privacy report (other keys are ignored)."""
+        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
 
 def _dp_event(mechanism):
@@ -113,7 +122,7 @@ def compute_epsilons(mechanisms, delta):
 
 
 def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampling="poisson", tolerance=1e-3,
-                               earlier=()):
+                               earlier=(), steps_per_epoch=None):
     """Smallest noise multiplier (to `tolerance` relative) whose PRV upper bound is <= target_epsilon.
 
     `earlier`: mechanisms already run on the same data; the target then bounds their composition
@@ -127,7 +136,8 @@ def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampli
                          f"the target {target_epsilon}")
 
     def epsilon(noise_multiplier):
-        return epsilon_prv(earlier + [Mechanism(noise_multiplier, sample_rate, steps, sampling)], delta)[1]
+        return epsilon_prv(earlier + [Mechanism(noise_multiplier, sample_rate, steps, sampling, steps_per_epoch)],
+                           delta)[1]
 
     low, high = 0.05, 1.0
     while epsilon(high) > target_epsilon:

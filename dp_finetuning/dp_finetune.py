@@ -7,10 +7,16 @@
 
 --model_name_or_path is a stage 5 checkpoint (model and tokenizer); with --random_init the
 weights are drawn afresh (the no-pre-training baseline) and only the tokenizer and config are
-used, both learnt from public text. All parameters are trained by default; --freeze and
---lora_r give partial fine-tuning. Validation accuracy after every epoch and test accuracy at
-the end go to results.json with this stage's epsilon and the composed epsilon of the run's
-privacy ledger.
+used. If that directory depends on DP releases on the same private data (a selection by the
+DP domain classifier), the run's privacy ledger must hold them, else the run is refused: the
+no-pre-training baseline takes the random selection's tokenizer, learnt from public data only.
+All parameters are trained by default; --freeze and --lora_r give partial fine-tuning.
+
+The release in --output_dir: the model and tokenizer (`save_pretrained`), `privacy.json`,
+`dp_releases.json` (this release and those its input depended on) and `results.json`
+(validation accuracy after every epoch, test accuracy, this stage's epsilon and the composed
+epsilon of every release in the run's privacy ledger). The private training state is deleted
+once they are written.
 """
 
 import argparse
@@ -24,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.atomic_io import write_json  # noqa: E402
-from dp_finetuning.dp_training import DPTrainer, add_dp_arguments, sequence_classification_losses  # noqa: E402
+from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
+                                      ledger_dir, sequence_classification_losses)
 
 FREEZE_CHOICES = ("none", "embeddings", "body")
 
@@ -99,8 +106,14 @@ def main(argv=None):
     args = parse_args(argv)
     if os.path.exists(os.path.join(args.output_dir, "results.json")):
         print(f"{args.output_dir} is complete; nothing to do")
+        discard_training_state(args.output_dir, args.keep_training_state)
         return
     model, tokenizer = load_model(args)
+    depends_on = privacy_ledger.read_releases(args.model_name_or_path)
+    try:
+        privacy_ledger.check_counted(depends_on, ledger_dir(args), args.target)
+    except ValueError as error:
+        raise DataError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
     task = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.seed)
     train_set = task["train"]
     if args.max_train_samples is not None and args.max_train_samples < len(train_set):
@@ -120,23 +133,35 @@ def main(argv=None):
                for ids in tokenizer([s.lower() for s in train_set["sentence"]])["input_ids"]]
     trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args, stage="finetune",
                         private_data=args.target, eval_fn=evaluate, lengths=lengths)
-    report = trainer.train()
+    trainer.train()
+
+    def save_model(directory):
+        trainer.model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    report = trainer.release(save_model)
     if not trainer.accelerator.is_main_process:
         return
     trainer.model.eval()
     test_labelled = "test" in task and -1 not in set(task["test"]["label"])
     test_accuracy = accuracy(trainer.model, tokenizer, task["test"], args.max_length) if test_labelled else None
-    composed, delta = privacy_ledger.composed_epsilon(trainer.run_dir, trainer.delta)
+    composed, delta = privacy_ledger.composed_epsilon(trainer.run_dir)
+    releases = depends_on + [privacy_ledger.release_of(report)]
+    privacy_ledger.write_releases(args.output_dir, releases)
     results = {
         "model_name_or_path": args.model_name_or_path, "random_init": args.random_init, "freeze": args.freeze,
-        "lora_r": args.lora_r, "seed": args.seed, "target": args.target,
+        "lora_r": args.lora_r, "target": args.target,
+        # with --deterministic_dp the seed is the DP randomness, so it stays out of the release
+        **({} if args.deterministic_dp else {"seed": args.seed}),
+        "dp_randomness": report["dp_randomness"],
         "val_accuracy_per_epoch": [r["val_accuracy"] for r in trainer.history],
         "val_accuracy": trainer.history[-1]["val_accuracy"], "test_accuracy": test_accuracy,
-        "epsilon": report["epsilon"]["epsilon"], "epsilons": report["epsilon"],
+        "epsilon": report["epsilon"]["epsilon"], "epsilons": report["epsilon"], "stage_delta": trainer.delta,
         "composed_epsilon": composed["epsilon"], "composed_epsilons": composed, "delta": delta,
         "ledger_stages": [e["stage"] for e in privacy_ledger.load_entries(trainer.run_dir)],
+        "dp_releases": [r["stage"] for r in releases],
     }
     write_json(os.path.join(args.output_dir, "results.json"), results)
+    trainer.discard_training_state()
     print(f"validation accuracy {results['val_accuracy']:.4f}, test accuracy "
           f"{'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}, epsilon {results['epsilon']:.3f}, "
           f"composed over the run {results['composed_epsilon']:.3f}")

@@ -7,20 +7,37 @@ sum it over processes, add Gaussian noise of std noise_multiplier x clip once, d
 by the expected logical batch size, and take an optimiser step (DP-SGD, DP-Adam or
 DP-AdamW: a stock torch optimiser on the privatised gradient).
 
-The step's examples depend only on (seed, step) and the noise only on (noise seed,
-step), so a resumed run repeats an uninterrupted one exactly, whatever the number of
-processes: every process draws the same global sample and keeps its own slice.
+What is released and what stays private. The DP guarantee holds only if the
+mechanism's randomness is secret, so the sampling seed and the noise seed are drawn
+from the operating system's entropy (`secrets`) and live only in the private
+training state (`<output_dir>/private_training_state/`, with the optimiser and the
+step), which a resumed run reads and which is deleted once the stage has written
+its release (`--keep_training_state` keeps it, with a warning). The release is what
+`release()` writes: the trained model, `privacy.json` (the mechanism and its
+epsilon) and an entry in the run's privacy ledger; no seed or generator state.
+`--deterministic_dp` derives both seeds from `--seed` instead (debugging, exact
+reproduction), and the release then says that the guarantee assumes that seed is
+secret. `--seed` itself controls only what is not part of the mechanism.
+
+The step's examples depend only on (sampling seed, step) and the noise only on
+(noise seed, step), so a resumed run repeats an uninterrupted one exactly, whatever
+the number of processes: every process draws the same global sample and keeps its
+own slice.
 """
 
 import argparse
+import hashlib
 import math
 import os
 import secrets
+import shutil
+import uuid
 import warnings
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from dp_finetuning import privacy_ledger
@@ -29,6 +46,8 @@ from dp_finetuning.atomic_io import replace_directory, write_json
 from dp_finetuning.per_example_grads import PerExampleGradients
 
 STATE_FILE = "training_state.pt"
+PRIVATE_STATE_DIR = "private_training_state"
+SECRET_RANDOMNESS = "secret: seeds drawn from the operating system's entropy, kept only in the private training state"
 
 
 def add_dp_arguments(parser: argparse.ArgumentParser):
@@ -53,12 +72,22 @@ def add_dp_arguments(parser: argparse.ArgumentParser):
     group.add_argument("--num_train_epochs", type=float, default=3)
     group.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     group.add_argument("--checkpointing_steps", type=int, default=None, help="also checkpoint every N steps")
-    group.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N directory, or 'latest'")
+    group.add_argument("--resume_from_checkpoint", default=None,
+                       help="a checkpoint-N directory of the private training state, or 'latest' (the newest in "
+                            "<output_dir>/private_training_state, if there is one)")
+    group.add_argument("--keep_training_state", action="store_true",
+                       help="keep the private training state after the release; it holds the DP randomness, so "
+                            "whoever holds it can undo the guarantee: never share it")
+    group.add_argument("--deterministic_dp", action="store_true",
+                       help="derive the sampling and noise seeds from --seed (debugging, exact reproduction); the "
+                            "guarantee then assumes that --seed is secret")
     group.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     group.add_argument("--run_dir", default=None,
                        help="directory of the run's privacy ledger (default: the parent of --output_dir)")
     group.add_argument("--output_dir", required=True)
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0,
+                       help="initialisation, data splits and order of public data; not the DP randomness unless "
+                            "--deterministic_dp")
     return parser
 
 
@@ -68,6 +97,29 @@ def sequence_classification_losses(model, batch):
     return F.cross_entropy(model(**inputs).logits.float(), batch["labels"], reduction="none")
 
 
+def ledger_dir(args):
+    """The run directory whose privacy ledger a DP stage writes: --run_dir, else the parent of --output_dir."""
+    return args.run_dir or os.path.dirname(os.path.abspath(args.output_dir))
+
+
+def derived_seed(seed, purpose):
+    """A 63-bit seed for `purpose` derived from `seed` (--deterministic_dp only)."""
+    digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def discard_training_state(output_dir, keep=False):
+    """Delete a finished stage's private training state, or warn that it is kept."""
+    state_dir = os.path.join(output_dir, PRIVATE_STATE_DIR)
+    if not os.path.isdir(state_dir):
+        return
+    if keep:
+        warnings.warn(f"--keep_training_state: {state_dir} holds the DP randomness (seeds) and is not covered by the "
+                      "guarantee; never share it", stacklevel=2)
+    else:
+        shutil.rmtree(state_dir)
+
+
 class DPTrainer:
     """Trains `model` on `dataset` (indexable; `collate_fn` turns a list of examples into a batch of tensors).
 
@@ -75,6 +127,9 @@ class DPTrainer:
     metrics and runs after every epoch on the main process. `lengths`, if given (one per example),
     orders each step's examples by length before they are split into micro-batches: less padding,
     and the same clipped sum, since it does not depend on the order.
+
+    Use: `train()`, then `release(save_model)` (ledger entry, model, privacy.json), then
+    `discard_training_state()` once the stage's own outputs are written.
     """
 
     def __init__(self, model, dataset, collate_fn, loss_fn, args, stage, private_data, eval_fn=None,
@@ -98,14 +153,18 @@ class DPTrainer:
         self.steps_per_epoch = max(1, self.num_examples // self.logical_batch)
         self.total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * self.steps_per_epoch)
         self.delta = args.delta if args.delta is not None else default_delta(self.num_examples)
-        self.run_dir = args.run_dir or os.path.dirname(os.path.abspath(args.output_dir))
+        self.run_dir = ledger_dir(args)
+        self.state_dir = os.path.join(args.output_dir, PRIVATE_STATE_DIR)
+        resume_path = self._resolve_checkpoint(args.resume_from_checkpoint)
+        state = self._read_checkpoint(resume_path) if resume_path else None
+        self.run_id = state["run_id"] if state else uuid.uuid4().hex
         if args.noise_multiplier is None:
             earlier = [] if args.target_epsilon_scope == "stage" else [
-                Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"], e["sampling"])
-                for e in privacy_ledger.load_entries(self.run_dir) if e["stage"] != stage]
-            self.noise_multiplier = calibrate_noise_multiplier(args.target_epsilon, self.sample_rate,
-                                                               self.total_steps, self.delta, args.sampling,
-                                                               earlier=earlier)
+                e for e in privacy_ledger.load_entries(self.run_dir) if e.get("run_id") != self.run_id]
+            self.noise_multiplier = calibrate_noise_multiplier(
+                args.target_epsilon, self.sample_rate, self.total_steps,
+                privacy_ledger.composition_delta(earlier + [{"delta": self.delta}]), args.sampling,
+                steps_per_epoch=self.steps_per_epoch, earlier=[Mechanism.from_dict(e) for e in earlier])
         else:
             self.noise_multiplier = args.noise_multiplier
         if args.sampling == "shuffle":
@@ -116,9 +175,26 @@ class DPTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
-        self.step = 0
-        self.noise_seed = secrets.randbits(62)
-        self.history = []
+        self.step, self.history = 0, []
+        if state:
+            self._load_state(resume_path, state)
+        else:
+            self.sampling_seed, self.noise_seed = self._new_seeds()
+
+    def _new_seeds(self):
+        """(sampling seed, noise seed): secret by default, the same on every process."""
+        if self.args.deterministic_dp:
+            return derived_seed(self.args.seed, "sampling"), derived_seed(self.args.seed, "noise")
+        seeds = [secrets.randbits(63), secrets.randbits(63)]
+        if self.accelerator.num_processes > 1:
+            seeds = broadcast_object_list(seeds, from_process=0)
+        return seeds[0], seeds[1]
+
+    @property
+    def dp_randomness(self):
+        if self.args.deterministic_dp:
+            return "derived from --seed (--deterministic_dp): the guarantee holds only if that seed is kept secret"
+        return SECRET_RANDOMNESS
 
     def _check_arguments(self):
         args = self.args
@@ -158,13 +234,12 @@ class DPTrainer:
 
     def step_indices(self, step):
         """This process's examples for logical step `step`: a slice of one global draw."""
-        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + step)
         if self.args.sampling == "poisson":
+            generator = torch.Generator().manual_seed(self.sampling_seed + step)
             chosen = (torch.rand(self.num_examples, generator=generator) < self.sample_rate).nonzero().flatten()
         else:
             epoch, position = divmod(step, self.steps_per_epoch)
-            order = torch.randperm(self.num_examples,
-                                   generator=torch.Generator().manual_seed(self.args.seed * 1_000_003 - epoch - 1))
+            order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.sampling_seed + epoch))
             chosen = order[position * self.logical_batch:(position + 1) * self.logical_batch]
         return chosen[self.accelerator.process_index::self.accelerator.num_processes]
 
@@ -184,7 +259,7 @@ class DPTrainer:
 
     def mechanism(self, steps=None):
         return Mechanism(self.noise_multiplier, self.sample_rate, self.step if steps is None else steps,
-                         self.args.sampling)
+                         self.args.sampling, self.steps_per_epoch)
 
     def epsilons(self):
         return compute_epsilons([self.mechanism()], self.delta)
@@ -192,11 +267,11 @@ class DPTrainer:
     # --- the loop ---------------------------------------------------------------------------
 
     def train(self):
-        if self.args.resume_from_checkpoint:
-            self.load_checkpoint(self._resolve_checkpoint(self.args.resume_from_checkpoint))
+        """Run the DP steps (from the resumed step on); the private training state is saved at the end."""
         self.print(f"DP training ({self.stage}): n={self.num_examples}, logical batch {self.logical_batch} "
                    f"(q={self.sample_rate:.4g}, {self.args.sampling}), {self.total_steps} steps, noise multiplier "
-                   f"{self.noise_multiplier:.4g}, clip {self.args.max_grad_norm}, delta {self.delta:.3g}")
+                   f"{self.noise_multiplier:.4g}, clip {self.args.max_grad_norm}, delta {self.delta:.3g}"
+                   + ("" if self.step == 0 else f"; resumed at step {self.step}"))
         autocast = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
                                   enabled=self.args.mixed_precision == "bf16")
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
@@ -211,7 +286,7 @@ class DPTrainer:
                 batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
                 with autocast:
                     losses = self.loss_fn(self.model, batch)
-                self.engine.backward(losses.sum())
+                self.engine.backward(losses)
                 examples += len(chunk)
             self.privatise_gradients(self.step)
             self.optimizer.step()
@@ -226,7 +301,6 @@ class DPTrainer:
                 self.save_checkpoint()
         progress.close()
         self.save_checkpoint()
-        return self.write_privacy_report()
 
     def end_of_epoch(self):
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "epsilon": self.epsilons()}
@@ -239,54 +313,83 @@ class DPTrainer:
         self.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                             if k != "epsilon") + f" epsilon={record['epsilon']['epsilon']:.3f}")
 
-    def write_privacy_report(self):
-        report = {"stage": self.stage, "private_data": self.private_data, "num_examples": self.num_examples,
-                  "logical_batch_size": self.logical_batch, "max_grad_norm": self.args.max_grad_norm,
-                  "delta": self.delta, **self.mechanism().as_dict(), "epsilon": self.epsilons()}
+    def privacy_report(self):
+        """What privacy.json holds: the mechanism, its epsilon, where its randomness came from; no seed."""
+        return {"stage": self.stage, "run_id": self.run_id, "private_data": self.private_data,
+                "num_examples": self.num_examples, "logical_batch_size": self.logical_batch,
+                "max_grad_norm": self.args.max_grad_norm, "delta": self.delta, **self.mechanism().as_dict(),
+                "epsilon": self.epsilons(), "dp_randomness": self.dp_randomness, "ledger": self.run_dir}
+
+    def release(self, save_model, release_dir=None):
+        """Record the run in the privacy ledger, then write the release: `save_model(release_dir)` and
+        privacy.json (default: --output_dir). Returns the privacy report. Main process only writes."""
+        release_dir = release_dir or self.args.output_dir
+        report = self.privacy_report()
         if self.accelerator.is_main_process:
-            write_json(os.path.join(self.args.output_dir, "privacy.json"), report)
-            privacy_ledger.record(self.run_dir, self.stage, self.mechanism(), self.delta, self.private_data)
-            composed, _ = privacy_ledger.composed_epsilon(self.run_dir, self.delta)
-            self.print(f"epsilon of this stage: {report['epsilon']['epsilon']:.3f}, composed over the run's "
-                       f"ledger: {composed['epsilon']:.3f} at delta {self.delta:.3g} (PRV upper bounds)")
+            # the ledger first: a release that exists is always counted
+            privacy_ledger.record(self.run_dir, self.stage, self.run_id, self.mechanism(), self.delta,
+                                  self.private_data, release=os.path.abspath(self.args.output_dir),
+                                  dp_randomness="deterministic" if self.args.deterministic_dp else "secret")
+            os.makedirs(release_dir, exist_ok=True)
+            save_model(release_dir)
+            write_json(os.path.join(release_dir, "privacy.json"), report)
+            composed, delta = privacy_ledger.composed_epsilon(self.run_dir)
+            self.print(f"epsilon of this stage: {report['epsilon']['epsilon']:.3f}, composed over the "
+                       f"{len(privacy_ledger.load_entries(self.run_dir))} releases in the run's ledger: "
+                       f"{composed['epsilon']:.3f} at delta {delta:.3g} (PRV upper bounds)")
+            if self.args.deterministic_dp:
+                self.print("--deterministic_dp: the guarantee holds only if --seed is kept secret")
+        self.accelerator.wait_for_everyone()
         return report
 
-    # --- checkpoints ------------------------------------------------------------------------
+    def discard_training_state(self):
+        if self.accelerator.is_main_process:
+            discard_training_state(self.args.output_dir, self.args.keep_training_state)
+
+    # --- the private training state ---------------------------------------------------------
 
     def run_signature(self):
         """What must match for a checkpoint to continue this run."""
         return {"stage": self.stage, "num_examples": self.num_examples, "logical_batch": self.logical_batch,
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.args.max_grad_norm,
                 "sampling": self.args.sampling, "seed": self.args.seed, "total_steps": self.total_steps,
-                "delta": self.delta}
+                "delta": self.delta, "deterministic_dp": self.args.deterministic_dp}
 
     def save_checkpoint(self):
+        """Private state only: model, optimiser, step and the DP seeds. Older checkpoints are removed."""
         if not self.accelerator.is_main_process:
             return
-        final_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.step}")
+        final_dir = os.path.join(self.state_dir, f"checkpoint-{self.step}")
         tmp_dir = f"{final_dir}.tmp"
         os.makedirs(tmp_dir, exist_ok=True)
-        torch.save({"signature": self.run_signature(), "step": self.step, "noise_seed": self.noise_seed,
+        torch.save({"signature": self.run_signature(), "step": self.step, "run_id": self.run_id,
+                    "sampling_seed": self.sampling_seed, "noise_seed": self.noise_seed,
                     "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(), "history": self.history},
                    os.path.join(tmp_dir, STATE_FILE))
         replace_directory(tmp_dir, final_dir)
+        for name in os.listdir(self.state_dir):
+            if name.startswith("checkpoint-") and name != os.path.basename(final_dir):
+                shutil.rmtree(os.path.join(self.state_dir, name), ignore_errors=True)
 
     def _resolve_checkpoint(self, path):
+        """The checkpoint directory to resume from, or None ('latest' with no checkpoint starts afresh)."""
+        if not path:
+            return None
         if path != "latest":
             return path
-        steps = [int(name.split("-")[1]) for name in os.listdir(self.args.output_dir)
+        steps = [int(name.split("-")[1]) for name in os.listdir(self.state_dir)
                  if name.startswith("checkpoint-") and name.split("-")[1].isdigit()] \
-            if os.path.isdir(self.args.output_dir) else []
-        if not steps:
-            raise FileNotFoundError(f"--resume_from_checkpoint latest: no checkpoint-N in {self.args.output_dir}")
-        return os.path.join(self.args.output_dir, f"checkpoint-{max(steps)}")
+            if os.path.isdir(self.state_dir) else []
+        return os.path.join(self.state_dir, f"checkpoint-{max(steps)}") if steps else None
 
-    def load_checkpoint(self, path):
+    def _read_checkpoint(self, path):
         state_path = os.path.join(path, STATE_FILE)
         if not os.path.isfile(state_path):
             raise FileNotFoundError(f"--resume_from_checkpoint {path}: no {STATE_FILE} in it")
-        state = torch.load(state_path, map_location=self.accelerator.device, weights_only=True)
+        return torch.load(state_path, map_location=self.accelerator.device, weights_only=True)
+
+    def _load_state(self, path, state):
         mine = self.run_signature()
         different = {k: (state["signature"].get(k), v) for k, v in mine.items() if state["signature"].get(k) != v}
         if different:
@@ -295,7 +398,8 @@ class DPTrainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.noise_seed, self.history = state["step"], state["noise_seed"], state["history"]
+        self.step, self.history = state["step"], state["history"]
+        self.sampling_seed, self.noise_seed = state["sampling_seed"], state["noise_seed"]
 
     def print(self, message):
         if self.accelerator.is_main_process:

@@ -2,7 +2,7 @@
 
 The engine attaches from outside with forward hooks. Each forward call of a
 supported layer with trainable parameters stores its input and its output.
-`PerExampleGradients.backward(loss)` then asks autograd for the gradients of
+`PerExampleGradients.backward(losses)` then asks autograd for the gradients of
 those outputs only, so autograd never computes the summed weight gradients
 (wasted work in a DP step). From the stored inputs and output gradients it
 computes every example's gradient norm over all trainable parameters together
@@ -19,9 +19,39 @@ has one per-example gradient, the sum over its uses, so its squared norm
 includes the cross terms 2 <G_u, G_v> between uses.
 
 Anything the engine cannot clip exactly stops the run with an error naming the
-parameter: a trainable parameter of an unsupported layer type (at attach), or a
-trainable parameter reaching the loss outside a supported layer (at the first
-backward).
+parameter or layer: a trainable parameter of an unsupported layer type (at attach),
+a trainable parameter reaching the loss outside a supported layer (at the first
+backward), a module that couples examples in its forward (BatchNorm in train mode,
+at its forward), and a layer whose stored rows are not one example each (below).
+
+Proof of the batch axis. `backward` takes the per-example losses L (B,), so the
+batch size is B = len(L), never guessed from a layer's input. The engine assumes
+that row i of every stored layer input and output belongs to example i alone: the
+input row is a function of example i's model inputs only, and the loss of example
+k does not depend on output row i for k != i. Shapes cannot prove that (a (T, d)
+input looks batched when T == B), so on the first backward, and again whenever the
+pattern of layer uses changes (which layers ran, their ranks, which of their axes
+have length B), two probes check it:
+  * gradient probe: with random signs r in {-1, +1}^B, one more backward pass (to
+    the layer outputs only) gives d(r . L)/d out. If the Jacobian of L with respect
+    to the output rows is block-diagonal, row i of it is exactly r_i times row i of
+    d(sum L)/d out (negation is exact in floating point). Any term of another
+    example k's loss in row i adds (r_k - r_i) dL_k/d out_i, which is not zero for
+    a random choice of signs unless the terms cancel, probability at most 1/2 per
+    coupled example and far smaller in practice. It catches layers looked up with
+    non-batched ids (T5's relative bias, wpe(arange(T)), sequence-first tensors),
+    outputs that are indexed or broadcast across the batch, and any coupling of
+    examples downstream of a hooked layer.
+  * input probe: two forward passes without gradients from the same random state,
+    one with example B-1's model inputs perturbed (floating tensors get noise,
+    integer ones are rolled along their last axis); every other example's stored
+    layer inputs must stay the same. It catches coupling upstream of a layer, such
+    as normalisation over the batch on the model's inputs.
+A layer that fails either probe stops the run with an error naming it. The probes
+run on the first step and on pattern changes only: a steady-state step pays for
+computing the pattern (a tuple of a few integers per layer use), not the probes.
+The cost of a probing step is one backward pass to the layer outputs and two
+forward passes without gradients.
 """
 
 from dataclasses import dataclass
@@ -34,6 +64,15 @@ from transformers.pytorch_utils import Conv1D
 
 class UnsupportedParameterError(RuntimeError):
     """A trainable parameter whose per-example gradient cannot be clipped exactly."""
+
+
+class ExampleMixingError(UnsupportedParameterError):
+    """A layer whose stored rows are not one example each: the model couples examples or the batch axis is not
+    the examples' axis."""
+
+
+# Modules whose forward in train mode couples the examples of a batch (batch statistics).
+BATCH_COUPLING_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
 
 def _f32(tensor):
@@ -199,7 +238,8 @@ def _embedding(layer, ids, output_grad):
 
 def _layer_norm(layer, activation, output_grad):
     shape = layer.normalized_shape
-    normalised = F.layer_norm(_f32(activation), shape, eps=layer.eps)
+    # the normalised dimensions arrive flattened into one feature axis
+    normalised = F.layer_norm(_f32(activation), (activation.shape[-1],), eps=layer.eps)
     grad = _f32(output_grad)
     factors = {layer.weight: Dense((grad * normalised).sum(1).unflatten(1, shape))}
     if layer.bias is not None:
@@ -241,26 +281,78 @@ class _Use:
     output_version: int
 
 
+BATCH_KEYS = ("input_ids", "inputs_embeds", "attention_mask", "pixel_values")
+
+
+def _tensors_in(value, depth=2):
+    """The tensors in a model argument: itself, or inside a dict, list or tuple (two levels down)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0:
+        return []
+    if isinstance(value, dict):
+        keyed = [value[k] for k in BATCH_KEYS if isinstance(value.get(k), torch.Tensor)]
+        return keyed + [t for v in value.values() for t in _tensors_in(v, depth - 1)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v, depth - 1)]
+    return []
+
+
 def _batch_size_of(args, kwargs):
-    for key in ("input_ids", "inputs_embeds", "attention_mask", "pixel_values"):
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key].shape[0]
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return value.shape[0]
+    """The batch size of a model call, read from its inputs (needed only to expand broadcast ids)."""
+    keyed = [kwargs[k] for k in BATCH_KEYS if isinstance(kwargs.get(k), torch.Tensor)]
+    for tensor in keyed + _tensors_in(list(args) + list(kwargs.values())):
+        if tensor.dim() > 0:
+            return tensor.shape[0]
     return None
 
 
-class PerExampleGradients:
-    """Hooks a model so that `backward(loss)` writes the flat-clipped sum of per-example gradients.
+def _map_tensors(value, function, depth=2):
+    """`value` with `function` applied to every tensor in it (as `_tensors_in` finds them)."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if depth == 0:
+        return value
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, function, depth - 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_tensors(v, function, depth - 1) for v in value)
+    return value
 
-    `loss` must be a sum of per-example losses (not a batch mean), so that example i's
-    gradient is the gradient of its own loss. After `backward`, each trainable parameter's
+
+def _perturb_example(tensor, batch, index, generator):
+    """`tensor` with example `index`'s row changed, if its first axis is the batch; other rows untouched."""
+    if tensor.dim() == 0 or tensor.shape[0] != batch:
+        return tensor
+    changed = tensor.clone()
+    if tensor.is_floating_point():
+        scale = tensor.detach().float().abs().mean().clamp_min(1.0)
+        noise = torch.randn(tensor.shape[1:], generator=generator).to(tensor.device, tensor.dtype)
+        changed[index] = tensor[index] + noise * scale
+    elif tensor.dim() > 1:
+        changed[index] = tensor[index].roll(1, -1)
+    return changed
+
+
+def _use_pattern(uses, batch):
+    """What the batch-axis probes depend on: the layers used, their ranks, and which axes have length B."""
+    return tuple((use.name, tuple(size == batch for size in use.inputs.shape),
+                  tuple(size == batch for size in use.output.shape)) for use in uses)
+
+
+class PerExampleGradients:
+    """Hooks a model so that `backward(losses)` writes the flat-clipped sum of per-example gradients.
+
+    `losses` are the per-example losses, shape (B,) (not their sum or mean), so that example
+    i's gradient is the gradient of its own loss. After `backward`, each trainable parameter's
     `.grad` holds (accumulates) sum_i c_i g_i with c_i = min(1, max_grad_norm / ||g_i||),
     the norm taken over all trainable parameters together; no noise is added here.
+
+    `per_example_safe`: modules (or their names) that the engine would refuse as coupling
+    examples (BatchNorm in train mode) but that the caller knows to be per-example here.
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float):
+    def __init__(self, model: nn.Module, max_grad_norm: float, per_example_safe=()):
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         self.model = model
@@ -269,11 +361,30 @@ class PerExampleGradients:
         self._hooked = {}
         self._check_parameters()
         self._uses = []
+        self._call = None
         self._batch_size = None
+        self._capture = None
         self._graph_checked = False
+        self._probed_patterns = set()
         self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
         for layer, name in self._hooked.items():
             self._handles.append(layer.register_forward_hook(self._store_use))
+        safe = {m for m in per_example_safe if isinstance(m, nn.Module)}
+        safe_names = {m for m in per_example_safe if isinstance(m, str)}
+        for name, module in model.named_modules():
+            if isinstance(module, BATCH_COUPLING_MODULES) and module not in safe and name not in safe_names:
+                self._handles.append(module.register_forward_pre_hook(self._refuse_batch_coupling(name)))
+
+    @staticmethod
+    def _refuse_batch_coupling(name):
+        def refuse(module, inputs):
+            if module.training and torch.is_grad_enabled():
+                raise ExampleMixingError(
+                    f"module '{name}' ({type(module).__name__}) in train mode normalises with the batch's statistics, "
+                    "so every example's output depends on the others and per-example clipping does not bound "
+                    "one example's influence; put it in eval mode (module.eval()), replace it (GroupNorm, "
+                    "LayerNorm), or pass it in per_example_safe if it only ever sees one example")
+        return refuse
 
     def _check_parameters(self):
         for name, param in self.model.named_parameters(remove_duplicate=False):
@@ -299,26 +410,30 @@ class PerExampleGradients:
             self._hooked[layer] = layer_name
 
     def _start_forward(self, module, args, kwargs):
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self._capture is None:
             self._uses = []
-            self._batch_size = _batch_size_of(args, kwargs)
+            self._call = (args, kwargs)
+        self._batch_size = _batch_size_of(args, kwargs)
 
     def _store_use(self, layer, inputs, output):
-        if not torch.is_grad_enabled():
+        if not torch.is_grad_enabled() and self._capture is None:
             return None
         name = self._hooked[layer]
         x = inputs[0]
-        batch = self._batch_size if self._batch_size is not None else x.shape[0]
-        if isinstance(layer, nn.Embedding) and x.shape[0] == 1 and batch > 1:
-            # Ids broadcast over the batch (GPT-2's and BERT's default position_ids):
-            # look them up per example so each example's gradient stays its own.
-            x = x.expand(batch, *x.shape[1:])
+        if isinstance(layer, nn.Embedding) and x.dim() > 0 and x.shape[0] == 1 and self._batch_size != 1:
+            if self._batch_size is None:
+                raise UnsupportedParameterError(
+                    f"layer '{name}' got ids of shape {tuple(x.shape)} broadcast over a batch whose size cannot be "
+                    "read from the model's arguments (no tensor among them); call the model with its batch "
+                    "tensors as arguments, e.g. model(input_ids=ids), or pass per-example ids (B, T)")
+            # Ids broadcast over the batch (GPT-2's and BERT's default position_ids): look them up
+            # per example so each example's gradient stays its own; the probes check that the model
+            # broadcasts the output over the batch rather than indexing it.
+            x = x.expand(self._batch_size, *x.shape[1:])
             output = F.embedding(x, layer.weight, layer.padding_idx)
-        min_dims = 1 if isinstance(layer, nn.Embedding) else 2
-        if x.dim() < min_dims or x.shape[0] != batch:
-            raise UnsupportedParameterError(
-                f"layer '{name}' got an input of shape {tuple(x.shape)} whose first axis is not the batch "
-                f"({batch} examples), so its trainable parameters have no per-example gradients")
+        if self._capture is not None:
+            self._capture.append((name, x.detach()))
+            return output
         self._uses.append(_Use(layer, name, x, output, x._version, output._version))
         return output
 
@@ -345,19 +460,95 @@ class PerExampleGradients:
                     "gradient cannot be clipped")
             stack.extend(next_node for next_node, _ in node.next_functions)
 
-    def backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """Accumulate the clipped sum into `.grad`; return the unclipped per-example norms (B,)."""
+    def _check_batch_axis(self, uses, batch):
+        for use in uses:
+            min_dims = 1 if isinstance(use.layer, nn.Embedding) else 2
+            for what, tensor in (("input", use.inputs), ("output", use.output)):
+                if tensor.dim() < min_dims or tensor.shape[0] != batch:
+                    raise ExampleMixingError(
+                        f"layer '{use.name}' got an {what} of shape {tuple(tensor.shape)} whose first axis is not "
+                        f"the batch ({batch} per-example losses), so its trainable parameters have no per-example "
+                        "gradients")
+
+    def _gradient_probe(self, losses, uses, output_grads):
+        """Refuse a layer whose output rows receive gradient from other examples' losses (module docstring)."""
+        generator = torch.Generator().manual_seed(len(uses))
+        signs = (torch.randint(0, 2, (losses.shape[0],), generator=generator) * 2 - 1).to(losses.device, losses.dtype)
+        probed = torch.autograd.grad(losses, [use.output for use in uses], grad_outputs=signs, allow_unused=True)
+        for use, plain, signed in zip(uses, output_grads, probed):
+            if plain is None or signed is None:
+                continue
+            plain, signed = _f32(plain).flatten(1), _f32(signed).flatten(1)
+            leak = (signed - signs.float()[:, None] * plain).norm(dim=1)
+            scale = plain.norm(dim=1).max().clamp_min(1e-30)
+            if (leak > 1e-4 * scale).any():
+                raise ExampleMixingError(
+                    f"layer '{use.name}': the gradient at its output row of example {int(leak.argmax())} comes from "
+                    "other examples' losses too, so its rows are not one example each (an input looked up or "
+                    "computed without the batch axis, e.g. embedding(arange(T)) when T equals the batch size; an "
+                    "output indexed or shared across the batch; or examples coupled after this layer); its "
+                    "per-example gradients cannot be clipped")
+
+    def _input_probe(self, uses, batch):
+        """Refuse a layer whose input rows change when only another example's model inputs change."""
+        if self._call is None:
+            raise UnsupportedParameterError("the layers ran without a call of the model the engine is attached to; "
+                                            "call that model (not one of its parts) in the forward pass")
+        args, kwargs = self._call
+        generator = torch.Generator().manual_seed(batch)
+        changed = batch - 1
+
+        def perturb(tensor):
+            return _perturb_example(tensor, batch, changed, generator)
+        captured = []
+        for call_args, call_kwargs in ((args, kwargs), (_map_tensors(args, perturb), _map_tensors(kwargs, perturb))):
+            self._capture = []
+            try:
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    torch.manual_seed(0)  # the same dropout masks in both passes
+                    self.model(*call_args, **call_kwargs)
+                captured.append(self._capture)
+            finally:
+                self._capture = None
+        others = torch.arange(batch) != changed
+        for (name, before), (name_after, after) in zip(*captured):
+            if name != name_after or before.shape != after.shape or before.dim() == 0 or before.shape[0] != batch:
+                continue
+            before, after = _f32(before)[others], _f32(after)[others]
+            if not torch.allclose(before, after, rtol=1e-4, atol=1e-6 * before.abs().max().clamp_min(1.0).item()):
+                raise ExampleMixingError(
+                    f"layer '{name}': its input for other examples changed when only example {changed}'s model inputs "
+                    "changed, so the model couples examples before this layer (e.g. normalisation over the batch); "
+                    "its per-example gradients cannot be clipped")
+
+    def backward(self, losses: torch.Tensor) -> torch.Tensor:
+        """Accumulate the clipped sum into `.grad`; return the unclipped per-example norms (B,).
+
+        `losses`: the per-example losses of the last forward, shape (B,)."""
         uses, self._uses = self._uses, []
+        if losses.dim() != 1:
+            raise ValueError(f"backward() takes the per-example losses, shape (batch,), got shape {tuple(losses.shape)}"
+                             "; pass the vector of losses, not their sum or mean")
         if not uses:
             raise RuntimeError("no forward pass with gradients was recorded before backward()")
         for use in uses:
             if use.inputs._version != use.input_version or use.output._version != use.output_version:
                 raise RuntimeError(f"the input or output of layer '{use.name}' was modified in place after "
                                    "its forward; per-example gradients would be wrong")
+        batch = losses.shape[0]
+        self._check_batch_axis(uses, batch)
+        loss = losses.sum()
         if not self._graph_checked:
             self._check_graph(loss, uses)
             self._graph_checked = True
-        output_grads = torch.autograd.grad(loss, [use.output for use in uses], allow_unused=True)
+        pattern = _use_pattern(uses, batch)
+        probe = batch > 1 and pattern not in self._probed_patterns
+        output_grads = torch.autograd.grad(loss, [use.output for use in uses], allow_unused=True, retain_graph=probe)
+        if probe:
+            self._gradient_probe(losses, uses, output_grads)
+            self._input_probe(uses, batch)
+            self._probed_patterns.add(pattern)
+        self._call = None
 
         factors = {}
         for use, output_grad in zip(uses, output_grads):
@@ -372,7 +563,6 @@ class PerExampleGradients:
                     if isinstance(factor, Outer) and factor.materialise_is_cheaper():
                         factor = factor.materialise()
                     factors.setdefault(param, []).append(factor)
-        batch = uses[0].inputs.shape[0]
         del uses, output_grads
         if not factors:
             raise RuntimeError("the loss does not depend on any trainable parameter")
@@ -403,3 +593,4 @@ class PerExampleGradients:
             handle.remove()
         self._handles = []
         self._uses = []
+        self._call = None

@@ -31,6 +31,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_local, load_target_task  # noqa: E402
+from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.atomic_io import atomic_path, replace_directory, write_json  # noqa: E402
 
 # name -> (hidden size, layers, heads, feed-forward size). The paper's sizes (DESIGN.md) use 12 heads;
@@ -306,6 +307,8 @@ def finish(args, model, tokenizer, held_out, device):
                                                              args.per_device_train_batch_size, device)
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
+    # model and tokenizer depend on the DP releases that chose their data (none for a random selection)
+    privacy_ledger.write_releases(args.output_dir, privacy_ledger.read_releases(args.dataset_path))
     write_json(os.path.join(args.output_dir, "eval_results.json"), {**results, "model_size": args.model_size,
                                                                     "steps": args.max_train_steps})
     plot_loss(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "loss.png"))

@@ -14,7 +14,8 @@
 # there instead of in the run directory, so that several runs share it. Layout of the run directory:
 #   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
 #   privacy_ledger.json holds the domain classifier and the fine-tuning)
-#   baselines/random/{selected,pretrained,finetune}/ and baselines/scratch/finetune/ (their own ledgers)
+#   baselines/random/{selected,pretrained,finetune}/ and baselines/scratch/finetune/ (their own ledgers; the
+#   no-pre-training baseline takes the random selection's tokenizer and config, learnt from public data only)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -104,7 +105,7 @@ run python data_selection/build_classifier_data.py --sentences_dir "$S" --target
   "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED"
 stage 3 "DP domain classifier and scores"
 launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$S" \
-  "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --seed "$SEED"
+  "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --resume_from_checkpoint latest --seed "$SEED"
 stage 4 "selection (top-scored and random, same budget)"
 run python data_selection/sampling_with_logits.py --sentences_dir "$S" \
   --scores_dir "$R/domain_classifier/scores" "${BUDGET[@]}" --output_dir "$R/selected" --seed "$SEED"
@@ -116,12 +117,13 @@ for variant in "$R" "$B/random"; do
     --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED"
 done
 stage 6 "DP fine-tuning at a total epsilon of $TOTAL_EPSILON"
-launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" --target "$TARGET" "${FINETUNE[@]}" \
-  --target_epsilon "$TOTAL_EPSILON" --target_epsilon_scope run --output_dir "$R/finetune" --seed "$SEED"
-launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" --target "$TARGET" "${FINETUNE[@]}" \
-  --target_epsilon "$TOTAL_EPSILON" --output_dir "$B/random/finetune" --seed "$SEED"
-launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" --random_init --target "$TARGET" \
-  "${FINETUNE[@]}" --target_epsilon "$TOTAL_EPSILON" --output_dir "$B/scratch/finetune" --seed "$SEED"
+FINETUNE+=(--target "$TARGET" --target_epsilon "$TOTAL_EPSILON" --resume_from_checkpoint latest --seed "$SEED")
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" "${FINETUNE[@]}" \
+  --target_epsilon_scope run --output_dir "$R/finetune"
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" "${FINETUNE[@]}" \
+  --output_dir "$B/random/finetune"
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" --random_init "${FINETUNE[@]}" \
+  --output_dir "$B/scratch/finetune"
 
 if [ "$DRY_RUN" = 0 ]; then
   python scripts/summarize_runs.py "$RUN_DIR"

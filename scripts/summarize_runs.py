@@ -20,7 +20,7 @@ from dp_finetuning.atomic_io import atomic_path  # noqa: E402
 VARIANTS = (("selective pre-training", "", "selected"), ("random pre-training", "baselines/random", "selected"),
             ("no pre-training", "baselines/scratch", None))
 RUN_FIELDS = ("run_dir", "seed", "model_size", "budget_words", "variant", "pretraining_words", "target_perplexity",
-              "val_accuracy", "test_accuracy", "total_epsilon", "dp_stages")
+              "val_accuracy", "test_accuracy", "total_epsilon", "delta", "dp_releases")
 METRICS = ("val_accuracy", "test_accuracy", "target_perplexity", "total_epsilon")
 
 
@@ -44,7 +44,7 @@ def summary_rows(run_dir):
         rows.append({
             "run_dir": run_dir,
             "seed": results["seed"] if results else None,
-            # the no-pre-training baseline takes the selective model's size and tokenizer
+            # the no-pre-training baseline takes the random model's size and tokenizer, the same size as the selective
             "model_size": selective_model["model_size"] if selective_model else None,
             "budget_words": selective_report["budget_words"] if selective_report else None,
             "variant": name,
@@ -53,7 +53,9 @@ def summary_rows(run_dir):
             "val_accuracy": results["val_accuracy"] if results else None,
             "test_accuracy": results["test_accuracy"] if results else None,
             "total_epsilon": results["composed_epsilon"] if results else None,
-            "dp_stages": "+".join(results["ledger_stages"]) if results else "",
+            "delta": results["delta"] if results else None,
+            # the DP releases that the variant's fine-tuned model depends on (its own included)
+            "dp_releases": " + ".join(results["dp_releases"]) if results else "",
         })
     return rows
 
@@ -65,12 +67,12 @@ def fmt(value, pattern):
 def print_run(run_dir, rows):
     print(f"\n## {run_dir}\n")
     print("| variant | pre-training words | target perplexity | val accuracy | test accuracy | total epsilon | "
-          "DP stages |")
-    print("|---|---|---|---|---|---|---|")
+          "delta | DP releases the model depends on |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['pretraining_words']:,} | {fmt(r['target_perplexity'], '{:.1f}')} | "
               f"{fmt(r['val_accuracy'], '{:.4f}')} | {fmt(r['test_accuracy'], '{:.4f}')} | "
-              f"{fmt(r['total_epsilon'], '{:.3f}')} | {r['dp_stages']} |")
+              f"{fmt(r['total_epsilon'], '{:.3f}')} | {fmt(r['delta'], '{:.3g}')} | {r['dp_releases']} |")
 
 
 def aggregate(rows):

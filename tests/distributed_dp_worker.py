@@ -1,4 +1,4 @@
-"""Run by test_dp_training under 1 or 2 processes: train a few DP steps or draw the noise, save the result."""
+"""Run by test_dp_training under 1 or 2 processes: train a few DP steps, draw the noise or report the DP seeds."""
 
 import os
 import sys
@@ -18,6 +18,9 @@ def main():
     if mode == "train":
         trainer.train()
         result = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+    elif mode == "seeds":  # (sampling seed, noise seed) of every process
+        result = [None] * trainer.accelerator.num_processes
+        torch.distributed.all_gather_object(result, (trainer.sampling_seed, trainer.noise_seed))
     else:  # the privatised gradient of all-zero clipped sums is the noise / logical batch
         result = torch.stack([_noise(trainer, step) for step in range(20)])
     if trainer.accelerator.is_main_process:

@@ -20,10 +20,10 @@ def classification_loss_per_example(logits, labels):
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def batch_loss(model, batch, loss_fn):
-    """Sum over examples of each example's own loss (the loss the engine needs)."""
+def batch_losses(model, batch, loss_fn):
+    """Each example's own loss, shape (B,): what the engine's backward takes."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return loss_fn(model(**inputs).logits, batch["labels"]).sum()
+    return loss_fn(model(**inputs).logits, batch["labels"])
 
 
 def per_example_grads(model, batch, loss_fn):

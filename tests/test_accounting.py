@@ -64,7 +64,7 @@ def analytic_gaussian_epsilon(sigma, compositions, delta):
 
 
 def test_shuffle_is_accounted_as_one_gaussian_per_epoch_without_amplification():
-    shuffle = Mechanism(1.4, 0.1, 100, "shuffle")
+    shuffle = Mechanism(1.4, 0.1, 100, "shuffle", steps_per_epoch=10)
     assert shuffle.compositions == 10
     epsilons = compute_epsilons([shuffle], 1e-5)
     exact = analytic_gaussian_epsilon(1.4, 10, 1e-5)
@@ -81,17 +81,19 @@ def test_default_delta():
     assert default_delta(67349) == pytest.approx(1 / 673490)
 
 
-def test_ledger_composes_stages(tmp_path):
-    privacy_ledger.record(tmp_path, "classifier", Mechanism(1.0, 0.01, 300), 1e-5, "target")
-    privacy_ledger.record(tmp_path, "finetune", Mechanism(1.2, 0.03, 200), 1e-5, "target")
-    privacy_ledger.record(tmp_path, "finetune", Mechanism(1.2, 0.03, 200), 1e-5, "target")  # rerun replaces
-    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["classifier", "finetune"]
+def test_ledger_composes_every_release(tmp_path):
+    privacy_ledger.record(tmp_path, "classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
+    privacy_ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 2e-5, "target")
+    privacy_ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 2e-5, "target")  # b resumed
+    privacy_ledger.record(tmp_path, "finetune", "c", Mechanism(1.2, 0.03, 200), 2e-5, "target")  # another seed
+    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["classifier", "finetune", "finetune"]
     composed, delta = privacy_ledger.composed_epsilon(tmp_path)
-    expected = compute_epsilons([Mechanism(1.0, 0.01, 300), Mechanism(1.2, 0.03, 200)], 1e-5)
-    assert delta == 1e-5 and composed == pytest.approx(expected)
+    expected = compute_epsilons([Mechanism(1.0, 0.01, 300)] + [Mechanism(1.2, 0.03, 200)] * 2, 1e-5)
+    assert delta == 1e-5 and composed == pytest.approx(expected)  # at the smallest delta of the entries
 
 
-@pytest.mark.parametrize("kwargs", [dict(sample_rate=0), dict(sample_rate=1.5), dict(sampling="random")])
+@pytest.mark.parametrize("kwargs", [dict(sample_rate=0), dict(sample_rate=1.5), dict(sampling="random"),
+                                    dict(sampling="shuffle")])
 def test_bad_mechanism(kwargs):
     with pytest.raises(ValueError):
         Mechanism(**{"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, **kwargs})
@@ -106,14 +108,14 @@ def test_headline_epsilon_falls_back_to_pld_where_prv_fails():
 
 
 def test_ledger_command_prints_the_composed_epsilon(tmp_path, capsys, monkeypatch):
-    privacy_ledger.record(tmp_path, "classifier", Mechanism(1.0, 0.01, 300), 1e-5, "target")
-    privacy_ledger.record(tmp_path, "finetune", Mechanism(1.2, 0.03, 200), 1e-5, "target")
+    privacy_ledger.record(tmp_path, "classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
+    privacy_ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 1e-5, "target")
     monkeypatch.setattr("sys.argv", ["privacy_ledger", str(tmp_path)])
     privacy_ledger.main()
     composed, _ = privacy_ledger.composed_epsilon(tmp_path)
     out = capsys.readouterr().out
     assert "| classifier |" in out and "| finetune |" in out
-    assert f"composed epsilon at delta=1e-05: epsilon {composed['epsilon']:.3f}" in out
+    assert f"composed epsilon of 2 releases at delta=1e-05: epsilon {composed['epsilon']:.3f}" in out
 
 
 def test_calibration_against_a_total_budget_with_earlier_stages():

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -7,7 +8,7 @@ from datasets import Dataset
 
 from data_selection.sources import DataError
 from dp_finetuning import dp_finetune, privacy_ledger
-from dp_finetuning.accounting import Mechanism
+from dp_finetuning.accounting import Mechanism, compute_epsilons
 from pretraining import pretrain_gpt2
 
 GOOD, BAD = "a wonderful moving film", "a dull tedious mess"
@@ -40,7 +41,7 @@ def finetune_argv(model, target, output, *extra):
 
 
 def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained, target):
-    privacy_ledger.record(tmp_path / "run", "domain_classifier", Mechanism(1.0, 0.01, 100), 1e-3, "target")
+    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-3, "target")
     dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / "finetune"))
     results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
     assert len(results["val_accuracy_per_epoch"]) == 4 and 0 <= results["test_accuracy"] <= 1
@@ -88,3 +89,46 @@ def test_reference_command_maps_its_positional_arguments(tmp_path, pretrained):
     assert privacy["noise_multiplier"] == 1.4 and privacy["max_grad_norm"] == 1.0 and privacy["steps"] == 1
     assert privacy["logical_batch_size"] == 32 * 64 and privacy["sample_rate"] == pytest.approx(2048 / 2100)
     assert json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())["seed"] == 0
+
+
+def test_a_model_that_depends_on_an_uncounted_release_is_refused(tmp_path, pretrained, target):
+    """The no-pre-training baseline must not take a tokenizer chosen by the DP classifier unless its ledger counts it."""
+    selective = tmp_path / "selective_model"
+    shutil.copytree(pretrained, selective)
+    classifier = {"stage": "domain_classifier", "run_id": "c0ffee", "private_data": str(target), "ledger": "elsewhere"}
+    privacy_ledger.write_releases(selective, [classifier])
+    for extra in ((), ("--random_init",)):
+        with pytest.raises(DataError, match="does not hold: domain_classifier c0ffee"):
+            dp_finetune.main(finetune_argv(selective, target, tmp_path / "scratch" / "finetune", *extra))
+    assert not (tmp_path / "scratch" / "finetune").exists()
+    # counted in the run's ledger: accepted, and the results name both releases
+    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c0ffee", Mechanism(1.0, 0.01, 100), 1e-3,
+                          str(target))
+    dp_finetune.main(finetune_argv(selective, target, tmp_path / "run" / "finetune", "--random_init",
+                                   "--num_train_epochs", "1"))
+    results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
+    assert results["dp_releases"] == ["domain_classifier", "finetune"]
+    released = privacy_ledger.read_releases(tmp_path / "run" / "finetune")
+    assert [r["run_id"] for r in released][0] == "c0ffee"
+    assert not (tmp_path / "run" / "finetune" / "private_training_state").exists()
+    assert {"config.json", "model.safetensors", "tokenizer.json", "privacy.json"} <= set(
+        os.listdir(tmp_path / "run" / "finetune"))
+
+
+def test_seeds_into_one_run_directory_compose_at_one_delta(tmp_path, pretrained, target):
+    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-4, str(target))
+    results = []
+    for seed in (0, 1, 2):
+        dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / f"finetune_seed{seed}", "--seed", str(seed),
+                                       "--num_train_epochs", "1"))
+        results.append(json.loads((tmp_path / "run" / f"finetune_seed{seed}" / "results.json").read_text()))
+    entries = privacy_ledger.load_entries(tmp_path / "run")
+    assert [e["stage"] for e in entries] == ["domain_classifier", "finetune", "finetune", "finetune"]
+    alone = compute_epsilons([Mechanism.from_dict(entries[1])], 1e-4)["epsilon"]
+    composed, delta = privacy_ledger.composed_epsilon(tmp_path / "run")
+    assert delta == 1e-4 and results[-1]["delta"] == 1e-4  # the smallest delta, not the stage's 1/(10 n)
+    assert results[-1]["stage_delta"] == pytest.approx(1 / 800)
+    assert results[-1]["composed_epsilon"] == pytest.approx(composed["epsilon"])
+    finetunes_only = compute_epsilons([Mechanism.from_dict(e) for e in entries[1:]], 1e-4)["epsilon"]
+    assert alone < finetunes_only < 3 * alone
+    assert results[0]["composed_epsilon"] < results[1]["composed_epsilon"] < results[2]["composed_epsilon"]

@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -73,7 +72,8 @@ def test_training_learns_and_reports_privacy(tmp_path):
     def accuracy(model):
         return (model(input_ids=data["input_ids"]).logits.argmax(-1) == data["labels"]).float().mean().item()
     trainer.eval_fn = lambda model: {"accuracy": accuracy(model)}
-    report = trainer.train()
+    trainer.train()
+    report = trainer.release(lambda directory: None)
     assert trainer.history[-1]["accuracy"] >= 0.8
     assert report["steps"] == trainer.total_steps == 24
     with open(tmp_path / "run" / "privacy.json") as handle:
@@ -84,25 +84,11 @@ def test_training_learns_and_reports_privacy(tmp_path):
     assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["test"]
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
-    common = ["--max_train_steps", "4", "--checkpointing_steps", "2"]
-    uninterrupted = make_trainer(tmp_path, *common, name="full")
-    uninterrupted_report = uninterrupted.train()
-    # a run killed after step 2: its output directory holds only checkpoint-2
-    os.makedirs(tmp_path / "resumed")
-    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    resumed = make_trainer(tmp_path, *common, "--resume_from_checkpoint", "latest", name="resumed")
-    resumed_report = resumed.train()
-    assert torch.equal(flat_params(resumed.model), flat_params(uninterrupted.model))
-    assert resumed_report["epsilon"] == uninterrupted_report["epsilon"]
-    assert resumed_report["steps"] == 4
-
-
 def test_length_ordered_micro_batches_give_the_same_training(tmp_path):
     lengths = torch.randint(1, 100, (64,), generator=torch.Generator().manual_seed(1))
-    plain = make_trainer(tmp_path, "--max_train_steps", "3", name="plain")
-    ordered = make_trainer(tmp_path, "--max_train_steps", "3", name="ordered")
-    ordered.lengths, ordered.noise_seed = lengths, plain.noise_seed
+    plain = make_trainer(tmp_path, "--max_train_steps", "3", "--deterministic_dp", name="plain")
+    ordered = make_trainer(tmp_path, "--max_train_steps", "3", "--deterministic_dp", name="ordered")
+    ordered.lengths = lengths
     seen = []
     ordered.collate_fn = lambda examples: seen.append(examples) or collate(examples)
     plain.train()
@@ -116,10 +102,9 @@ def test_length_ordered_micro_batches_give_the_same_training(tmp_path):
 
 def test_checkpoint_of_another_run_is_refused(tmp_path):
     make_trainer(tmp_path, "--max_train_steps", "2").train()
-    other = make_trainer(tmp_path, "--max_train_steps", "2", "--noise_multiplier", "2.0",
-                         "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-2"), name="other")
     with pytest.raises(ValueError, match="another run: noise_multiplier 1.0 != 2.0"):
-        other.train()
+        make_trainer(tmp_path, "--max_train_steps", "2", "--noise_multiplier", "2.0", "--resume_from_checkpoint",
+                     str(tmp_path / "run" / "private_training_state" / "checkpoint-2"), name="other")
 
 
 def test_target_epsilon_calibrates_the_noise(tmp_path):
@@ -165,7 +150,7 @@ def run_worker(tmp_path, processes, mode, name, dp_argv):
 def test_two_processes_equal_one_process(tmp_path):
     """Same seed, same logical batch: the same examples, so without noise the same update."""
     common = ["--noise_multiplier", "0", "--max_train_steps", "3", "--max_grad_norm", "0.1",
-              "--learning_rate", "1e-2"]
+              "--learning_rate", "1e-2", "--deterministic_dp"]
     one = run_worker(tmp_path, 1, "train", "one", common + ["--per_device_train_batch_size", "8"])
     two = run_worker(tmp_path, 2, "train", "two", common + ["--per_device_train_batch_size", "4"])
     assert not torch.equal(one, flat_params(tiny_model()))
@@ -178,11 +163,17 @@ def test_two_processes_add_the_noise_once(tmp_path):
     assert noise.std().item() == pytest.approx(1.5 * 2, rel=0.03)
 
 
+def test_two_processes_share_the_secret_seeds(tmp_path):
+    seeds = run_worker(tmp_path, 2, "seeds", "seeds", ["--noise_multiplier", "1", "--per_device_train_batch_size", "4"])
+    assert seeds[0] == seeds[1] and seeds[0][0] != seeds[0][1]
+
+
 def test_target_epsilon_for_the_whole_run(tmp_path):
-    privacy_ledger.record(tmp_path, "domain_classifier", Mechanism(2.0, 0.05, 100), 1 / 640, "tiny")
+    privacy_ledger.record(tmp_path, "domain_classifier", "classifier-run", Mechanism(2.0, 0.05, 100), 1 / 640, "tiny")
     trainer = make_trainer(tmp_path, "--target_epsilon", "3", "--target_epsilon_scope", "run",
                            "--max_train_steps", "20")
     trainer.train()
+    trainer.release(lambda directory: None)
     composed, _ = privacy_ledger.composed_epsilon(tmp_path, trainer.delta)
     assert 2.97 <= composed["epsilon"] <= 3.0
     assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["domain_classifier", "test"]

@@ -7,7 +7,7 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
                           GPT2LMHeadModel)
 
 from dp_finetuning.per_example_grads import PerExampleGradients, UnsupportedParameterError
-from tests.oracle import (batch_loss, classification_loss_per_example, lm_loss_per_example, norms_and_clipped_sum,
+from tests.oracle import (batch_losses, classification_loss_per_example, lm_loss_per_example, norms_and_clipped_sum,
                           per_example_grads)
 
 VOCAB, PAD = 61, 0
@@ -80,7 +80,7 @@ def test_norms_and_clipped_sum_match_brute_force(case):
     _, reference_sum = norms_and_clipped_sum(reference_grads, max_grad_norm)
 
     engine = PerExampleGradients(model, max_grad_norm)
-    norms = engine.backward(batch_loss(model, batch, loss_fn))
+    norms = engine.backward(batch_losses(model, batch, loss_fn))
 
     assert relative_error(norms, reference_norms) <= 1e-5
     for n, ref in zip(norms, reference_norms):
@@ -101,7 +101,7 @@ def test_tied_norm_includes_cross_term():
     assert model.lm_head.weight is model.transformer.wte.weight
     batch = padded_batch([12, 9], lm=True)
     reference_norms, _ = norms_and_clipped_sum(per_example_grads(model, batch, lm_loss_per_example), 1.0)
-    norms = PerExampleGradients(model, 1.0).backward(batch_loss(model, batch, lm_loss_per_example))
+    norms = PerExampleGradients(model, 1.0).backward(batch_losses(model, batch, lm_loss_per_example))
     torch.testing.assert_close(norms.double(), reference_norms, rtol=1e-5, atol=0)
 
 
@@ -110,7 +110,7 @@ def test_accumulates_over_micro_batches():
     batch = padded_batch([12, 7, 3, 10], seed=3)
     engine = PerExampleGradients(model, 0.5)
     for half in (slice(0, 2), slice(2, 4)):
-        engine.backward(batch_loss(model, {k: v[half] for k, v in batch.items()}, classification_loss_per_example))
+        engine.backward(batch_losses(model, {k: v[half] for k, v in batch.items()}, classification_loss_per_example))
     _, reference_sum = norms_and_clipped_sum(per_example_grads(model, batch, classification_loss_per_example), 0.5)
     params = dict(model.named_parameters())
     for name, ref in reference_sum.items():
@@ -123,7 +123,7 @@ def test_autocast_bf16_matches_fp32_norms():
     reference_norms, _ = norms_and_clipped_sum(per_example_grads(model, batch, lm_loss_per_example), 1.0)
     engine = PerExampleGradients(model, 1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = batch_loss(model, batch, lm_loss_per_example)
+        loss = batch_losses(model, batch, lm_loss_per_example)
     norms = engine.backward(loss)
     assert norms.dtype == torch.float32
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -143,7 +143,7 @@ def test_neighbouring_batches_differ_by_at_most_the_clip_norm(lengths, removed, 
 
     def clipped_sum(data):
         model.zero_grad(set_to_none=True)
-        engine.backward(batch_loss(model, data, classification_loss_per_example))
+        engine.backward(batch_losses(model, data, classification_loss_per_example))
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     difference = clipped_sum(batch) - clipped_sum(neighbour)
@@ -194,6 +194,6 @@ def test_frozen_unsupported_layer_is_ignored():
 def test_parameter_used_outside_its_layer_is_refused_at_backward():
     model = ReusesWeight()
     engine = PerExampleGradients(model, 1.0)
-    loss = model(torch.randn(3, 4)).sum()
+    losses = model(torch.randn(3, 4)).sum(1)
     with pytest.raises(UnsupportedParameterError, match=r"proj\.weight"):
-        engine.backward(loss)
+        engine.backward(losses)

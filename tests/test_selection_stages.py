@@ -45,7 +45,7 @@ def stage3_argv(root, *extra):
 def test_private_fast_classifier_separates_two_domains(two_domains):
     train_domain_classifier.main(stage3_argv(two_domains))
     output = two_domains / "run" / "domain_classifier"
-    privacy = json.loads((output / "privacy.json").read_text())
+    privacy = json.loads((output / "classifier" / "privacy.json").read_text())
     assert privacy["stage"] == "domain_classifier" and privacy["noise_multiplier"] == 0.8
     assert privacy["delta"] == pytest.approx(1 / 2000)  # 1 / (10 x 200 private positives)
     ledger = json.loads((two_domains / "run" / "privacy_ledger.json").read_text())
@@ -128,7 +128,7 @@ def test_transformer_backbone_has_only_adapters_and_head_trainable():
     engine = PerExampleGradients(model, 1.0)
     batch = encode(["a fine film", "the market fell sharply today"])
     losses = torch.nn.functional.cross_entropy(model(**batch).logits, torch.tensor([1, 0]), reduction="none")
-    norms = engine.backward(losses.sum())
+    norms = engine.backward(losses)
     assert norms.shape == (2,) and torch.all(norms > 0)
 
 
@@ -149,7 +149,7 @@ def test_demo_selection_finds_the_movie_plots_at_epsilon_one(tmp_path, demo_sent
         "--output_dir", str(tmp_path / "run" / "domain_classifier"), "--target_epsilon", "1",
         "--per_device_train_batch_size", "512", "--gradient_accumulation_steps", "16", "--learning_rate", "0.1",
         "--num_train_epochs", "6"])
-    privacy = json.loads((tmp_path / "run" / "domain_classifier" / "privacy.json").read_text())
+    privacy = json.loads((tmp_path / "run" / "domain_classifier" / "classifier" / "privacy.json").read_text())
     assert privacy["epsilon"]["epsilon"] <= 1.0 and privacy["epsilon"]["rdp"] > 1.0
     sampling_with_logits.main(["--sentences_dir", str(demo_sentences), "--num_tokens", "0.2",
                                "--scores_dir", str(tmp_path / "run" / "domain_classifier" / "scores"),

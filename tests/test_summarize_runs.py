@@ -22,7 +22,8 @@ def fake_run(run_dir, seed, accuracies, budget=1000):
         base = run_dir / sub if sub else run_dir
         write(base / "finetune" / "results.json", {
             "seed": seed, "val_accuracy": accuracy + 0.01, "test_accuracy": accuracy,
-            "composed_epsilon": 3.99 + 0.001 * seed, "ledger_stages": ledger_stages})
+            "composed_epsilon": 3.99 + 0.001 * seed, "delta": 1e-5, "ledger_stages": ledger_stages,
+            "dp_releases": ledger_stages})
         if sub != "baselines/scratch":
             write(base / "selected" / "selection_report.json",
                   {"budget_words": budget, "selected_words": budget + 7 + seed})

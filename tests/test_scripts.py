@@ -1,0 +1,30 @@
+"""Every Python script in scripts/ runs from the repository root exactly as the README writes it."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_from_the_repository_root(script):
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    completed = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=environment, capture_output=True,
+                               text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "usage:" in completed.stdout
+
+
+def test_engine_benchmark_runs_a_tiny_configuration():
+    environment = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    completed = subprocess.run([sys.executable, "scripts/benchmark_engine.py", "--seq_lens", "16", "--batch_size", "4",
+                                "--repeats", "1", "--width", "32", "--layers", "1", "--vocab_size", "64",
+                                "--variants", "non-private", "this engine"], cwd=ROOT, env=environment,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.count("| this engine |") == 2  # one row per model
