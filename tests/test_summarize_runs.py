@@ -64,7 +64,10 @@ def test_an_unfinished_run_is_reported_but_not_averaged(tmp_path, capsys):
     fake_run(tmp_path / "done", 0, RUNS[0][1:])
     (tmp_path / "started" / "selected").mkdir(parents=True)
     summarize_runs.main([str(tmp_path / "done"), str(tmp_path / "started"), "--output_dir", str(tmp_path / "out")])
-    assert "| selective pre-training | 0 | n/a | n/a | n/a | n/a |  |" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "| selective pre-training | 0 | n/a | n/a | n/a | n/a | n/a |  |" in output
+    assert "| selective pre-training | 1,007 | 500.0 | 0.7100 | 0.7000 | 3.990 | 1e-05 | domain_classifier + finetune |" \
+        in output
     with open(tmp_path / "out" / "table.csv") as handle:
         assert all(row["seeds"] == "1" for row in csv.DictReader(handle))
 
