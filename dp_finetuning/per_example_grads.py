@@ -75,6 +75,10 @@ class ExampleMixingError(UnsupportedParameterError):
 BATCH_COUPLING_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
 
+# Per-example gradients materialised only for their norm are built this many elements at a time.
+MATERIALISE_CHUNK_ELEMENTS = 2 ** 22
+
+
 def _f32(tensor):
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
@@ -85,14 +89,31 @@ class Outer:
 
     left: torch.Tensor
     right: torch.Tensor
+    norm_by_materialising: bool = False  # chosen by _plan_linear_factors
 
-    def materialise_is_cheaper(self):
-        # Ghost norm costs two B x T x T Gram matrices; materialising costs B x R x K.
-        seq_len = self.left.shape[1]
-        return 2 * seq_len * seq_len >= self.left.shape[2] * self.right.shape[2]
+    def costs(self):
+        """Per example: (ghost norm flops, materialising flops, bytes of the materialised gradient)."""
+        _, seq_len, left_width = self.left.shape
+        right_width = self.right.shape[2]
+        return (2 * seq_len * seq_len * (left_width + right_width), 2 * seq_len * left_width * right_width,
+                4 * left_width * right_width)
 
     def materialise(self):
         return Dense(torch.bmm(_f32(self.left).transpose(1, 2), _f32(self.right)))
+
+    def sq_norm_by_materialising(self):
+        """Squared norms from per-example gradients materialised a slice of the wider side at a time."""
+        left, right = _f32(self.left), _f32(self.right)
+        if left.shape[2] < right.shape[2]:
+            left, right = right, left
+        batch, _, width = left.shape
+        step = max(1, MATERIALISE_CHUNK_ELEMENTS // (batch * right.shape[2]))
+        total = None
+        for start in range(0, width, step):
+            block = torch.bmm(left[:, :, start:start + step].transpose(1, 2), right)
+            part = _batched_dot(block, block)
+            total = part if total is None else total + part
+        return total
 
     def weighted_sum(self, weights):
         # Scale the narrower side: for an LM head left is B x T x vocab.
@@ -149,11 +170,45 @@ class _GramCache:
 def _sq_norm(factor, gram):
     """Per-example squared Frobenius norm of one factor, shape (B,)."""
     if isinstance(factor, Outer):
+        if factor.norm_by_materialising:
+            return factor.sq_norm_by_materialising()
         return _batched_dot(gram(factor.left), gram(factor.right))
     if isinstance(factor, Rows):
         same_row = factor.ids[:, :, None] == factor.ids[:, None, :]
         return (gram(factor.values) * same_row).sum((1, 2))
-    return _f32(factor.values).flatten(1).pow(2).sum(1)
+    values = _f32(factor.values)
+    return _batched_dot(values, values)
+
+
+def _plan_linear_factors(factors, budget_bytes):
+    """Choose, per linear-layer factor, how its norm and clipped sum are computed, by estimated cost.
+
+    Per example with sequence length T, widths R and K, the ghost norm costs 2 T^2 (R + K) flops
+    and materialising the gradient 2 T R K; either way the clipped sum is then one GEMM over the
+    sequence (2 T R K). A gradient kept materialised needs no GEMM for the clipped sum (2 R K for a
+    weighted sum instead) but holds 4 R K bytes until the end of the step. So every factor takes
+    the cheaper norm, and factors are kept materialised where that needs no more memory than
+    their Gram matrices, then by time saved per byte while the kept bytes fit `budget_bytes`.
+    """
+    ranked = []
+    for uses_of_param in factors.values():
+        for index, factor in enumerate(uses_of_param):
+            if not isinstance(factor, Outer):
+                continue
+            ghost, materialising, nbytes = factor.costs()
+            factor.norm_by_materialising = materialising < ghost
+            batch, seq_len = factor.left.shape[:2]
+            if nbytes <= 8 * seq_len * seq_len:  # no larger than the two Gram matrices
+                uses_of_param[index] = factor.materialise()
+                continue
+            saving = min(ghost, materialising) - 2 * nbytes // 4
+            if saving > 0:
+                ranked.append((saving / nbytes, batch * nbytes, uses_of_param, index))
+    ranked.sort(key=lambda candidate: -candidate[0])
+    for _, nbytes, uses_of_param, index in ranked:
+        if nbytes <= budget_bytes:
+            uses_of_param[index] = uses_of_param[index].materialise()
+            budget_bytes -= nbytes
 
 
 def _batched_dot(x, y):
@@ -334,6 +389,15 @@ def _perturb_example(tensor, batch, index, generator):
     return changed
 
 
+def _bytes_in_play(uses, output_grads, factors):
+    """Memory a step holds anyway: stored layer inputs and outputs, their gradients, and four copies of the
+    trainable parameters (weights, gradients, two optimiser moments)."""
+    tensors = {}
+    for tensor in [t for use in uses for t in (use.inputs, use.output)] + [g for g in output_grads if g is not None]:
+        tensors[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+    return sum(tensors.values()) + 4 * sum(p.numel() * p.element_size() for p in factors)
+
+
 def _use_pattern(uses, batch):
     """What the batch-axis probes depend on: the layers used, their ranks, and which axes have length B."""
     return tuple((use.name, tuple(size == batch for size in use.inputs.shape),
@@ -350,13 +414,16 @@ class PerExampleGradients:
 
     `per_example_safe`: modules (or their names) that the engine would refuse as coupling
     examples (BatchNorm in train mode) but that the caller knows to be per-example here.
+    `materialise_budget`: the memory for per-example gradients kept materialised to save time,
+    as a fraction of what the step holds anyway (see `_plan_linear_factors`).
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float, per_example_safe=()):
+    def __init__(self, model: nn.Module, max_grad_norm: float, per_example_safe=(), materialise_budget=0.1):
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
+        self.materialise_budget = float(materialise_budget)
         self._param_names = {}
         self._hooked = {}
         self._check_parameters()
@@ -560,12 +627,11 @@ class PerExampleGradients:
             g = _flatten_sequence(output_grad, 1 if isinstance(use.layer, nn.Embedding) else feature_dims)
             for param, factor in rule(use.layer, x, g).items():
                 if param.requires_grad:
-                    if isinstance(factor, Outer) and factor.materialise_is_cheaper():
-                        factor = factor.materialise()
                     factors.setdefault(param, []).append(factor)
-        del uses, output_grads
         if not factors:
             raise RuntimeError("the loss does not depend on any trainable parameter")
+        _plan_linear_factors(factors, self.materialise_budget * _bytes_in_play(uses, output_grads, factors))
+        del uses, output_grads
 
         accumulate_dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
         sq_norms = loss.new_zeros(batch, dtype=accumulate_dtype)
