@@ -13,7 +13,6 @@ lowercased. Writes filter_train_nonewline.json and filter_val_nonewline.json (JS
 import argparse
 import os
 import shutil
-import string
 import sys
 
 import datasets
@@ -21,16 +20,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
+from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task, remove_punctuation  # noqa: E402
 from dp_finetuning.atomic_io import write_json  # noqa: E402
-
-# Apostrophes join ("don't" -> "dont"); other punctuation separates ("well-known" -> "well known").
-_PUNCTUATION = str.maketrans({p: "" if p == "'" else " " for p in string.punctuation})
-
-
-def remove_punctuation(text):
-    return " ".join(text.replace("\u2019", "'").translate(_PUNCTUATION).lower().split())
-
 
 def build(target, public_sentences, ratio, seed):
     """DatasetDict train/validation with `sentence`, `label`; negatives drawn without replacement."""
@@ -59,9 +50,8 @@ def write_json_lines(dataset, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences_dir", required=True, help="stage 1's output")
-    parser.add_argument("--target", default="demo", help="'demo', 'glue/sst2', or local files")
+    parser.add_argument("--target", default="demo", help="'demo', 'chat', 'glue/sst2', or local files")
     parser.add_argument("--text_column", default="sentence")
-    parser.add_argument("--label_column", default="label")
     parser.add_argument("--od_data_size", type=int, default=5, help="negatives per positive")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_train_samples", type=int, default=None,
@@ -78,7 +68,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.sentences_dir, "stats.json")):
         raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
     public = datasets.load_from_disk(args.sentences_dir)
-    target = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.seed)
+    target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.seed)
     if args.max_train_samples is not None and args.max_train_samples < len(target["train"]):
         target["train"] = target["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
     data = build(target, public, args.od_data_size, args.seed)

@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from data_selection.build_classifier_data import remove_punctuation
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, fetch_wheel
+from data_selection.sources import DEFAULT_CACHE_DIR, DataError, fetch_wheel, remove_punctuation
 
 MAX_LENGTH = 128
 CONFIG_NAME = "classifier.json"

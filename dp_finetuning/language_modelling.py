@@ -1,0 +1,96 @@
+"""Next-word prediction on private messages: encoding, the per-example loss, and the metrics.
+
+One private example is one message, lowercased as the public text of pre-training, encoded
+as EOS + its tokens + EOS (pre-training separated sentences by EOS, so EOS starts a message
+and the model also learns where a message ends).
+
+Metrics over every predicted token of a split (the message's tokens and its closing EOS):
+  * perplexity: exp(mean next-token cross-entropy);
+  * next-token accuracy: share of positions whose argmax is the true next token;
+  * next-word accuracy, as the paper reports for Enron: at every word boundary of a message
+    (before each whitespace-delimited word but the first), greedy decoding from the true
+    prefix must produce exactly the next word: each of its tokens, then a token that starts
+    a new word (a byte-level token with a leading space) or EOS. Greedy decoding from the true
+    prefix follows the true tokens for as long as it is right, so one teacher-forced forward
+    pass per message decides every boundary exactly, and no cap on boundaries is needed.
+    Words cut by --max_length are not counted.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+WORD_START = "\u0120"  # byte-level BPE's mark of a leading space
+
+
+def encode_message(tokenizer, text, max_length):
+    """Token ids EOS + message + EOS, cut to max_length (the closing EOS is dropped when the message is cut)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(text.lower(), add_special_tokens=False)["input_ids"]
+    return [eos] + ids[:max_length - 2] + ([eos] if len(ids) <= max_length - 2 else [])
+
+
+def collate_messages(encoded, pad_token_id):
+    """Right-padded batch with labels equal to the ids and -100 at padding (a real EOS keeps its label)."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100)}
+
+
+def language_modelling_losses(model, batch):
+    """Per-example mean next-token cross-entropy; `labels` are the ids with -100 at padding."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    token_losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none", ignore_index=-100)
+    return token_losses.sum(1) / (targets != -100).sum(1).clamp_min(1)
+
+
+def word_boundaries(tokens):
+    """(start, end) token positions of every word but the first in one encoded message, given as token strings
+    with None for EOS (EOS + tokens [+ EOS]); a word ends where the next one starts or at the closing EOS, and a
+    word cut off at the end is left out."""
+    starts = [position for position in range(2, len(tokens))
+              if tokens[position] is not None and tokens[position].startswith(WORD_START)]
+    closed = len(tokens) > 1 and tokens[-1] is None  # the closing EOS is there
+    ends = starts[1:] + ([len(tokens) - 1] if closed else [])
+    return list(zip(starts, ends))
+
+
+@torch.no_grad()
+def evaluate_language_model(model, tokenizer, texts, max_length, batch_size=64):
+    """{perplexity, next_token_accuracy, next_word_accuracy} of `model` on `texts` (module docstring)."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    ends_word = torch.tensor([token.startswith(WORD_START) for token in vocabulary])
+    ends_word[eos] = True
+    loss_sum = tokens_seen = tokens_right = words_seen = words_right = 0
+    encoded = sorted((encode_message(tokenizer, text, max_length) for text in texts), key=len)
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in collate_messages(chunk, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        loss_sum += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum", ignore_index=-100).item()
+        predicted = logits.argmax(-1).cpu()
+        right = predicted == targets.cpu()
+        seen = targets.cpu() != -100
+        tokens_seen += int(seen.sum())
+        tokens_right += int((right & seen).sum())
+        for row, ids in enumerate(chunk):
+            names = [None if i == eos else vocabulary[i] for i in ids]
+            for word_start, word_end in word_boundaries(names):
+                # positions p predict token p + 1: the word's tokens, then a word-ending token
+                words_seen += 1
+                words_right += int(bool(right[row, word_start - 1:word_end - 1].all())
+                                   and bool(ends_word[predicted[row, word_end - 1]]))
+    return {"perplexity": math.exp(loss_sum / max(tokens_seen, 1)),
+            "next_token_accuracy": tokens_right / max(tokens_seen, 1),
+            "next_word_accuracy": words_right / max(words_seen, 1)}
