@@ -190,12 +190,23 @@ def batches_forever(blocks, batch_size, seed, epoch=0):
         epoch += 1
 
 
+def pad_rows(rows):
+    """A batch of rows of different lengths ({input_ids}), right-padded, with an attention mask."""
+    width = max(len(row["input_ids"]) for row in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row["input_ids"])] = torch.as_tensor(row["input_ids"])
+        mask[i, :len(row["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 @torch.no_grad()
 def perplexity(model, blocks, batch_size, device):
-    """exp(mean next-token loss) over all tokens of `blocks` (dicts with input_ids, optional attention_mask)."""
+    """exp(mean next-token loss) over all tokens of `blocks` (dicts with input_ids; rows may differ in length)."""
     model.eval()
     total, count = 0.0, 0
-    for batch in DataLoader(blocks, batch_size=batch_size):
+    for batch in DataLoader(blocks, batch_size=batch_size, collate_fn=pad_rows):
         ids = batch["input_ids"].to(device)
         mask = batch.get("attention_mask", torch.ones_like(ids)).to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
@@ -208,11 +219,12 @@ def perplexity(model, blocks, batch_size, device):
 
 
 def target_blocks(args, tokenizer):
-    """The target task's validation sentences, one padded row each (evaluation only, never training)."""
-    sentences = list(load_target_task(args.eval_target, label_column=None, cache_dir=args.cache_dir)["validation"]["sentence"])
-    encoded = tokenizer([s.lower() + EOS for s in sentences], truncation=True, max_length=args.block_size,
-                        padding=True, return_tensors="pt")
-    return [{"input_ids": i, "attention_mask": m} for i, m in zip(encoded["input_ids"], encoded["attention_mask"])]
+    """The target task's validation sentences, one row each, sorted by length so that batches pad little
+    (evaluation only, never training)."""
+    task = load_target_task(args.eval_target, label_column=None, cache_dir=args.cache_dir)
+    encoded = tokenizer([s.lower() + EOS for s in task["validation"]["sentence"]], truncation=True,
+                        max_length=args.block_size)["input_ids"]
+    return [{"input_ids": ids} for ids in sorted(encoded, key=len)]
 
 
 def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, step, directory):

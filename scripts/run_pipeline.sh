@@ -51,7 +51,7 @@ esac
 # stage 6 fine-tuning (FINETUNE_LM or FINETUNE_CLASSIFICATION by --task).
 case "$PRESET" in
   smoke)
-    CORPUS=(--corpus demo --max_documents 800)
+    CORPUS=(--corpus demo-small --max_documents 800)
     CLASSIFIER_DATA=(--od_data_size 1 --max_train_samples 3000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 2
                 --learning_rate 0.1 --num_train_epochs 2)

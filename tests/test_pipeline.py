@@ -41,20 +41,31 @@ def test_smoke_pipeline_end_to_end(smoke_run):
                  "baselines/random/finetune/results.json", "baselines/scratch/finetune/results.json"):
         assert (run_dir / path).exists(), path
     results = json.loads((run_dir / "finetune" / "results.json").read_text())
-    assert 0 <= results["test_accuracy"] <= 1 and 0 <= results["val_accuracy"] <= 1
+    assert results["task"] == "lm" and results["target"] == "chat" and results["train_examples"] == 2000
+    assert 1 < results["test_perplexity"] and 0 <= results["test_next_word_accuracy"] <= 1
     assert results["ledger_stages"] == ["domain_classifier", "finetune"]
+    assert results["dp_releases"] == ["domain_classifier", "finetune"]
     ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
     assert [e["stage"] for e in ledger["entries"]] == ["domain_classifier", "finetune"]
     assert 3.9 <= results["composed_epsilon"] <= 4.0 and results["epsilon"] < results["composed_epsilon"]
     baseline = json.loads((run_dir / "baselines" / "random" / "finetune" / "results.json").read_text())
     assert baseline["ledger_stages"] == ["finetune"] and 3.9 <= baseline["composed_epsilon"] <= 4.0
+    # the no-pre-training baseline's tokenizer and config come from the random selection: public data only
+    scratch = json.loads((run_dir / "baselines" / "scratch" / "finetune" / "results.json").read_text())
+    assert scratch["model_name_or_path"].endswith("baselines/random/pretrained") and scratch["random_init"]
+    assert scratch["dp_releases"] == ["finetune"] and scratch["ledger_stages"] == ["finetune"]
+    # releases only: no private training state left, no seed in any privacy report
+    assert not list(run_dir.rglob("private_training_state")) and not list(run_dir.rglob("training_state.pt"))
+    for privacy in run_dir.rglob("privacy.json"):
+        assert not any("seed" in key for key in json.loads(privacy.read_text()))
     assert "| selective pre-training |" in output and "| no pre-training |" in output
+    assert "test next-word accuracy" in (run_dir / "summary.md").read_text()
     table = (base / "results" / "table.md").read_text()
     budget = json.loads((run_dir / "selected" / "selection_report.json").read_text())["budget_words"]
     for variant in ("selective pre-training", "random pre-training", "no pre-training"):
         assert f"| nano | {budget:,} | {variant} | 1 |" in table
     assert (base / "results" / "runs.csv").read_text().count("\n") == 4
-    assert (base / "results" / "accuracy_vs_tokens.png").stat().st_size > 1000
+    assert (base / "results" / "next_word_accuracy_vs_tokens.png").stat().st_size > 1000
 
 
 def test_completed_stages_are_skipped(smoke_run):
@@ -80,6 +91,15 @@ def test_unknown_preset_is_refused():
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "huge"],
                                capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 2 and "unknown preset 'huge'" in completed.stderr
+
+
+def test_classification_is_one_flag_away():
+    output = pipeline("--task", "classification", "--preset", "smoke", "--dry_run")
+    assert "--target demo" in output and "--task lm" not in output and "runs/smoke_classification/" in output
+    assert "--task lm" in pipeline("--preset", "smoke", "--dry_run")
+    completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "paper",
+                                "--dry_run"], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 2 and "needs --target" in completed.stderr
 
 
 @pytest.mark.parametrize("args, message", [
