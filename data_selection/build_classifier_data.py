@@ -56,6 +56,8 @@ def main(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="use a seeded random sample of this many target train sentences (quick runs)")
+    parser.add_argument("--max_eval_samples", type=int, default=None,
+                        help="use a seeded random sample of this many target validation (and test) sentences")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     args = parser.parse_args(argv)
@@ -69,8 +71,10 @@ def main(argv=None):
         raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
     public = datasets.load_from_disk(args.sentences_dir)
     target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.seed)
-    if args.max_train_samples is not None and args.max_train_samples < len(target["train"]):
-        target["train"] = target["train"].shuffle(seed=args.seed).select(range(args.max_train_samples))
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
+                         ("test", args.max_eval_samples)):
+        if split in target and limit is not None and limit < len(target[split]):
+            target[split] = target[split].shuffle(seed=args.seed).select(range(limit))
     data = build(target, public, args.od_data_size, args.seed)
 
     tmp_dir = f"{args.output_dir.rstrip('/')}.tmp"

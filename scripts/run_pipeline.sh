@@ -52,7 +52,7 @@ esac
 case "$PRESET" in
   smoke)
     CORPUS=(--corpus demo-small --max_documents 800)
-    CLASSIFIER_DATA=(--od_data_size 1 --max_train_samples 3000)
+    CLASSIFIER_DATA=(--od_data_size 1 --max_train_samples 3000 --max_eval_samples 500)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 2
                 --learning_rate 0.1 --num_train_epochs 2)
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
@@ -65,7 +65,7 @@ case "$PRESET" in
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
   demo)
     CORPUS=(--corpus demo)
-    CLASSIFIER_DATA=(--od_data_size 5 --max_train_samples 20000)
+    CLASSIFIER_DATA=(--od_data_size 5 --max_train_samples 20000 --max_eval_samples 2000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
                 --learning_rate 0.1 --num_train_epochs 6)
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
