@@ -157,7 +157,7 @@ class DPTrainer:
         self.state_dir = os.path.join(args.output_dir, PRIVATE_STATE_DIR)
         resume_path = self._resolve_checkpoint(args.resume_from_checkpoint)
         state = self._read_checkpoint(resume_path) if resume_path else None
-        self.run_id = state["run_id"] if state else uuid.uuid4().hex
+        self.run_id = state["run_id"] if state else self._from_main_process([uuid.uuid4().hex])[0]
         if args.noise_multiplier is None:
             earlier = [] if args.target_epsilon_scope == "stage" else [
                 e for e in privacy_ledger.load_entries(self.run_dir) if e.get("run_id") != self.run_id]
@@ -185,10 +185,12 @@ class DPTrainer:
         """(sampling seed, noise seed): secret by default, the same on every process."""
         if self.args.deterministic_dp:
             return derived_seed(self.args.seed, "sampling"), derived_seed(self.args.seed, "noise")
-        seeds = [secrets.randbits(63), secrets.randbits(63)]
-        if self.accelerator.num_processes > 1:
-            seeds = broadcast_object_list(seeds, from_process=0)
+        seeds = self._from_main_process([secrets.randbits(63), secrets.randbits(63)])
         return seeds[0], seeds[1]
+
+    def _from_main_process(self, values):
+        """`values` as the main process drew them, on every process."""
+        return broadcast_object_list(values, from_process=0) if self.accelerator.num_processes > 1 else values
 
     @property
     def dp_randomness(self):
