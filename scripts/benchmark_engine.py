@@ -99,9 +99,11 @@ def opacus_ghost(model, lm, batch_size):
 
     def step(ids, labels):
         logits = module(input_ids=ids, position_ids=positions(ids)).logits
-        if lm:
+        shape = None
+        if lm:  # Opacus takes flattened tokens and the (B, T, V) shape to average them per example
+            shape = logits[:, :-1].shape
             logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-        criterion(logits, labels).backward()
+        criterion(logits, labels, shape=shape).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return step, optimizer
