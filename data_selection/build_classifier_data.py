@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task, remove_punctuation  # noqa: E402
-from dp_finetuning.atomic_io import write_json  # noqa: E402
+from common.atomic_io import write_json  # noqa: E402
 
 def build(target, public_sentences, ratio, seed):
     """DatasetDict train/validation with `sentence`, `label`; negatives drawn without replacement."""

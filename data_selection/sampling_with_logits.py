@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DataError  # noqa: E402
 from data_selection.train_domain_classifier import load_scores  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
-from dp_finetuning.atomic_io import write_json  # noqa: E402
+from common.atomic_io import write_json  # noqa: E402
 
 
 def word_budget(num_tokens, total_words):

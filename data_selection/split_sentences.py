@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, load_public_corpus, load_target_task,  # noqa: E402
                                     remove_punctuation)
-from dp_finetuning.atomic_io import write_json  # noqa: E402
+from common.atomic_io import write_json  # noqa: E402
 
 COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "inc",
                         "ltd", "co", "corp", "no", "u.s", "u.k", "gen", "gov", "sen", "rep", "lt", "col", "capt",

@@ -35,7 +35,7 @@ from data_selection.domain_classifier import (build_classifier, load_classifier,
 from data_selection.sources import DataError  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.accounting import default_delta  # noqa: E402
-from dp_finetuning.atomic_io import write_json  # noqa: E402
+from common.atomic_io import write_json  # noqa: E402
 from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
                                       sequence_classification_losses)
 

@@ -37,7 +37,7 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrai
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
-from dp_finetuning.atomic_io import write_json  # noqa: E402
+from common.atomic_io import write_json  # noqa: E402
 from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
                                       ledger_dir, sequence_classification_losses)
 from dp_finetuning.language_modelling import (collate_messages, encode_message,  # noqa: E402
@@ -127,7 +127,9 @@ def main(argv=None):
     model, tokenizer = load_model(args)
     depends_on = privacy_ledger.read_releases(args.model_name_or_path)
     try:
-        privacy_ledger.check_counted(depends_on, ledger_dir(args), args.target)
+        # without noise the epsilon is infinite whatever else the ledger holds: nothing can be left out
+        if args.noise_multiplier != 0:
+            privacy_ledger.check_counted(depends_on, ledger_dir(args), args.target)
     except ValueError as error:
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
     lm = args.task == "lm"

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from dp_finetuning import privacy_ledger
 from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
-from dp_finetuning.atomic_io import replace_directory, write_json
+from common.atomic_io import replace_directory, write_json
 from dp_finetuning.per_example_grads import PerExampleGradients
 
 STATE_FILE = "training_state.pt"

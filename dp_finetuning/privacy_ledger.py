@@ -18,7 +18,7 @@ import os
 import time
 
 from dp_finetuning.accounting import Mechanism, compute_epsilons
-from dp_finetuning.atomic_io import write_json
+from common.atomic_io import write_json
 
 LEDGER_NAME = "privacy_ledger.json"
 # Beside every output that depends on DP releases (scores, selection, pre-trained model, fine-tuned model):
@@ -45,6 +45,14 @@ def record(run_dir, stage, run_id, mechanism, delta, private_data, release=None,
                     "private_data": private_data, "delta": delta, **mechanism.as_dict(), "release": release,
                     "dp_randomness": dp_randomness})
     write_json(ledger_path(run_dir), {"entries": entries})
+
+
+def forget(run_dir, release):
+    """Remove the entries of the release written at `release` (its model is deleted to be made again)."""
+    entries = load_entries(run_dir)
+    kept = [e for e in entries if e.get("release") != release]
+    if len(kept) != len(entries):
+        write_json(ledger_path(run_dir), {"entries": kept})
 
 
 def composition_delta(entries):

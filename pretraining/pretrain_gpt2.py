@@ -32,7 +32,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_local, load_target_task  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
-from dp_finetuning.atomic_io import atomic_path, replace_directory, write_json  # noqa: E402
+from common.atomic_io import atomic_path, replace_directory, write_json  # noqa: E402
 
 # name -> (hidden size, layers, heads, feed-forward size). The paper's sizes (DESIGN.md) use 12 heads;
 # nano and micro train in minutes on 2 CPU cores.

@@ -5,7 +5,7 @@
 #
 #   bash scripts/reproduce_table.sh [--task lm|classification] [--target T] [--preset demo|smoke|paper]
 #        [--seeds "0 1 2"] [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
-#        [--runs_dir DIR] [--output_dir results/TASK] [--dry_run]
+#        [--runs_dir DIR] [--output_dir results/TASK] [--non_private] [--redo_changed] [--dry_run]
 #
 # One pipeline run (scripts/run_pipeline.sh) per model size, budget and seed, in
 # RUNS_DIR/<size>_<budget>_seed<seed> (RUNS_DIR default runs/table_<preset>_<task>); stage 1 is
@@ -13,11 +13,12 @@
 # budget: a fraction of the corpus's words below 1, millions of words from 1. A killed table
 # resumes: every run skips its complete stages. Writes OUTPUT_DIR/table.md (mean ± std over
 # seeds), table.csv, runs.csv (one row per run and variant) and accuracy_vs_tokens.png.
+# --non_private adds, per variant, fine-tuning without noise (epsilon infinite): the cost of privacy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK=lm TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""
-DRY_RUN=()
+DRY_RUN=() EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
     --runs_dir) RUNS_DIR=$2; shift 2 ;;
     --output_dir) OUTPUT_DIR=$2; shift 2 ;;
     --dry_run) DRY_RUN=(--dry_run); shift ;;
+    --non_private|--redo_changed) EXTRA+=("$1"); shift ;;
     *) echo "reproduce_table.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -52,7 +54,7 @@ for size in $MODEL_SIZES; do
       echo "=== model $size, budget $tokens, seed $seed -> $run_dir"
       bash scripts/run_pipeline.sh --preset "$PRESET" --task "$TASK" "${TARGET[@]}" --run_dir "$run_dir" --seed "$seed" \
         --num_tokens "$tokens" --model_size "$size" --total_epsilon "$TOTAL_EPSILON" \
-        --sentences_dir "$RUNS_DIR/sentences" "${DRY_RUN[@]}"
+        --sentences_dir "$RUNS_DIR/sentences" "${EXTRA[@]}" "${DRY_RUN[@]}"
       run_dirs+=("$run_dir")
     done
   done

@@ -4,7 +4,8 @@
 #
 #   bash scripts/run_pipeline.sh [--task lm|classification] [--target T] [--preset smoke|demo|paper]
 #                                [--run_dir DIR] [--seed N] [--total_epsilon E] [--num_tokens M]
-#                                [--model_size S] [--sentences_dir DIR] [--until STAGE] [--force] [--dry_run]
+#                                [--model_size S] [--sentences_dir DIR] [--until STAGE] [--non_private]
+#                                [--force] [--redo_changed] [--dry_run]
 #
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
@@ -12,7 +13,10 @@
 # data, about 20 minutes on 2 CPU cores), smoke (a few minutes; what the tests run), paper (the
 # reference hyper-parameters on hub data, for GPUs; with --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
-# --force deletes the run directory first. --num_tokens (stage 4's budget: a fraction of the
+# --force deletes the run directory first. A stage whose output was made with other settings or
+# inputs stops the run with one line naming them; --redo_changed redoes it and what depends on it.
+# --non_private also fine-tunes every variant without noise (clipping only, epsilon infinite), into
+# <variant>/non_private/finetune with a ledger of its own: the ceiling that shows the cost of privacy. --num_tokens (stage 4's budget: a fraction of the
 # corpus's words below 1, millions of words from 1) and --model_size (stage 5) override the preset; --sentences_dir reads (or writes) stage 1's output
 # there instead of in the run directory, so that several runs share it. Layout of the run directory:
 #   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
@@ -23,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK=lm TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
-SENTENCES=""
+SENTENCES="" NON_PRIVATE=0 REDO=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -37,6 +41,8 @@ while [ $# -gt 0 ]; do
     --sentences_dir) SENTENCES=$2; shift 2 ;;
     --until) UNTIL=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
+    --redo_changed) REDO=(--redo_changed); shift ;;
+    --non_private) NON_PRIVATE=1; shift ;;
     --dry_run) DRY_RUN=1; shift ;;
     *) echo "run_pipeline.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -68,13 +74,13 @@ case "$PRESET" in
     CLASSIFIER_DATA=(--od_data_size 5 --max_train_samples 20000 --max_eval_samples 2000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
                 --learning_rate 0.1 --num_train_epochs 6)
-    BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
-    PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
-              --max_train_steps 400)
+    BUDGET=(--num_tokens "${NUM_TOKENS:-0.1}" --document_weight 0.7)
+    PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --vocab_size 4096 --block_size 128 --per_device_train_batch_size 32
+              --learning_rate 1e-3 --max_train_steps 300 --checkpointing_steps 100)
     FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
                              --num_train_epochs 5 --max_length 64)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
-                 --num_train_epochs 3 --max_length 48 --max_train_samples 20000 --max_eval_samples 2000)
+                 --num_train_epochs 3 --max_length 48 --max_train_samples 12000 --max_eval_samples 2000)
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
   paper)
     CORPUS=(--corpus wikipedia bookcorpus)
@@ -105,6 +111,18 @@ RUN_DIR=${RUN_DIR:-runs/${PRESET}_$TASK}
 case "$UNTIL" in [1-6]) ;; *) echo "run_pipeline.sh: --until takes a stage number from 1 to 6, got '$UNTIL'" >&2; exit 2 ;; esac
 TOTAL_EPSILON=${TOTAL_EPSILON:-$DEFAULT_EPSILON}
 
+# What can be checked before any work: numbers, and a total budget the classifier leaves room in.
+positive() { awk -v x="$1" 'BEGIN { exit !(x ~ /^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$/ && x + 0 > 0) }'; }
+positive "$TOTAL_EPSILON" || { echo "run_pipeline.sh: --total_epsilon must be a positive number, got '$TOTAL_EPSILON'" >&2; exit 2; }
+positive "${NUM_TOKENS:-1}" || { echo "run_pipeline.sh: --num_tokens must be a positive number, got '$NUM_TOKENS'" >&2; exit 2; }
+case "$SEED" in ''|*[!0-9]*) echo "run_pipeline.sh: --seed takes a non-negative integer, got '$SEED'" >&2; exit 2 ;; esac
+for i in "${!CLASSIFIER[@]}"; do
+  if [ "${CLASSIFIER[$i]}" = --target_epsilon ] && ! awk -v t="$TOTAL_EPSILON" -v c="${CLASSIFIER[$((i + 1))]}" 'BEGIN { exit !(t > c) }'; then
+    echo "run_pipeline.sh: --total_epsilon $TOTAL_EPSILON leaves nothing for fine-tuning: the domain classifier alone spends ${CLASSIFIER[$((i + 1))]}" >&2
+    exit 2
+  fi
+done
+
 run() {
   echo "+ $*"
   if [ "$DRY_RUN" = 0 ]; then "$@"; fi
@@ -126,31 +144,42 @@ start=$(date +%s)
 R=$RUN_DIR B=$RUN_DIR/baselines S=${SENTENCES:-$RUN_DIR/sentences}
 
 stage 1 "sentences"
-run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$S"
+run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$S" "${REDO[@]}"
 stage 2 "domain-classifier data"
 run python data_selection/build_classifier_data.py --sentences_dir "$S" --target "$TARGET" \
-  "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED"
+  "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED" "${REDO[@]}"
 stage 3 "DP domain classifier and scores"
 launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$S" \
-  "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --resume_from_checkpoint latest --seed "$SEED"
+  "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}"
 stage 4 "selection (top-scored and random, same budget)"
 run python data_selection/sampling_with_logits.py --sentences_dir "$S" \
-  --scores_dir "$R/domain_classifier/scores" "${BUDGET[@]}" --output_dir "$R/selected" --seed "$SEED"
+  --scores_dir "$R/domain_classifier/scores" "${BUDGET[@]}" --output_dir "$R/selected" --seed "$SEED" "${REDO[@]}"
 run python data_selection/sampling_with_logits.py --sentences_dir "$S" --random "${BUDGET[@]}" \
-  --output_dir "$B/random/selected" --seed "$SEED"
+  --output_dir "$B/random/selected" --seed "$SEED" "${REDO[@]}"
 stage 5 "pre-training"
 for variant in "$R" "$B/random"; do
   launch pretraining/pretrain_gpt2.py --dataset_path "$variant/selected" "${PRETRAIN[@]}" --eval_target "$TARGET" \
-    --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED"
+    --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}"
 done
 stage 6 "DP fine-tuning ($TASK) at a total epsilon of $TOTAL_EPSILON"
-FINETUNE+=(--target "$TARGET" --target_epsilon "$TOTAL_EPSILON" --resume_from_checkpoint latest --seed "$SEED")
-launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" "${FINETUNE[@]}" \
+FINETUNE+=(--target "$TARGET" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}")
+DP=(--target_epsilon "$TOTAL_EPSILON")
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" "${FINETUNE[@]}" "${DP[@]}" \
   --target_epsilon_scope run --output_dir "$R/finetune"
-launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" "${FINETUNE[@]}" \
+launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" "${FINETUNE[@]}" "${DP[@]}" \
   --output_dir "$B/random/finetune"
 launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" --random_init "${FINETUNE[@]}" \
-  --output_dir "$B/scratch/finetune"
+  "${DP[@]}" --output_dir "$B/scratch/finetune"
+if [ "$NON_PRIVATE" = 1 ]; then
+  echo "== stage 6 without noise (--non_private: clipping only, epsilon infinite; each in a ledger of its own)"
+  NOISELESS=(--noise_multiplier 0)
+  launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" "${FINETUNE[@]}" "${NOISELESS[@]}" \
+    --output_dir "$R/non_private/finetune"
+  launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" "${FINETUNE[@]}" "${NOISELESS[@]}" \
+    --output_dir "$B/random/non_private/finetune"
+  launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" --random_init "${FINETUNE[@]}" \
+    "${NOISELESS[@]}" --output_dir "$B/scratch/non_private/finetune"
+fi
 
 if [ "$DRY_RUN" = 0 ]; then
   python scripts/summarize_runs.py "$RUN_DIR"

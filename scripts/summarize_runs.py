@@ -12,15 +12,22 @@ run and variant) and a plot of the main test metric against pre-training words.
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dp_finetuning.atomic_io import atomic_path  # noqa: E402
+from common.atomic_io import atomic_path  # noqa: E402
 
-VARIANTS = (("selective pre-training", "", "selected"), ("random pre-training", "baselines/random", "selected"),
-            ("no pre-training", "baselines/scratch", None))
+# (name, directory in the run, its selection or None, its fine-tuning): the DP variants, then those fine-tuned
+# without noise (run_pipeline.sh --non_private), shown only where they were run
+DP_VARIANTS = (("selective pre-training", "", "selected", "finetune"),
+               ("random pre-training", "baselines/random", "selected", "finetune"),
+               ("no pre-training", "baselines/scratch", None, "finetune"))
+NON_PRIVATE = ", non-private fine-tuning"
+VARIANTS = DP_VARIANTS + tuple((name + NON_PRIVATE, sub, selection, "non_private/finetune")
+                               for name, sub, selection, _ in DP_VARIANTS)
 # task -> (column, label, format) of the fine-tuning metrics shown; the last is the plotted one
 TASK_METRICS = {
     "classification": (("val_accuracy", "val accuracy", "{:.4f}"), ("test_accuracy", "test accuracy", "{:.4f}")),
@@ -47,9 +54,11 @@ def summary_rows(run_dir):
     selective_report = read_json(os.path.join(run_dir, "selected", "selection_report.json"))
     selective_model = read_json(os.path.join(run_dir, "pretrained", "eval_results.json"))
     rows = []
-    for name, sub, selection in VARIANTS:
+    for name, sub, selection, finetune in VARIANTS:
         base = os.path.join(run_dir, sub)
-        results = read_json(os.path.join(base, "finetune", "results.json"))
+        results = read_json(os.path.join(base, finetune, "results.json"))
+        if finetune != "finetune" and results is None:
+            continue
         pretrained = read_json(os.path.join(base, "pretrained", "eval_results.json")) if selection else None
         report = read_json(os.path.join(base, selection, "selection_report.json")) if selection else None
         rows.append({
@@ -112,7 +121,7 @@ def aggregate(rows):
         if r["total_epsilon"] is None:  # fine-tuning not finished
             continue
         groups.setdefault((r["model_size"], r["budget_words"], r["variant"]), []).append(r)
-    order = {name: i for i, (name, _, _) in enumerate(VARIANTS)}
+    order = {name: i for i, (name, _, _, _) in enumerate(VARIANTS)}
     table = []
     for (size, budget, variant), members in sorted(groups.items(), key=lambda kv: (
             str(kv[0][0]), kv[0][1] or 0, order[kv[0][2]])):
@@ -121,7 +130,9 @@ def aggregate(rows):
         for metric in METRICS:
             values = [m[metric] for m in members if m[metric] is not None]
             entry[f"{metric}_mean"] = statistics.mean(values) if values else None
-            entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            # epsilon is infinite without noise: no spread to show
+            spread = len(values) > 1 and all(math.isfinite(v) for v in values)
+            entry[f"{metric}_std"] = statistics.stdev(values) if spread else None
         table.append(entry)
     return table
 
@@ -165,7 +176,7 @@ def plot_metric_vs_tokens(path, table, task):
         metric = "val_accuracy"
     figure, axes = plt.subplots(figsize=(6, 4))
     series = [(size, variant, marker) for size in sorted({e["model_size"] for e in table}, key=str)
-              for variant, marker in zip((v[0] for v in VARIANTS), "osx")]
+              for variant, marker in zip((v[0] for v in VARIANTS), "osxosx")]
     for dodge, (size, variant, marker) in enumerate(series):
         points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
                          and e[f"{metric}_mean"] is not None), key=lambda e: e["pretraining_words"])
@@ -174,8 +185,9 @@ def plot_metric_vs_tokens(path, table, task):
         # series at the same budget are shifted by a few percent so that equal values stay visible
         axes.errorbar([p["pretraining_words"] * 1.06 ** dodge for p in points],
                       [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_std"] or 0.0 for p in points],
-                      marker=marker, capsize=3, linestyle="-" if len(points) > 1 else "none",
-                      label=f"{size}: {variant}")
+                      marker=marker, capsize=3, label=f"{size}: {variant}",
+                      linestyle=("--" if NON_PRIVATE in variant else "-") if len(points) > 1 else "none",
+                      markerfacecolor="none" if NON_PRIVATE in variant else None)
     axes.set_xscale("symlog", linthresh=1e4)
     axes.set_xlabel("pre-training words (0: no pre-training; series shifted apart)")
     axes.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")

@@ -1,0 +1,181 @@
+"""What every stage script shares: one-line errors, the signature of a stage's output, its wall time.
+
+Errors. `run_stage(main)` runs a script's `main()`. The project's own errors (`DataError`: bad
+data, bad arguments, corrupted or foreign checkpoints) end the script with one line
+`error: <message>` on stderr and exit code 2, and an output directory that this failed run
+created is removed, so nothing half-written is left. `SELECTIVE_PRETRAINING_DEBUG=1` shows the
+traceback instead. Any other exception is a bug and keeps its traceback.
+
+Signatures. A stage's output directory holds `stage_signature.json`: the settings that determine
+it (the script's flags, less those that only say where or how fast) and a fingerprint of every
+input path (an upstream stage's output is fingerprinted by its own signature, which carries a
+fresh id each time that stage is made, so a remade input is a changed input). A rerun with the
+same signature skips a complete output or resumes a partial one; with another signature it
+stops with one line naming what differs, unless `--redo_changed` is given, which deletes the
+old output (and its entry in the run's privacy ledger: the model it released is deleted with
+it) and makes it afresh. The pipeline passes `--redo_changed` to every stage, so a changed
+setting redoes its stage and, through the fingerprints, every stage downstream of it.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+
+from common.atomic_io import write_json
+
+DEBUG_VARIABLE = "SELECTIVE_PRETRAINING_DEBUG"
+SIGNATURE_NAME = "stage_signature.json"
+# Flags that say where outputs go, how fast or how often to report: not part of what a stage makes.
+NOT_SETTINGS = frozenset({"output_dir", "resume_from_checkpoint", "keep_training_state", "cache_dir",
+                          "redo_changed", "num_proc", "logging_steps", "checkpointing_steps", "score_batch_size"})
+# Path flags recorded by value only: the run directory holds everything, its listing is no input.
+NOT_FINGERPRINTED = frozenset({"run_dir"})
+# Where a stage works before its output is complete; removed with the output it belongs to.
+WORK_SUFFIXES = (".tmp", ".partial")
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file or argument and what was expected."""
+
+
+def is_main_process():
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_stage(main, argv=None):
+    """Run a stage's `main(argv)` with one-line errors and its wall time at the end (module docstring)."""
+    argv = sys.argv[1:] if argv is None else argv
+    output_dir = _flag_value(argv, "--output_dir")
+    created = [] if output_dir is None else [
+        path for path in (output_dir, *(output_dir.rstrip("/") + s for s in WORK_SUFFIXES)) if not os.path.exists(path)]
+    start = time.perf_counter()
+    try:
+        main(argv)
+    except DataError as error:
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    if is_main_process():
+        print(f"{os.path.basename(sys.argv[0])} finished in {time.perf_counter() - start:.0f} s")
+
+
+def _flag_value(argv, flag):
+    for position, word in enumerate(argv):
+        if word == flag and position + 1 < len(argv):
+            return argv[position + 1]
+        if word.startswith(flag + "="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def add_redo_argument(parser):
+    parser.add_argument("--redo_changed", action="store_true",
+                        help="if --output_dir was made with other settings or inputs, delete it and redo this stage "
+                             "(default: stop with an error naming what changed)")
+
+
+def fingerprint(path):
+    """What identifies the content of an input path, cheaply: a stage output's signature, else sizes and times."""
+    signature = os.path.join(path, SIGNATURE_NAME)
+    if os.path.isfile(signature):
+        with open(signature, "rb") as handle:
+            return "signature " + hashlib.sha256(handle.read()).hexdigest()[:16]
+    if os.path.isfile(path):
+        status = os.stat(path)
+        return f"file {status.st_size} {status.st_mtime_ns}"
+    listing = hashlib.sha256()
+    for root, directories, files in os.walk(path):
+        directories.sort()
+        for name in sorted(files):
+            status = os.stat(os.path.join(root, name))
+            listing.update(f"{os.path.relpath(os.path.join(root, name), path)} {status.st_size} "
+                           f"{status.st_mtime_ns}\n".encode())
+    return "directory " + listing.hexdigest()[:16]
+
+
+class StageOutput:
+    """The output directory of one stage run with `args` (see the module docstring).
+
+    `complete()`: True if the directory holds a complete output (`marker` exists) made with the
+    same signature; False if there is nothing yet, or a partial output of the same signature to
+    resume; otherwise an error, or with --redo_changed the old output is deleted and False.
+    `claim(directory)`: write the signature into `directory` (default: the output directory),
+    when the stage starts to write there.
+    """
+
+    def __init__(self, args, marker, not_settings=(), ledger_dir=None):
+        self.args, self.marker = args, marker
+        self.directory = args.output_dir
+        self.ledger_dir = ledger_dir
+        ignored = NOT_SETTINGS | set(not_settings)
+        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in ignored}
+        self.inputs = {}
+        for name, value in self.settings.items():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                if isinstance(item, str) and name not in NOT_FINGERPRINTED and os.path.exists(item):
+                    self.inputs[f"--{name} {item}"] = fingerprint(item)
+
+    def complete(self):
+        """Whether the stage can be skipped; stops or redoes on a changed signature."""
+        stored_path = os.path.join(self.directory, SIGNATURE_NAME)
+        if not os.path.exists(self.directory):
+            return False
+        if os.path.exists(stored_path):
+            with open(stored_path) as handle:
+                stored = json.load(handle)
+            differences = self.differences(stored)
+        else:
+            differences = ["no record of the settings that made it"]
+        if not differences:
+            if os.path.exists(os.path.join(self.directory, self.marker)):
+                print(f"{self.directory} is complete; nothing to do")
+                return True
+            return False
+        if not getattr(self.args, "redo_changed", False):
+            raise DataError(f"{self.directory} was made with other settings or inputs: {'; '.join(differences)}. "
+                            "Use --redo_changed to redo it (and, in the pipeline, what depends on it), or another "
+                            "output directory (the pipeline: another --run_dir, or --force to start afresh)")
+        print(f"{self.directory}: {'; '.join(differences)}; redoing it (--redo_changed)")
+        self.remove()
+        return False
+
+    def differences(self, stored):
+        """What differs from a stored signature, one phrase per setting or input."""
+        found = []
+        old_settings = stored.get("settings", {})
+        for name in sorted(set(old_settings) | set(self.settings)):
+            old, new = old_settings.get(name, "(unset)"), self.settings.get(name, "(unset)")
+            if old != new:
+                found.append(f"--{name} {_shown(old)} -> {_shown(new)}")
+        old_inputs = stored.get("inputs", {})
+        for name in sorted(set(old_inputs) | set(self.inputs)):
+            if name not in self.inputs:
+                continue  # the path itself changed, which the settings already say
+            if old_inputs.get(name) != self.inputs[name]:
+                found.append(f"{name} has changed since")
+        return found
+
+    def remove(self):
+        """Delete the output (and its work directories) and forget its release in the run's privacy ledger."""
+        for path in (self.directory, *(self.directory.rstrip("/") + s for s in WORK_SUFFIXES)):
+            shutil.rmtree(path, ignore_errors=True)
+        if self.ledger_dir is not None:
+            from dp_finetuning import privacy_ledger
+            privacy_ledger.forget(self.ledger_dir, os.path.abspath(self.directory))
+
+    def claim(self, directory=None):
+        directory = directory or self.directory
+        os.makedirs(directory, exist_ok=True)
+        write_json(os.path.join(directory, SIGNATURE_NAME),
+                   {"settings": self.settings, "inputs": self.inputs, "made": uuid.uuid4().hex})
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
