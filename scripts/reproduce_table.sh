@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
 done
 case "$PRESET" in  # the presets' own budget and model size (scripts/run_pipeline.sh)
   smoke) NUM_TOKENS=${NUM_TOKENS:-0.2} MODEL_SIZES=${MODEL_SIZES:-nano} ;;
-  demo) NUM_TOKENS=${NUM_TOKENS:-0.2} MODEL_SIZES=${MODEL_SIZES:-micro} ;;
+  demo) NUM_TOKENS=${NUM_TOKENS:-0.1} MODEL_SIZES=${MODEL_SIZES:-micro} ;;
   paper) NUM_TOKENS=${NUM_TOKENS:-40} MODEL_SIZES=${MODEL_SIZES:-tiny} ;;
   *) echo "reproduce_table.sh: unknown preset '$PRESET' (smoke, demo, paper)" >&2; exit 2 ;;
 esac
