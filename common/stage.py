@@ -52,6 +52,7 @@ def run_stage(main, argv=None):
     output_dir = _flag_value(argv, "--output_dir")
     created = [] if output_dir is None else [
         path for path in (output_dir, *(output_dir.rstrip("/") + s for s in WORK_SUFFIXES)) if not os.path.exists(path)]
+    quiet_libraries()
     start = time.perf_counter()
     try:
         main(argv)
@@ -64,6 +65,14 @@ def run_stage(main, argv=None):
         sys.exit(2)
     if is_main_process():
         print(f"{os.path.basename(sys.argv[0])} finished in {time.perf_counter() - start:.0f} s")
+
+
+def quiet_libraries():
+    """Only the project's own progress bars: none of the libraries' bars for every map, save or load."""
+    import datasets
+    import transformers
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _flag_value(argv, flag):
@@ -107,13 +116,15 @@ class StageOutput:
     same signature; False if there is nothing yet, or a partial output of the same signature to
     resume; otherwise an error, or with --redo_changed the old output is deleted and False.
     `claim(directory)`: write the signature into `directory` (default: the output directory),
-    when the stage starts to write there.
+    when the stage starts to write there. `start(accelerator)`: both, for a stage that writes
+    into its output directory as it goes, with several processes.
     """
 
-    def __init__(self, args, marker, not_settings=(), ledger_dir=None):
+    def __init__(self, args, marker, not_settings=(), ledger_dir=None, work_dir=None):
         self.args, self.marker = args, marker
         self.directory = args.output_dir
         self.ledger_dir = ledger_dir
+        self.work_dir = work_dir  # where a stage that renames its output at the end keeps resumable work
         ignored = NOT_SETTINGS | set(not_settings)
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in ignored}
         self.inputs = {}
@@ -122,28 +133,45 @@ class StageOutput:
                 if isinstance(item, str) and name not in NOT_FINGERPRINTED and os.path.exists(item):
                     self.inputs[f"--{name} {item}"] = fingerprint(item)
 
-    def complete(self):
-        """Whether the stage can be skipped; stops or redoes on a changed signature."""
-        stored_path = os.path.join(self.directory, SIGNATURE_NAME)
-        if not os.path.exists(self.directory):
-            return False
+    def start(self, accelerator):
+        """complete() on every process (so that an error stops each of them), the removal of a changed output and
+        the claim on the main process only; True if the stage can be skipped."""
+        main = accelerator.is_main_process
+        complete = self.complete(act=main)
+        accelerator.wait_for_everyone()
+        if not complete and main:
+            self.claim()
+        return complete
+
+    def complete(self, act=True):
+        """Whether the stage can be skipped; stops or redoes on a changed signature (act=False: only says)."""
+        directory = self.directory
+        if not os.path.exists(directory):
+            if self.work_dir is None or not os.path.exists(self.work_dir):
+                return False
+            directory = self.work_dir
+        stored_path = os.path.join(directory, SIGNATURE_NAME)
         if os.path.exists(stored_path):
             with open(stored_path) as handle:
                 stored = json.load(handle)
             differences = self.differences(stored)
-        else:
+        elif os.path.exists(os.path.join(directory, self.marker)):
             differences = ["no record of the settings that made it"]
+        else:  # begun by hand (a checkpoint copied in to resume from), or empty: nothing to compare
+            return False
         if not differences:
-            if os.path.exists(os.path.join(self.directory, self.marker)):
-                print(f"{self.directory} is complete; nothing to do")
+            if os.path.exists(os.path.join(directory, self.marker)):
+                if act:
+                    print(f"{self.directory} is complete; nothing to do")
                 return True
             return False
         if not getattr(self.args, "redo_changed", False):
-            raise DataError(f"{self.directory} was made with other settings or inputs: {'; '.join(differences)}. "
+            raise DataError(f"{directory} was made with other settings or inputs: {'; '.join(differences)}. "
                             "Use --redo_changed to redo it (and, in the pipeline, what depends on it), or another "
                             "output directory (the pipeline: another --run_dir, or --force to start afresh)")
-        print(f"{self.directory}: {'; '.join(differences)}; redoing it (--redo_changed)")
-        self.remove()
+        if act:
+            print(f"{directory}: {'; '.join(differences)}; redoing it (--redo_changed)")
+            self.remove()
         return False
 
     def differences(self, stored):
@@ -164,8 +192,9 @@ class StageOutput:
 
     def remove(self):
         """Delete the output (and its work directories) and forget its release in the run's privacy ledger."""
-        for path in (self.directory, *(self.directory.rstrip("/") + s for s in WORK_SUFFIXES)):
-            shutil.rmtree(path, ignore_errors=True)
+        for path in (self.directory, self.work_dir, *(self.directory.rstrip("/") + s for s in WORK_SUFFIXES)):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
         if self.ledger_dir is not None:
             from dp_finetuning import privacy_ledger
             privacy_ledger.forget(self.ledger_dir, os.path.abspath(self.directory))

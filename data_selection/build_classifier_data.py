@@ -6,7 +6,8 @@
 Positives (label 1): the target task's train sentences. Negatives (label 0): random public
 sentences, --od_data_size times as many. Validation: the target's validation and test
 sentences against other random public sentences in the same ratio. Punctuation removed,
-lowercased. Writes filter_train_nonewline.json and filter_val_nonewline.json (JSON Lines,
+lowercased; empty and repeated texts dropped, so that no text is in both splits or has both
+labels (stats.json counts what was removed and why). Writes filter_train_nonewline.json and filter_val_nonewline.json (JSON Lines,
 `sentence` and `label`) and the same as an HF DatasetDict (train, validation).
 """
 
@@ -22,25 +23,70 @@ from datasets import Dataset, DatasetDict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task, remove_punctuation  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
+from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
 def build(target, public_sentences, ratio, seed):
-    """DatasetDict train/validation with `sentence`, `label`; negatives drawn without replacement."""
-    positives = {"train": list(target["train"]["sentence"]),
-                 "validation": list(target["validation"]["sentence"])
-                 + (list(target["test"]["sentence"]) if "test" in target else [])}
-    wanted = {name: ratio * len(sentences) for name, sentences in positives.items()}
-    if sum(wanted.values()) > len(public_sentences):
-        raise DataError(f"--od_data_size {ratio} asks for {sum(wanted.values()):,} negative sentences but the public "
-                        f"corpus has {len(public_sentences):,}; lower --od_data_size or add public text")
+    """(DatasetDict train/validation with `sentence` and `label`, counts of what was removed and why).
+
+    Texts are compared as written out (punctuation removed, lowercased, single spaces): empty texts
+    are dropped, every text is kept once, a validation positive already in train is dropped, and a
+    public sentence equal to a kept text is not taken as a negative, so no text is in both splits or
+    carries both labels. Negatives are drawn without replacement in a seeded random order.
+    """
+    removed = dict.fromkeys(("empty_positives", "duplicate_positives", "validation_positives_in_train",
+                             "empty_public", "duplicate_public", "public_equal_to_a_positive"), 0)
+    seen = set()
+
+    def unique_positives(sentences, earlier=frozenset()):
+        kept = []
+        for sentence in sentences:
+            text = remove_punctuation(sentence)
+            if not text:
+                removed["empty_positives"] += 1
+            elif text in earlier:
+                removed["validation_positives_in_train"] += 1
+            elif text in seen:
+                removed["duplicate_positives"] += 1
+            else:
+                seen.add(text)
+                kept.append(text)
+        return kept
+
+    positives = {"train": unique_positives(target["train"]["sentence"])}
+    positives["validation"] = unique_positives(
+        list(target["validation"]["sentence"]) + (list(target["test"]["sentence"]) if "test" in target else []),
+        earlier=frozenset(seen))
+    wanted = {name: ratio * len(texts) for name, texts in positives.items()}
     order = np.random.default_rng(seed).permutation(len(public_sentences))
-    splits, start = {}, 0
+    negatives, position, chunk = {"train": [], "validation": []}, 0, 50_000
+    positive_texts = frozenset(seen)
     for name in ("train", "validation"):
-        negatives = public_sentences.select(order[start:start + wanted[name]])["text"]
-        start += wanted[name]
-        sentences = [remove_punctuation(s) for s in positives[name]] + [remove_punctuation(s) for s in negatives]
-        labels = [1] * len(positives[name]) + [0] * len(negatives)
-        splits[name] = Dataset.from_dict({"sentence": sentences, "label": labels}).shuffle(seed=seed).flatten_indices()
-    return DatasetDict(splits)
+        while len(negatives[name]) < wanted[name] and position < len(order):
+            for sentence in public_sentences.select(order[position:position + chunk])["text"]:
+                position += 1
+                text = remove_punctuation(sentence)
+                if not text:
+                    removed["empty_public"] += 1
+                elif text in positive_texts:
+                    removed["public_equal_to_a_positive"] += 1
+                elif text in seen:
+                    removed["duplicate_public"] += 1
+                else:
+                    seen.add(text)
+                    negatives[name].append(text)
+                    if len(negatives[name]) == wanted[name]:
+                        break
+        if len(negatives[name]) < wanted[name]:
+            found = sum(len(texts) for texts in negatives.values())
+            raise DataError(f"--od_data_size {ratio} asks for {sum(wanted.values()):,} negative sentences but the "
+                            f"public corpus has {found:,} distinct non-empty ones that are no positive; lower "
+                            "--od_data_size or add public text")
+    splits = {}
+    for name in ("train", "validation"):
+        labels = [1] * len(positives[name]) + [0] * len(negatives[name])
+        splits[name] = Dataset.from_dict({"sentence": positives[name] + negatives[name],
+                                          "label": labels}).shuffle(seed=seed).flatten_indices()
+    return DatasetDict(splits), removed
 
 
 def write_json_lines(dataset, path):
@@ -60,10 +106,11 @@ def main(argv=None):
                         help="use a seeded random sample of this many target validation (and test) sentences")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    add_redo_argument(parser)
     args = parser.parse_args(argv)
 
-    if os.path.exists(os.path.join(args.output_dir, "stats.json")):
-        print(f"{args.output_dir} is complete; nothing to do")
+    output = StageOutput(args, "stats.json")
+    if output.complete():
         return
     if args.od_data_size < 1:
         raise DataError(f"--od_data_size must be a positive integer, got {args.od_data_size}")
@@ -75,7 +122,7 @@ def main(argv=None):
                          ("test", args.max_eval_samples)):
         if split in target and limit is not None and limit < len(target[split]):
             target[split] = target[split].shuffle(seed=args.seed).select(range(limit))
-    data = build(target, public, args.od_data_size, args.seed)
+    data, removed = build(target, public, args.od_data_size, args.seed)
 
     tmp_dir = f"{args.output_dir.rstrip('/')}.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -83,13 +130,15 @@ def main(argv=None):
     write_json_lines(data["train"], os.path.join(tmp_dir, "filter_train_nonewline.json"))
     write_json_lines(data["validation"], os.path.join(tmp_dir, "filter_val_nonewline.json"))
     stats = {name: {"examples": len(split), "positives": sum(split["label"])} for name, split in data.items()}
-    write_json(os.path.join(tmp_dir, "stats.json"), {**stats, "od_data_size": args.od_data_size,
+    output.claim(tmp_dir)
+    write_json(os.path.join(tmp_dir, "stats.json"), {**stats, "removed": removed, "od_data_size": args.od_data_size,
                                                      "target": args.target, "seed": args.seed})
     if os.path.exists(args.output_dir):
         shutil.rmtree(args.output_dir)
     os.replace(tmp_dir, args.output_dir)
-    print(f"train {stats['train']}, validation {stats['validation']} -> {args.output_dir}")
+    print(f"train {stats['train']}, validation {stats['validation']} -> {args.output_dir}; removed: "
+          + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in removed.items() if v))
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

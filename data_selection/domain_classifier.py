@@ -130,7 +130,11 @@ def load_classifier(directory):
                                          embedding_dim=settings["embedding_dim"])
     else:
         model, encode = build_classifier("transformer", settings["model_name_or_path"])
-    weights = torch.load(os.path.join(directory, WEIGHTS_NAME), weights_only=True)
+    try:
+        weights = torch.load(os.path.join(directory, WEIGHTS_NAME), weights_only=True)
+    except Exception as error:  # whatever torch's unpickler raises on a damaged file
+        raise DataError(f"{os.path.join(directory, WEIGHTS_NAME)}: corrupted or not a domain classifier's weights "
+                        f"({type(error).__name__})") from None
     missing = set(weights) - {name for name, _ in model.named_parameters()}
     if missing:
         raise DataError(f"--classifier_dir {directory}: weights do not match the backbone ({sorted(missing)[:3]})")

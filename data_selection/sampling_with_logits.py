@@ -29,6 +29,7 @@ from data_selection.sources import DataError  # noqa: E402
 from data_selection.train_domain_classifier import load_scores  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
+from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
 
 def word_budget(num_tokens, total_words):
@@ -109,10 +110,11 @@ def main(argv=None):
                         help="weight of the document's mean score in the ranking (0: the paper's sentence score)")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    add_redo_argument(parser)
     args = parser.parse_args(argv)
 
-    if os.path.exists(os.path.join(args.output_dir, "selection_report.json")):
-        print(f"{args.output_dir} is complete; nothing to do")
+    output = StageOutput(args, "selection_report.json")
+    if output.complete():
         return
     if not os.path.isdir(args.sentences_dir):
         raise DataError(f"--sentences_dir {args.sentences_dir}: no such directory")
@@ -142,7 +144,9 @@ def main(argv=None):
     corpus_shares = source_shares(sources, word_counts, np.arange(len(sentences)))
     selection_shares = source_shares(sources, word_counts, kept)
     report = {
-        "mode": "random" if args.random else "top in-domain probability",
+        "mode": ("random" if args.random else "top in-domain probability" if args.document_weight == 0 else
+                 f"top {1 - args.document_weight:g} x sentence logit margin + {args.document_weight:g} x its "
+                 "document's mean logit margin"),
         "budget_words": budget, "selected_words": int(word_counts[kept].sum()), "selected_sentences": len(kept),
         "corpus_words": int(word_counts.sum()), "corpus_sentences": len(sentences), "min_words": args.min_words,
         "document_weight": args.document_weight,
@@ -164,6 +168,7 @@ def main(argv=None):
                     f"{len(kept):,} sentences, {report['selected_words']:,} words selected")
     # the selection depends on the DP classifier's release, the random baseline on none
     privacy_ledger.write_releases(tmp, [] if args.random else privacy_ledger.read_releases(args.scores_dir))
+    output.claim(tmp)
     write_json(os.path.join(tmp, "selection_report.json"), report)
     shutil.rmtree(args.output_dir, ignore_errors=True)
     os.replace(tmp, args.output_dir)
@@ -173,4 +178,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

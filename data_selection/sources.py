@@ -415,7 +415,7 @@ def load_target_task(spec, text_column="sentence", label_column="label", cache_d
         label_column = hub_label if label_column is not None else None
         task = load_dataset(repository, config)
         task = DatasetDict({name: task[name] for name in ("train", "validation", "test") if name in task})
-        task = _rename(task, text_column, label_column)
+        task = _rename(task, text_column, label_column, f"--target {spec}")
     elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "state.json")):
         task = _local_task_directory(spec, text_column, label_column)
     elif os.path.exists(spec):
@@ -423,7 +423,7 @@ def load_target_task(spec, text_column="sentence", label_column="label", cache_d
         split = dataset.train_test_split(test_size=0.2, seed=seed)
         held_out = split["test"].train_test_split(test_size=0.5, seed=seed)
         task = _rename(DatasetDict(train=split["train"], validation=held_out["train"], test=held_out["test"]),
-                       text_column, label_column)
+                       text_column, label_column, spec)
     else:
         raise DataError(f"--target {spec!r}: not 'demo', 'chat', a known hub task ({', '.join(HUB_TARGET)}) or an "
                         "existing file or directory")
@@ -444,26 +444,33 @@ def load_target_task(spec, text_column="sentence", label_column="label", cache_d
 def _local_task_directory(path, text_column, label_column):
     """A directory saved with DatasetDict.save_to_disk, or holding train.* / validation.* / test.* files."""
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
-        return _rename(datasets.load_from_disk(path), text_column, label_column)
-    splits = {}
+        return _rename(datasets.load_from_disk(path), text_column, label_column, path)
+    splits, files = {}, {}
     for name in ("train", "validation", "test"):
         found = [f for f in sorted(glob.glob(os.path.join(path, f"{name}.*"))) if f.endswith(LOCAL_SUFFIXES)]
         if found:
-            splits[name] = load_local(found[0], text_column, label_column)[0]
+            splits[name], files[name] = load_local(found[0], text_column, label_column)[0], found[0]
     if not splits:
         raise DataError(f"--target {path}: no train.*/validation.*/test.* files ({', '.join(LOCAL_SUFFIXES)})")
-    return _rename(DatasetDict(splits), text_column, label_column)
+    return _rename(DatasetDict(splits), text_column, label_column, files)
 
 
-def _rename(task, text_column, label_column):
-    """`sentence` (and `label`, unless label_column is None) from the named columns."""
+def _rename(task, text_column, label_column, origin):
+    """`sentence` (and `label`, unless label_column is None) from the named columns; labels must be integers.
+    `origin` names where the task came from in errors: a string, or one file per split."""
     renamed = {}
     for name, split in task.items():
+        where = origin[name] if isinstance(origin, dict) else f"{origin} ({name} split)"
         columns = [text_column] + ([label_column] if label_column is not None else [])
         for column in columns:
             if column not in split.column_names:
-                raise DataError(f"target split {name}: no column {column!r} (columns: "
-                                f"{', '.join(split.column_names)})")
+                raise DataError(f"{where}: no column {column!r} (columns: {', '.join(split.column_names)})")
+        if label_column is not None:
+            values = split.unique(label_column)
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+                shown = ", ".join(repr(v) for v in sorted(values, key=str)[:5])
+                raise DataError(f"{where}: column {label_column!r} must hold the integer labels 0 and 1, found "
+                                f"{shown}")
         split = split.select_columns(columns)
         if text_column != "sentence":
             split = split.rename_column(text_column, "sentence")
@@ -472,5 +479,5 @@ def _rename(task, text_column, label_column):
             continue
         if label_column != "label":
             split = split.rename_column(label_column, "label")
-        renamed[name] = split.map(lambda batch: {"label": [int(x) for x in batch["label"]]}, batched=True)
+        renamed[name] = split
     return DatasetDict(renamed)

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, load_public_corpus, load_target_task,  # noqa: E402
                                     remove_punctuation)
 from common.atomic_io import write_json  # noqa: E402
+from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
 COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "inc",
                         "ltd", "co", "corp", "no", "u.s", "u.k", "gen", "gov", "sen", "rep", "lt", "col", "capt",
@@ -116,7 +117,6 @@ def compute_stats(sentences, documents, replaced_bytes, excluded_count, punkt):
 def split_corpus(documents, tokenizer, work_dir, num_shards, num_proc, excluded=frozenset()):
     """Split shard by shard into work_dir/shard-i (skipping finished shards); returns the shards."""
     progress = tqdm(total=len(documents), desc="splitting", unit="doc")
-    datasets.disable_progress_bars()  # one bar for the whole stage, not one per shard
     shards, sentences_done, start = [], 0, time.perf_counter()
     for index in range(num_shards):
         shard_dir = os.path.join(work_dir, f"shard-{index:05d}")
@@ -139,7 +139,6 @@ def split_corpus(documents, tokenizer, work_dir, num_shards, num_proc, excluded=
         progress.set_postfix(sentences=sentences_done,
                              sent_per_s=f"{sentences_done / (time.perf_counter() - start):.0f}")
     progress.close()
-    datasets.enable_progress_bars()
     return shards
 
 
@@ -161,10 +160,12 @@ def main(argv=None):
     parser.add_argument("--max_documents", type=int, default=None,
                         help="keep a seeded random sample of this many documents (quick runs)")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    add_redo_argument(parser)
     args = parser.parse_args(argv)
 
-    if os.path.exists(os.path.join(args.output_dir, "stats.json")):
-        print(f"{args.output_dir} is complete; nothing to do")
+    work_dir = f"{args.output_dir.rstrip('/')}.partial"
+    output = StageOutput(args, "stats.json", work_dir=work_dir)
+    if output.complete():
         return
     documents, replaced = load_public_corpus(args.corpus, args.text_column, args.cache_dir)
     if args.max_documents is not None and args.max_documents < len(documents):
@@ -174,7 +175,7 @@ def main(argv=None):
     tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else
                                   documents.select(range(100_000))["text"])
     print(f"{len(documents):,} documents; Punkt: {punkt}")
-    work_dir = f"{args.output_dir.rstrip('/')}.partial"
+    output.claim(work_dir)
     num_shards = args.num_shards or max(1, math.ceil(len(documents) / 20_000))
     shards = split_corpus(documents, tokenizer, work_dir, num_shards, max(1, args.num_proc), excluded)
     if not shards:
@@ -187,6 +188,7 @@ def main(argv=None):
     stats = compute_stats(sentences, documents, replaced, removed, punkt)
     final_dir = os.path.join(work_dir, "final")
     sentences.save_to_disk(final_dir)
+    output.claim(final_dir)
     write_json(os.path.join(final_dir, "stats.json"), stats)
     if os.path.exists(args.output_dir):
         shutil.rmtree(args.output_dir)
@@ -197,4 +199,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -36,8 +36,9 @@ from data_selection.sources import DataError  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.accounting import default_delta  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
+from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
-                                      sequence_classification_losses)
+                                      ledger_dir, sequence_classification_losses)
 
 SCORES_COMPLETE = "complete.json"
 
@@ -54,6 +55,7 @@ def parse_args(argv=None):
     parser.add_argument("--score_batch_size", type=int, default=512)
     parser.add_argument("--score_shard_size", type=int, default=100_000, help="sentences per scores shard")
     add_dp_arguments(parser)
+    add_redo_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -160,10 +162,14 @@ def load_scores(scores_dir, expected_count):
 
 def main(argv=None):
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    for path in (args.data_dir, args.sentences_dir):
+    for flag, path in (("--data_dir", args.data_dir), ("--sentences_dir", args.sentences_dir)):
         if not os.path.isdir(path):
-            raise DataError(f"{path}: no such directory (run the earlier stages first)")
+            raise DataError(f"{flag} {path}: no such directory (run the earlier stages first)")
+    output = StageOutput(args, os.path.join("scores", SCORES_COMPLETE), ledger_dir=ledger_dir(args))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if output.start(accelerator):
+        discard_training_state(args.output_dir, args.keep_training_state)
+        return
     if os.path.exists(os.path.join(args.output_dir, "classifier", "classifier.json")):
         print(f"{args.output_dir}/classifier exists; training skipped")
         discard_training_state(args.output_dir, args.keep_training_state)
@@ -173,4 +179,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

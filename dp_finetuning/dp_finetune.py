@@ -32,12 +32,15 @@ import os
 import sys
 
 import torch
+from safetensors import SafetensorError
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
+from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
                                       ledger_dir, sequence_classification_losses)
 from dp_finetuning.language_modelling import (collate_messages, encode_message,  # noqa: E402
@@ -67,6 +70,7 @@ def parse_args(argv=None):
                         help="use a seeded random sample of this many training examples (quick runs)")
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     add_dp_arguments(parser)
+    add_redo_argument(parser)
     parser.set_defaults(lr_scheduler_type="linear")
     return parser.parse_args(argv)
 
@@ -80,16 +84,28 @@ def load_model(args):
                             "tokenizer)")
     if not args.random_init and not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise DataError(f"--model_name_or_path {path}: no model.safetensors (use --random_init for no pre-training)")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenizer.padding_side = "right"
     torch.manual_seed(args.seed)
     model_class, extra = ((GPT2LMHeadModel, {}) if args.task == "lm" else
                           (GPT2ForSequenceClassification, {"num_labels": 2}))
-    if args.random_init:
-        model = model_class(model_class.config_class.from_pretrained(path, **extra))
-    else:
-        model = model_class.from_pretrained(path, **extra)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        if args.random_init:
+            model = model_class(model_class.config_class.from_pretrained(path, **extra))
+        else:
+            model, loading = load_pretrained(model_class, path, extra)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"--model_name_or_path {path}: corrupted or not a stage 5 output "
+                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
+    if not args.random_init:
+        # a new classification head is expected (the pre-trained model had an LM head); anything else is not
+        unexpected_missing = [key for key in loading["missing_keys"] if not key.startswith("score.")]
+        if unexpected_missing:
+            raise DataError(f"--model_name_or_path {path}: weights missing from model.safetensors: "
+                            f"{', '.join(sorted(unexpected_missing)[:5])}")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
     model.config.pad_token_id = tokenizer.pad_token_id
     if args.lora_r:
         from peft import LoraConfig, get_peft_model
@@ -103,6 +119,17 @@ def load_model(args):
         for module in frozen:
             module.requires_grad_(False)
     return model, tokenizer
+
+
+def load_pretrained(model_class, path, extra):
+    """(model, loading info) without transformers' load report, which the caller checks instead."""
+    logger = transformers_logging.get_logger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(transformers_logging.ERROR)
+    try:
+        return model_class.from_pretrained(path, output_loading_info=True, **extra)
+    finally:
+        logger.setLevel(level)
 
 
 @torch.no_grad()
@@ -120,8 +147,11 @@ def accuracy(model, tokenizer, split, max_length, batch_size=128):
 
 def main(argv=None):
     args = parse_args(argv)
-    if os.path.exists(os.path.join(args.output_dir, "results.json")):
-        print(f"{args.output_dir} is complete; nothing to do")
+    output = StageOutput(args, "results.json", ledger_dir=ledger_dir(args))
+    if not os.path.isdir(args.model_name_or_path):
+        raise DataError(f"--model_name_or_path {args.model_name_or_path}: no such directory (expected a stage 5 "
+                        "output)")
+    if output.complete():
         discard_training_state(args.output_dir, args.keep_training_state)
         return
     model, tokenizer = load_model(args)
@@ -145,6 +175,8 @@ def main(argv=None):
     trainer = DPTrainer(model, train_set, collate, losses, args, stage="finetune", private_data=args.target,
                         eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
                         lengths=lengths)
+    if trainer.accelerator.is_main_process:
+        output.claim()
     trainer.train()
 
     def save_model(directory):
@@ -220,4 +252,4 @@ def language_modelling_parts(args, tokenizer, train_set, task):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from common.stage import DataError
 from dp_finetuning import privacy_ledger
 from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
 from common.atomic_io import replace_directory, write_json
@@ -161,10 +162,13 @@ class DPTrainer:
         if args.noise_multiplier is None:
             earlier = [] if args.target_epsilon_scope == "stage" else [
                 e for e in privacy_ledger.load_entries(self.run_dir) if e.get("run_id") != self.run_id]
-            self.noise_multiplier = calibrate_noise_multiplier(
-                args.target_epsilon, self.sample_rate, self.total_steps,
-                privacy_ledger.composition_delta(earlier + [{"delta": self.delta}]), args.sampling,
-                steps_per_epoch=self.steps_per_epoch, earlier=[Mechanism.from_dict(e) for e in earlier])
+            try:
+                self.noise_multiplier = calibrate_noise_multiplier(
+                    args.target_epsilon, self.sample_rate, self.total_steps,
+                    privacy_ledger.composition_delta(earlier + [{"delta": self.delta}]), args.sampling,
+                    steps_per_epoch=self.steps_per_epoch, earlier=[Mechanism.from_dict(e) for e in earlier])
+            except ValueError as error:  # the budget cannot be met: the user's settings
+                raise DataError(f"--target_epsilon {args.target_epsilon}: {error}") from None
         else:
             self.noise_multiplier = args.noise_multiplier
         if args.sampling == "shuffle":
@@ -201,19 +205,19 @@ class DPTrainer:
     def _check_arguments(self):
         args = self.args
         if (args.noise_multiplier is None) == (args.target_epsilon is None):
-            raise ValueError("give exactly one of --noise_multiplier and --target_epsilon")
+            raise DataError("give exactly one of --noise_multiplier and --target_epsilon")
         if args.noise_multiplier is not None and not 0 <= args.noise_multiplier < 1e4:
-            raise ValueError(f"--noise_multiplier must be in [0, 1e4), got {args.noise_multiplier}")
+            raise DataError(f"--noise_multiplier must be in [0, 1e4), got {args.noise_multiplier}")
         if args.target_epsilon is not None and not args.target_epsilon > 0:
-            raise ValueError(f"--target_epsilon must be positive, got {args.target_epsilon}")
+            raise DataError(f"--target_epsilon must be positive, got {args.target_epsilon}")
         if not 0 < args.max_grad_norm < math.inf:
-            raise ValueError(f"--max_grad_norm must be positive and finite, got {args.max_grad_norm}")
+            raise DataError(f"--max_grad_norm must be positive and finite, got {args.max_grad_norm}")
         if args.delta is not None and not 0 < args.delta < 1 / self.num_examples:
-            raise ValueError(f"--delta must be in (0, 1/n) = (0, {1 / self.num_examples:.3g}), got {args.delta}")
+            raise DataError(f"--delta must be in (0, 1/n) = (0, {1 / self.num_examples:.3g}), got {args.delta}")
         if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
-            raise ValueError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
+            raise DataError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.logical_batch > self.num_examples:
-            raise ValueError(f"the logical batch ({self.logical_batch} = per-device batch x accumulation x "
+            raise DataError(f"the logical batch ({self.logical_batch} = per-device batch x accumulation x "
                              f"processes) is larger than the dataset ({self.num_examples} examples)")
 
     def _make_optimizer(self):
@@ -388,14 +392,21 @@ class DPTrainer:
     def _read_checkpoint(self, path):
         state_path = os.path.join(path, STATE_FILE)
         if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"--resume_from_checkpoint {path}: no {STATE_FILE} in it")
-        return torch.load(state_path, map_location=self.accelerator.device, weights_only=True)
+            raise DataError(f"--resume_from_checkpoint {path}: no {STATE_FILE} in it")
+        try:
+            state = torch.load(state_path, map_location=self.accelerator.device, weights_only=True)
+        except Exception as error:  # whatever torch's unpickler raises on a damaged file
+            raise DataError(f"{state_path}: corrupted or not a checkpoint of this stage ({type(error).__name__}); "
+                            "delete it to start the stage afresh") from None
+        if not isinstance(state, dict) or "signature" not in state:
+            raise DataError(f"{state_path}: corrupted or not a checkpoint of this stage (no run signature)")
+        return state
 
     def _load_state(self, path, state):
         mine = self.run_signature()
         different = {k: (state["signature"].get(k), v) for k, v in mine.items() if state["signature"].get(k) != v}
         if different:
-            raise ValueError(f"checkpoint {path} belongs to another run: " + ", ".join(
+            raise DataError(f"checkpoint {path} belongs to another run: " + ", ".join(
                 f"{k} {old} != {new}" for k, (old, new) in different.items()))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -33,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_local, load_target_task  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import atomic_path, replace_directory, write_json  # noqa: E402
+from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
 # name -> (hidden size, layers, heads, feed-forward size). The paper's sizes (DESIGN.md) use 12 heads;
 # nano and micro train in minutes on 2 CPU cores.
@@ -56,7 +57,7 @@ def model_config(size, tokenizer, block_size):
     eos = tokenizer.eos_token_id
     return GPT2Config(vocab_size=len(tokenizer), n_positions=block_size, n_embd=hidden, n_layer=layers,
                       n_head=heads, n_inner=inner, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                      **{SIZE_KEY: size})
+                      loss_type="ForCausalLM", **{SIZE_KEY: size})
 
 
 def train_tokenizer(texts, vocab_size):
@@ -119,6 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    add_redo_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -241,9 +243,7 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, step, d
     replace_directory(tmp, directory)
 
 
-def train(args):
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+def train(args, accelerator):
     model, tokenizer, train_blocks, held_out = build(args, accelerator)
     checkpoint = resolve_checkpoint(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6,
@@ -251,8 +251,12 @@ def train(args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(args))
     step = 0
     if checkpoint:
-        model.load_state_dict(GPT2LMHeadModel.from_pretrained(checkpoint).state_dict())
-        state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
+        try:
+            model.load_state_dict(GPT2LMHeadModel.from_pretrained(checkpoint).state_dict())
+            state = torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
+        except Exception as error:  # whatever torch's unpickler raises on a damaged file
+            raise DataError(f"--resume_from_checkpoint {checkpoint}: corrupted or not a checkpoint of this stage "
+                            f"({type(error).__name__})") from None
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
@@ -273,6 +277,8 @@ def train(args):
 
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     os.makedirs(args.output_dir, exist_ok=True)
+    if accelerator.is_main_process:
+        keep_metrics_until(metrics_path, step)
     progress = tqdm(total=args.max_train_steps, initial=step, desc="pre-training", unit="step",
                     disable=not accelerator.is_main_process)
     tokens, start = 0, time.perf_counter()
@@ -282,7 +288,8 @@ def train(args):
             ids = next(batches)["input_ids"].to(accelerator.device)
             last = micro_step == args.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):  # all-reduce once per step
-                loss = model(input_ids=ids, labels=ids).loss
+                # blocks are full (no padding); the mask is what the model asks for when EOS is also padding
+                loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
                 accelerator.backward(loss / args.gradient_accumulation_steps)
             tokens += ids.numel() * accelerator.num_processes
         optimizer.step()
@@ -299,7 +306,7 @@ def train(args):
             if accelerator.is_main_process:
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < args.max_train_steps:
             save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, step,
                             os.path.join(args.output_dir, f"checkpoint-{step}"))
     progress.close()
@@ -327,12 +334,26 @@ def finish(args, model, tokenizer, held_out, device):
     print(" ".join(f"{k}={v:.2f}" for k, v in results.items() if v is not None))
 
 
-def plot_loss(metrics_path, png_path):
+def keep_metrics_until(metrics_path, step):
+    """Drop the records after `step` (written by a run killed after its last checkpoint): a resumed run writes
+    them again."""
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as handle:
+        records = [line for line in handle if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_path(metrics_path) as tmp, open(tmp, "w") as handle:
+        handle.writelines(records)
+
+
+def plot_loss(metrics_path, png_path, min_points=5):
+    """The loss curve, if there are at least `min_points` records (fewer say nothing a plot should show)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     with open(metrics_path) as handle:
         records = [json.loads(line) for line in handle]
+    if len(records) < min_points:
+        return
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot([r["step"] for r in records], [r["loss"] for r in records])
     axis.set_xlabel("step")
@@ -348,12 +369,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.model_size not in MODEL_SIZES:
         raise DataError(f"--model_size {args.model_size!r}: unknown; choose one of {', '.join(MODEL_SIZES)}")
-    if os.path.exists(os.path.join(args.output_dir, "eval_results.json")):
-        print(f"{args.output_dir} is complete; nothing to do")
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if StageOutput(args, "eval_results.json").start(accelerator):
         return
-    datasets.disable_progress_bars()
-    train(args)
+    datasets.disable_caching()  # the maps' caches would land in --dataset_path, the stage before's output
+    train(args, accelerator)
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -139,16 +139,35 @@ def test_stage2_ratio_labels_and_punctuation(tmp_path):
                                                       "label": [1, 0]}),
                           "validation": Dataset.from_dict({"sentence": ["Fine."], "label": [1]}),
                           "test": Dataset.from_dict({"sentence": ["Meh..."], "label": [-1]})})
-    data = build_classifier_data.build(target, public, 5, seed=0)
+    data, _ = build_classifier_data.build(target, public, 5, seed=0)
     assert len(data["train"]) == 12 and sum(data["train"]["label"]) == 2
     assert len(data["validation"]) == 12 and sum(data["validation"]["label"]) == 2
     assert {"a great film", "dont see it"} <= set(data["train"]["sentence"])
     negatives = [row["sentence"] for name in ("train", "validation") for row in data[name] if row["label"] == 0]
     assert len(set(negatives)) == 20 and all(s.startswith("public sentence number") for s in negatives)
-    again = build_classifier_data.build(target, public, 5, seed=0)
+    again, _ = build_classifier_data.build(target, public, 5, seed=0)
     assert list(again["train"]["sentence"]) == list(data["train"]["sentence"])
-    with pytest.raises(DataError, match="asks for 200 negative sentences but the public corpus has 100"):
+    with pytest.raises(DataError, match="asks for 200 negative sentences but the public corpus has 100 distinct"):
         build_classifier_data.build(target, public, 50, seed=0)
+
+
+def test_stage2_removes_duplicates_empty_texts_and_conflicting_labels():
+    # public text: duplicates ("learn more" x5 once normalised), empty sentences, and copies of target texts
+    public_texts = ["Learn more!", "learn more", "LEARN MORE.", "learn  more", "learn more?", "...", "!!", "",
+                    "A great film", "fine"] + [f"public sentence {i}" for i in range(60)]
+    public = Dataset.from_dict({"text": public_texts, "source": ["p"] * len(public_texts),
+                                "doc_id": ["p/0"] * len(public_texts)})
+    target = DatasetDict({"train": Dataset.from_dict({"sentence": ["A great film!", "a great film", "?", "Dull."]}),
+                          "validation": Dataset.from_dict({"sentence": ["Fine.", "Dull", "fine"]})})
+    data, removed = build_classifier_data.build(target, public, 5, seed=0)
+    texts = {name: list(split["sentence"]) for name, split in data.items()}
+    assert sorted(t for t, label in zip(texts["train"], data["train"]["label"]) if label) == ["a great film", "dull"]
+    assert [t for t, label in zip(texts["validation"], data["validation"]["label"]) if label] == ["fine"]
+    everything = texts["train"] + texts["validation"]
+    assert len(everything) == len(set(everything)) == 2 * 6 + 1 * 6
+    assert "" not in everything and everything.count("learn more") == 1
+    assert removed["empty_positives"] == 1 and removed["duplicate_positives"] == 2  # "a great film", "fine"
+    assert removed["validation_positives_in_train"] == 1  # "Dull"
 
 
 def test_demo_target_task_counts():
@@ -182,8 +201,15 @@ def test_demo_public_corpus_sources_and_no_target_sentence(demo_sentences):
 def test_stage2_on_the_demo(tmp_path, demo_sentences):
     build_classifier_data.main(["--sentences_dir", str(demo_sentences), "--output_dir", str(tmp_path / "cls")])
     train = [json.loads(line) for line in (tmp_path / "cls" / "filter_train_nonewline.json").open()]
-    assert len(train) == 6 * 10752 and sum(r["label"] for r in train) == 10752
-    assert datasets.load_from_disk(str(tmp_path / "cls"))["validation"].num_rows == 6 * 2000
+    validation = [json.loads(line) for line in (tmp_path / "cls" / "filter_val_nonewline.json").open()]
+    removed = json.loads((tmp_path / "cls" / "stats.json").read_text())["removed"]
+    positives = sum(r["label"] for r in train)
+    # the snippets are distinct as written but not all once punctuation is removed
+    assert positives == 10752 - removed["duplicate_positives"] - removed["empty_positives"] > 10700
+    assert len(train) == 6 * positives and len(validation) == 6 * sum(r["label"] for r in validation)
+    texts = [r["sentence"] for r in train + validation]
+    assert len(set(texts)) == len(texts) and "" not in texts
+    assert datasets.load_from_disk(str(tmp_path / "cls"))["validation"].num_rows == len(validation)
 
 
 def fake_package_files(cache_dir):

@@ -42,6 +42,7 @@ def test_a_few_steps_lower_the_loss_and_write_the_outputs(tmp_path, sentences):
 def test_checkpoint_loads_for_sequence_classification(tmp_path, sentences):
     output = tmp_path / "pretrained"
     pretrain_gpt2.main(argv(sentences, output, "--max_train_steps", "2"))
+    assert not (output / "loss.png").exists()  # two points make no curve
     model = GPT2ForSequenceClassification.from_pretrained(str(output), num_labels=2)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(output))
     batch = tokenizer(["a quiet film", "the sea in winter was long"], padding=True, return_tensors="pt")
@@ -56,13 +57,16 @@ def test_resume_continues_with_the_same_data_order(tmp_path, sentences):
     pretrain_gpt2.main(argv(sentences, full, "--max_train_steps", "8", "--checkpointing_steps", "4"))
     resumed.mkdir()
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    # killed after step 6: its metrics went past the checkpoint
+    (resumed / "metrics.jsonl").write_text("".join((full / "metrics.jsonl").read_text().splitlines(True)[:6]))
     pretrain_gpt2.main(argv(sentences, resumed, "--max_train_steps", "8", "--resume_from_checkpoint", "latest"))
     a, b = GPT2LMHeadModel.from_pretrained(str(full)), GPT2LMHeadModel.from_pretrained(str(resumed))
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
-    full_losses = [json.loads(line)["loss"] for line in (full / "metrics.jsonl").open()][4:]
-    resumed_losses = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").open()]
-    assert resumed_losses == pytest.approx(full_losses, rel=1e-5)
+    full_records = [json.loads(line) for line in (full / "metrics.jsonl").open()]
+    resumed_records = [json.loads(line) for line in (resumed / "metrics.jsonl").open()]
+    assert [r["step"] for r in resumed_records] == list(range(1, 9))
+    assert [r["loss"] for r in resumed_records] == pytest.approx([r["loss"] for r in full_records], rel=1e-5)
 
 
 def test_bad_inputs(tmp_path, sentences):
