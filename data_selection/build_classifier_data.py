@@ -37,42 +37,31 @@ def build(target, public_sentences, ratio, seed):
                              "empty_public", "duplicate_public", "public_equal_to_a_positive"), 0)
     seen = set()
 
-    def unique_positives(sentences, earlier=frozenset()):
-        kept = []
-        for sentence in sentences:
-            text = remove_punctuation(sentence)
-            if not text:
-                removed["empty_positives"] += 1
-            elif text in earlier:
-                removed["validation_positives_in_train"] += 1
-            elif text in seen:
-                removed["duplicate_positives"] += 1
-            else:
-                seen.add(text)
-                kept.append(text)
-        return kept
+    def is_new(text, empty, repeated, earlier=frozenset(), in_earlier=None):
+        """Whether `text` is kept (then it is seen); else count why not."""
+        reason = empty if not text else in_earlier if text in earlier else repeated if text in seen else None
+        if reason:
+            removed[reason] += 1
+            return False
+        seen.add(text)
+        return True
 
-    positives = {"train": unique_positives(target["train"]["sentence"])}
-    positives["validation"] = unique_positives(
-        list(target["validation"]["sentence"]) + (list(target["test"]["sentence"]) if "test" in target else []),
-        earlier=frozenset(seen))
+    positives = {"train": [text for text in map(remove_punctuation, target["train"]["sentence"])
+                           if is_new(text, "empty_positives", "duplicate_positives")]}
+    train_positives = frozenset(seen)
+    held_out = list(target["validation"]["sentence"]) + (list(target["test"]["sentence"]) if "test" in target else [])
+    positives["validation"] = [text for text in map(remove_punctuation, held_out) if is_new(
+        text, "empty_positives", "duplicate_positives", train_positives, "validation_positives_in_train")]
+    positive_texts = frozenset(seen)
     wanted = {name: ratio * len(texts) for name, texts in positives.items()}
     order = np.random.default_rng(seed).permutation(len(public_sentences))
     negatives, position, chunk = {"train": [], "validation": []}, 0, 50_000
-    positive_texts = frozenset(seen)
     for name in ("train", "validation"):
         while len(negatives[name]) < wanted[name] and position < len(order):
             for sentence in public_sentences.select(order[position:position + chunk])["text"]:
                 position += 1
                 text = remove_punctuation(sentence)
-                if not text:
-                    removed["empty_public"] += 1
-                elif text in positive_texts:
-                    removed["public_equal_to_a_positive"] += 1
-                elif text in seen:
-                    removed["duplicate_public"] += 1
-                else:
-                    seen.add(text)
+                if is_new(text, "empty_public", "duplicate_public", positive_texts, "public_equal_to_a_positive"):
                     negatives[name].append(text)
                     if len(negatives[name]) == wanted[name]:
                         break

@@ -63,7 +63,7 @@ case "$PRESET" in
                 --learning_rate 0.1 --num_train_epochs 2)
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
     PRETRAIN=(--model_size "${MODEL_SIZE:-nano}" --vocab_size 2000 --block_size 64 --per_device_train_batch_size 16
-              --learning_rate 1e-3 --max_train_steps 20)
+              --learning_rate 1e-3 --max_train_steps 20 --logging_steps 2 --checkpointing_steps 10)
     FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
                              --num_train_epochs 1 --max_length 48 --freeze embeddings --max_train_samples 2000)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3

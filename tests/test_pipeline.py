@@ -18,10 +18,14 @@ def pipeline(*args):
     return script("run_pipeline.sh", *args)
 
 
-def smoke_table(base):
+def smoke_table_arguments(base, *extra):
     """The smoke pipeline through scripts/reproduce_table.sh: one seed, stage 1 shared in RUNS/sentences."""
-    return script("reproduce_table.sh", "--preset", "smoke", "--seeds", "0", "--runs_dir", str(base / "runs"),
-                  "--output_dir", str(base / "results"))
+    return ["reproduce_table.sh", "--preset", "smoke", "--seeds", "0", "--runs_dir", str(base / "runs"),
+            "--output_dir", str(base / "results"), *extra]
+
+
+def smoke_table(base, *extra):
+    return script(*smoke_table_arguments(base, *extra))
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +78,33 @@ def test_completed_stages_are_skipped(smoke_run):
     run_dir = base / "runs" / "nano_0.2_seed0"
     before = (run_dir / "finetune" / "results.json").stat().st_mtime_ns
     output = smoke_table(base)
-    assert output.count("nothing to do") >= 7 and "training skipped" in output
+    assert output.count("nothing to do") == 10  # stages 1, 2, 3, two selections, two pre-trainings, ...
+    assert output.count("finetune is complete; nothing to do") == 3  # ... and three fine-tunings
     assert (run_dir / "finetune" / "results.json").stat().st_mtime_ns == before
+
+
+def test_a_changed_setting_is_refused_then_redone_with_what_depends_on_it(smoke_run):
+    base, _ = smoke_run
+    run_dir = base / "runs" / "nano_0.2_seed0"
+    pretrained = (run_dir / "pretrained" / "eval_results.json").stat().st_mtime_ns
+    name, *args = smoke_table_arguments(base, "--total_epsilon", "5")
+    completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *args], capture_output=True, text=True,
+                               timeout=600, cwd=ROOT)
+    errors = [line for line in completed.stderr.splitlines() if line.strip()]
+    assert completed.returncode == 2 and len(errors) == 1, completed.stderr[-2000:]
+    assert errors[0].startswith(f"error: {run_dir}/finetune was made with other settings")
+    assert "--target_epsilon 4.0 -> 5.0" in errors[0] and "--redo_changed" in errors[0]
+    assert json.loads((run_dir / "finetune" / "results.json").read_text())["composed_epsilon"] < 4.01
+
+    output = smoke_table(base, "--total_epsilon", "5", "--redo_changed")
+    assert output.count("redoing it (--redo_changed)") == 3 and output.count("nothing to do") == 7
+    assert (run_dir / "pretrained" / "eval_results.json").stat().st_mtime_ns == pretrained
+    results = json.loads((run_dir / "finetune" / "results.json").read_text())
+    assert 4.9 <= results["composed_epsilon"] <= 5.0
+    # the old fine-tuned model was deleted with its release: the ledger holds the classifier and the new one
+    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())["entries"]
+    assert [e["stage"] for e in ledger] == ["domain_classifier", "finetune"]
+    assert ledger[1]["run_id"] == json.loads((run_dir / "finetune" / "privacy.json").read_text())["run_id"]
 
 
 def test_force_reruns_and_until_stops(tmp_path):
