@@ -173,8 +173,9 @@ def main(argv=None):
     shutil.rmtree(args.output_dir, ignore_errors=True)
     os.replace(tmp, args.output_dir)
     print(f"{len(kept):,} sentences, {report['selected_words']:,} words -> {args.output_dir}")
-    print("source share of words, corpus -> selection: " + ", ".join(
-        f"{k} {corpus_shares[k]:.3f} -> {selection_shares.get(k, 0):.3f}" for k in sorted(corpus_shares)))
+    if not args.random:  # a random selection's shares are the corpus's, up to sampling noise
+        print("source share of words, corpus -> selection: " + ", ".join(
+            f"{k} {corpus_shares[k]:.3f} -> {selection_shares.get(k, 0):.3f}" for k in sorted(corpus_shares)))
 
 
 if __name__ == "__main__":

@@ -174,7 +174,6 @@ def main(argv=None):
     excluded = frozenset(target_sentences(exclude, args.cache_dir)) if exclude else frozenset()
     tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else
                                   documents.select(range(100_000))["text"])
-    print(f"{len(documents):,} documents; Punkt: {punkt}")
     output.claim(work_dir)
     num_shards = args.num_shards or max(1, math.ceil(len(documents) / 20_000))
     shards = split_corpus(documents, tokenizer, work_dir, num_shards, max(1, args.num_proc), excluded)
@@ -195,7 +194,7 @@ def main(argv=None):
     os.replace(final_dir, args.output_dir)
     shutil.rmtree(work_dir)
     print(f"{stats['sentences']:,} sentences, {stats['words']:,} words from {stats['documents']:,} documents "
-          f"-> {args.output_dir}")
+          f"-> {args.output_dir} (Punkt: {punkt})")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ once they are written.
 """
 
 import argparse
+import logging
 import os
 import sys
 
@@ -121,15 +122,19 @@ def load_model(args):
     return model, tokenizer
 
 
+class _WithoutLoadReport(logging.Filter):
+    def filter(self, record):
+        return "LOAD REPORT" not in record.getMessage()
+
+
 def load_pretrained(model_class, path, extra):
     """(model, loading info) without transformers' load report, which the caller checks instead."""
-    logger = transformers_logging.get_logger("transformers.modeling_utils")
-    level = logger.level
-    logger.setLevel(transformers_logging.ERROR)
+    logger, report_filter = transformers_logging.get_logger("transformers.modeling_utils"), _WithoutLoadReport()
+    logger.addFilter(report_filter)
     try:
         return model_class.from_pretrained(path, output_loading_info=True, **extra)
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(report_filter)
 
 
 @torch.no_grad()

@@ -57,7 +57,7 @@ def model_config(size, tokenizer, block_size):
     eos = tokenizer.eos_token_id
     return GPT2Config(vocab_size=len(tokenizer), n_positions=block_size, n_embd=hidden, n_layer=layers,
                       n_head=heads, n_inner=inner, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-                      loss_type="ForCausalLM", **{SIZE_KEY: size})
+                      **{SIZE_KEY: size})
 
 
 def train_tokenizer(texts, vocab_size):
@@ -150,6 +150,7 @@ def build(args, accelerator):
                         f"{args.block_size} tokens")
     torch.manual_seed(args.seed)
     model = GPT2LMHeadModel(model_config(args.model_size, tokenizer, args.block_size))
+    model.loss_type = "ForCausalLM"  # transformers finds no loss in the class name GPT2LMHeadModel and warns
     return model, tokenizer, train_blocks, held_out
 
 

@@ -11,7 +11,7 @@ def script(name, *args):
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *args],
                                capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return completed.stdout
+    return completed.stdout + completed.stderr
 
 
 def pipeline(*args):
@@ -64,6 +64,10 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     for privacy in run_dir.rglob("privacy.json"):
         assert not any("seed" in key for key in json.loads(privacy.read_text()))
     assert "| selective pre-training |" in output and "| no pre-training |" in output
+    # quiet logs: the project's bars and result lines, no library bars or warnings
+    assert output.count("\n") <= 95 and "Flattening" not in output and "LOAD REPORT" not in output
+    assert "[transformers]" not in output and "warning" not in output.lower()
+    assert output.count("finished in") == 8
     assert "test next-word accuracy" in (run_dir / "summary.md").read_text()
     table = (base / "results" / "table.md").read_text()
     budget = json.loads((run_dir / "selected" / "selection_report.json").read_text())["budget_words"]
