@@ -121,6 +121,19 @@ def test_force_reruns_and_until_stops(tmp_path):
     assert not (run_dir / "classifier_data").exists()
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--total_epsilon", "0.8"], "--total_epsilon 0.8 leaves nothing for fine-tuning: the domain classifier alone "
+                                 "spends 1"),
+    (["--total_epsilon", "four"], "--total_epsilon must be a positive number, got 'four'"),
+    (["--num_tokens", "0"], "--num_tokens must be a positive number, got '0'"),
+    (["--seed", "-1"], "--seed takes a non-negative integer, got '-1'"),
+])
+def test_pipeline_checks_its_numbers_before_any_work(args, message, tmp_path):
+    completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "smoke",
+                                "--run_dir", str(tmp_path / "run"), *args], capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 2 and message in completed.stderr and not (tmp_path / "run").exists()
+
+
 def test_unknown_preset_is_refused():
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "huge"],
                                capture_output=True, text=True, cwd=ROOT)

@@ -156,3 +156,5 @@ def test_demo_selection_finds_the_movie_plots_at_epsilon_one(tmp_path, demo_sent
                                "--document_weight", "0.7", "--output_dir", str(tmp_path / "selected")])
     report = json.loads((tmp_path / "selected" / "selection_report.json").read_text())
     assert report["share_ratio"]["movie_plots"] >= 3.0
+    assert report["mode"] == "top 0.3 x sentence logit margin + 0.7 x its document's mean logit margin"
+    assert not list((tmp_path / "selected").glob("cache-*"))
