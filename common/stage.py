@@ -46,8 +46,8 @@ def is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run_stage(main, argv=None):
-    """Run a stage's `main(argv)` with one-line errors and its wall time at the end (module docstring)."""
+def run_stage(main, argv=None, timed=True):
+    """Run a stage's `main(argv)` with one-line errors and (if `timed`) its wall time at the end (module docstring)."""
     argv = sys.argv[1:] if argv is None else argv
     output_dir = _flag_value(argv, "--output_dir")
     created = [] if output_dir is None else [
@@ -63,7 +63,7 @@ def run_stage(main, argv=None):
             shutil.rmtree(path, ignore_errors=True)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    if is_main_process():
+    if timed and is_main_process():
         print(f"{os.path.basename(sys.argv[0])} finished in {time.perf_counter() - start:.0f} s")
 
 

@@ -116,6 +116,13 @@ positive() { awk -v x="$1" 'BEGIN { exit !(x ~ /^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+
 positive "$TOTAL_EPSILON" || { echo "run_pipeline.sh: --total_epsilon must be a positive number, got '$TOTAL_EPSILON'" >&2; exit 2; }
 positive "${NUM_TOKENS:-1}" || { echo "run_pipeline.sh: --num_tokens must be a positive number, got '$NUM_TOKENS'" >&2; exit 2; }
 case "$SEED" in ''|*[!0-9]*) echo "run_pipeline.sh: --seed takes a non-negative integer, got '$SEED'" >&2; exit 2 ;; esac
+case "$TARGET" in  # the offline and hub targets by name; anything else is a local file or directory
+  demo|chat|glue/sst2) ;;
+  *) [ -e "$TARGET" ] || { echo "run_pipeline.sh: --target $TARGET: no such file or directory (nor 'demo', 'chat', 'glue/sst2')" >&2; exit 2; } ;;
+esac
+if [ -n "$SENTENCES" ] && [ -e "$SENTENCES" ] && [ ! -d "$SENTENCES" ]; then
+  echo "run_pipeline.sh: --sentences_dir $SENTENCES: not a directory" >&2; exit 2
+fi
 for i in "${!CLASSIFIER[@]}"; do
   if [ "${CLASSIFIER[$i]}" = --target_epsilon ] && ! awk -v t="$TOTAL_EPSILON" -v c="${CLASSIFIER[$((i + 1))]}" 'BEGIN { exit !(t > c) }'; then
     echo "run_pipeline.sh: --total_epsilon $TOTAL_EPSILON leaves nothing for fine-tuning: the domain classifier alone spends ${CLASSIFIER[$((i + 1))]}" >&2

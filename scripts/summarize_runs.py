@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.atomic_io import atomic_path  # noqa: E402
+from common.stage import DataError, run_stage  # noqa: E402
 
 # (name, directory in the run, its selection or None, its fine-tuning): the DP variants, then those fine-tuned
 # without noise (run_pipeline.sh --non_private), shown only where they were run
@@ -220,7 +221,7 @@ def main(argv=None):
     rows = []
     for run_dir in args.run_dirs:
         if not os.path.isdir(run_dir):
-            sys.exit(f"summarize_runs.py: {run_dir} is not a directory (expected a pipeline run directory)")
+            raise DataError(f"{run_dir}: not a directory (expected a pipeline run directory)")
         run_rows = summary_rows(run_dir)
         print_run(run_dir, run_rows)
         rows += run_rows
@@ -232,4 +233,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main, timed=False)

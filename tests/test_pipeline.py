@@ -127,6 +127,7 @@ def test_force_reruns_and_until_stops(tmp_path):
     (["--total_epsilon", "four"], "--total_epsilon must be a positive number, got 'four'"),
     (["--num_tokens", "0"], "--num_tokens must be a positive number, got '0'"),
     (["--seed", "-1"], "--seed takes a non-negative integer, got '-1'"),
+    (["--target", "no/such/messages.jsonl"], "--target no/such/messages.jsonl: no such file or directory"),
 ])
 def test_pipeline_checks_its_numbers_before_any_work(args, message, tmp_path):
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "smoke",

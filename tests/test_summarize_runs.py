@@ -4,6 +4,7 @@ import statistics
 
 import pytest
 
+from common.stage import run_stage
 from scripts import summarize_runs
 
 # (seed, selective test accuracy, random, none) of three fake runs of one model size and budget
@@ -72,9 +73,12 @@ def test_an_unfinished_run_is_reported_but_not_averaged(tmp_path, capsys):
         assert all(row["seeds"] == "1" for row in csv.DictReader(handle))
 
 
-def test_a_missing_run_directory_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="no_such_run is not a directory"):
-        summarize_runs.main([str(tmp_path / "no_such_run")])
+def test_a_missing_run_directory_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(summarize_runs.main, [str(tmp_path / "no_such_run")], timed=False)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'no_such_run'}: not a directory (expected a " \
+                                             "pipeline run directory)"
 
 
 def test_language_modelling_runs_show_perplexity_and_next_word_accuracy(tmp_path, capsys):
