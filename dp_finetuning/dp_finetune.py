@@ -95,8 +95,6 @@ def load_model(args):
         else:
             model, loading = load_pretrained(model_class, path, extra)
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        if isinstance(error, DataError):
-            raise
         raise DataError(f"--model_name_or_path {path}: corrupted or not a stage 5 output "
                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
     if not args.random_init:

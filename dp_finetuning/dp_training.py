@@ -40,10 +40,10 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
+from common.atomic_io import replace_directory, write_json
 from common.stage import DataError
 from dp_finetuning import privacy_ledger
 from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
-from common.atomic_io import replace_directory, write_json
 from dp_finetuning.per_example_grads import PerExampleGradients
 
 STATE_FILE = "training_state.pt"
@@ -218,7 +218,7 @@ class DPTrainer:
             raise DataError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.logical_batch > self.num_examples:
             raise DataError(f"the logical batch ({self.logical_batch} = per-device batch x accumulation x "
-                             f"processes) is larger than the dataset ({self.num_examples} examples)")
+                            f"processes) is larger than the dataset ({self.num_examples} examples)")
 
     def _make_optimizer(self):
         args = self.args
