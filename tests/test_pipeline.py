@@ -8,10 +8,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def script(name, *args):
+    """stdout and stderr of a script that must succeed, as written: progress bars redraw with \r, not \n."""
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", name), *args],
-                               capture_output=True, text=True, timeout=1800, cwd=ROOT)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
-    return completed.stdout + completed.stderr
+                               capture_output=True, timeout=1800, cwd=ROOT)
+    stdout, stderr = completed.stdout.decode(), completed.stderr.decode()
+    assert completed.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout + stderr
 
 
 def pipeline(*args):
