@@ -120,13 +120,12 @@ class StageOutput:
     into its output directory as it goes, with several processes.
     """
 
-    def __init__(self, args, marker, not_settings=(), ledger_dir=None, work_dir=None):
+    def __init__(self, args, marker, ledger_dir=None, work_dir=None):
         self.args, self.marker = args, marker
         self.directory = args.output_dir
         self.ledger_dir = ledger_dir
         self.work_dir = work_dir  # where a stage that renames its output at the end keeps resumable work
-        ignored = NOT_SETTINGS | set(not_settings)
-        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in ignored}
+        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
         self.inputs = {}
         for name, value in self.settings.items():
             for item in value if isinstance(value, (list, tuple)) else [value]:
