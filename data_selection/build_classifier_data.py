@@ -21,7 +21,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task, remove_punctuation  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+                                    load_target_task, remove_punctuation)
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
@@ -94,6 +95,7 @@ def main(argv=None):
     parser.add_argument("--max_eval_samples", type=int, default=None,
                         help="use a seeded random sample of this many target validation (and test) sentences")
     parser.add_argument("--seed", type=int, default=0)
+    add_split_seed_argument(parser)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     add_redo_argument(parser)
     args = parser.parse_args(argv)
@@ -106,7 +108,7 @@ def main(argv=None):
     if not os.path.exists(os.path.join(args.sentences_dir, "stats.json")):
         raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
     public = datasets.load_from_disk(args.sentences_dir)
-    target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.seed)
+    target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.split_seed)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
                          ("test", args.max_eval_samples)):
         if split in target and limit is not None and limit < len(target[split]):

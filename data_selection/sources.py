@@ -398,6 +398,15 @@ def _tag(dataset, text_column, source):
     return dataset.map(add, batched=True, with_indices=True, remove_columns=dataset.column_names)
 
 
+SPLIT_SEED_HELP = ("seed of the target's train/validation/test split where the target has none of its own (demo, chat, "
+                   "a single local file); fixed by default so that --seed varies the training randomness only, "
+                   "over the same test set, as hub tasks' fixed splits do")
+
+
+def add_split_seed_argument(parser):
+    parser.add_argument("--split_seed", type=int, default=0, help=SPLIT_SEED_HELP)
+
+
 def load_target_task(spec, text_column="sentence", label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0):
     """DatasetDict train/validation/test with `sentence` and `label`, labels checked.
 

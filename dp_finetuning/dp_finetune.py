@@ -38,7 +38,7 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrai
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_target_task  # noqa: E402
+from data_selection.sources import DEFAULT_CACHE_DIR, DataError, add_split_seed_argument, load_target_task  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
@@ -69,6 +69,7 @@ def parse_args(argv=None):
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA adapters of this rank instead (0: off)")
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="use a seeded random sample of this many training examples (quick runs)")
+    add_split_seed_argument(parser)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     add_dp_arguments(parser)
     add_redo_argument(parser)
@@ -167,7 +168,7 @@ def main(argv=None):
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
     lm = args.task == "lm"
     task = load_target_task(args.target, args.text_column, None if lm else args.label_column, args.cache_dir,
-                            args.seed)
+                            args.split_seed)
     train_set = task["train"]
     if args.max_train_samples is not None and args.max_train_samples < len(train_set):
         train_set = train_set.shuffle(seed=args.seed).select(range(args.max_train_samples))

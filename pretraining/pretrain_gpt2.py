@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, load_local, load_target_task  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+                                    load_local, load_target_task)
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import atomic_path, replace_directory, write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
@@ -119,6 +120,7 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    add_split_seed_argument(parser)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     add_redo_argument(parser)
     return parser.parse_args(argv)
@@ -224,7 +226,7 @@ def perplexity(model, blocks, batch_size, device):
 def target_blocks(args, tokenizer):
     """The target task's validation sentences, one row each, sorted by length so that batches pad little
     (evaluation only, never training)."""
-    task = load_target_task(args.eval_target, label_column=None, cache_dir=args.cache_dir)
+    task = load_target_task(args.eval_target, label_column=None, cache_dir=args.cache_dir, seed=args.split_seed)
     encoded = tokenizer([s.lower() + EOS for s in task["validation"]["sentence"]], truncation=True,
                         max_length=args.block_size)["input_ids"]
     return [{"input_ids": ids} for ids in sorted(encoded, key=len)]

@@ -275,3 +275,21 @@ def test_sentences_without_punctuation_are_cut_and_exclusion_is_normalised(tmp_p
                               for i in range(10)))
     excluded = split_sentences.target_sentences(str(target), "")
     assert sources.remove_punctuation("  GREAT   film number 3 !! ") in excluded
+
+
+def test_seed_varies_sampling_but_not_the_target_split(tmp_path):
+    """--seed draws other negatives over the same split; only --split_seed moves examples between splits."""
+    texts = [f"target sentence number {i} here." for i in range(40)]
+    (tmp_path / "target.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "public.txt").write_text("".join(f"Public sentence {i} is here.\n" for i in range(80)))
+    split_sentences.main(["--corpus", str(tmp_path / "public.txt"), "--output_dir", str(tmp_path / "public")])
+
+    def stage2(name, *flags):
+        out = tmp_path / name
+        build_classifier_data.main(["--sentences_dir", str(tmp_path / "public"), "--target", str(tmp_path / "target.txt"),
+                                    "--text_column", "text", "--od_data_size", "1", "--output_dir", str(out), *flags])
+        data = datasets.load_from_disk(str(out))
+        return {s for s, y in zip(data["validation"]["sentence"], data["validation"]["label"]) if y == 1}
+    first = stage2("a", "--seed", "1")
+    assert stage2("b", "--seed", "2") == first
+    assert stage2("c", "--seed", "1", "--split_seed", "3") != first
