@@ -111,6 +111,9 @@ def parse_args(argv=None):
     parser.add_argument("--weight_decay", type=float, default=0.01)
     parser.add_argument("--warmup_ratio", type=float, default=0.06)
     parser.add_argument("--max_train_steps", type=int, default=1000)
+    parser.add_argument("--max_train_tokens", type=float, default=None,
+                        help="tokens seen, in millions, over all processes (instead of --max_train_steps): the steps "
+                             "are this divided by the tokens of one step, rounded up")
     parser.add_argument("--validation_split_percentage", type=float, default=5)
     parser.add_argument("--eval_target", default=None,
                         help="target task whose validation sentences are evaluated (demo, glue/sst2, files)")
@@ -316,11 +319,12 @@ def train(args, accelerator):
     save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, step,
                     os.path.join(args.output_dir, f"checkpoint-{step}"))
     if accelerator.is_main_process:
-        finish(args, accelerator.unwrap_model(model), tokenizer, held_out, accelerator.device)
+        finish(args, accelerator.unwrap_model(model), tokenizer, held_out, accelerator.device,
+               accelerator.num_processes)
     accelerator.wait_for_everyone()
 
 
-def finish(args, model, tokenizer, held_out, device):
+def finish(args, model, tokenizer, held_out, device, num_processes):
     """Final model + tokenizer in output_dir, perplexities, loss curve."""
     results = {"held_out_perplexity": perplexity(model, held_out, args.per_device_train_batch_size, device)
                if len(held_out) else None}
@@ -331,8 +335,10 @@ def finish(args, model, tokenizer, held_out, device):
     tokenizer.save_pretrained(args.output_dir)
     # model and tokenizer depend on the DP releases that chose their data (none for a random selection)
     privacy_ledger.write_releases(args.output_dir, privacy_ledger.read_releases(args.dataset_path))
-    write_json(os.path.join(args.output_dir, "eval_results.json"), {**results, "model_size": args.model_size,
-                                                                    "steps": args.max_train_steps})
+    write_json(os.path.join(args.output_dir, "eval_results.json"), {
+        **results, "model_size": args.model_size, "steps": args.max_train_steps,
+        "tokens_seen": args.max_train_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * args.block_size * num_processes})
     plot_loss(os.path.join(args.output_dir, "metrics.jsonl"), os.path.join(args.output_dir, "loss.png"))
     print(" ".join(f"{k}={v:.2f}" for k, v in results.items() if v is not None))
 
@@ -374,6 +380,12 @@ def main(argv=None):
         raise DataError(f"--model_size {args.model_size!r}: unknown; choose one of {', '.join(MODEL_SIZES)}")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if args.max_train_tokens is not None:
+        if args.max_train_tokens <= 0:
+            raise DataError(f"--max_train_tokens must be positive, got {args.max_train_tokens}")
+        tokens_per_step = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.block_size
+                           * accelerator.num_processes)
+        args.max_train_steps = math.ceil(args.max_train_tokens * 1e6 / tokens_per_step)
     if StageOutput(args, "eval_results.json").start(accelerator):
         return
     datasets.disable_caching()  # the maps' caches would land in --dataset_path, the stage before's output

@@ -4,10 +4,11 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 from datasets import Dataset
 
 from data_selection.sources import DataError
-from dp_finetuning import dp_finetune, privacy_ledger
+from dp_finetuning import dp_finetune, linear_probe, privacy_ledger
 from dp_finetuning.accounting import Mechanism, compute_epsilons
 from pretraining import pretrain_gpt2
 
@@ -132,3 +133,34 @@ def test_seeds_into_one_run_directory_compose_at_one_delta(tmp_path, pretrained,
     finetunes_only = compute_epsilons([Mechanism.from_dict(e) for e in entries[1:]], 1e-4)["epsilon"]
     assert alone < finetunes_only < 3 * alone
     assert results[0]["composed_epsilon"] < results[1]["composed_epsilon"] < results[2]["composed_epsilon"]
+
+
+def test_logistic_regression_reaches_the_regularised_optimum():
+    """At the minimum of a strictly convex loss the gradient vanishes: the fit must get there."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(200, 5, generator=generator, dtype=torch.float64)
+    labels = (features @ torch.tensor([1.0, -2.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+              + 0.5 * torch.randn(200, generator=generator, dtype=torch.float64) > 0).double()
+    weights, bias = linear_probe.fit_logistic_regression(features, labels, l2=0.01)
+    weights.requires_grad_(True), bias.requires_grad_(True)
+    linear_probe.regularised_loss(features, labels, weights, bias, 0.01).backward()
+    assert weights.grad.abs().max() < 1e-6 and bias.grad.abs() < 1e-6
+    separable_labels = (features[:, 0] > 0).long()
+    assert linear_probe.probe(features, separable_labels, features, separable_labels, 1e-6) == 1.0
+    assert linear_probe.probe(features, separable_labels, features, 1 - separable_labels, 1e-6) == 0.0
+
+
+def test_linear_probe_end_to_end(tmp_path, pretrained, target):
+    output = tmp_path / "probe"
+    linear_probe.main(["--model_name_or_path", str(pretrained), "--target", str(target), "--output_dir", str(output)])
+    results = json.loads((output / "linear_probe.json").read_text())
+    assert results["private"] is False and results["train_examples"] == 80 and results["validation_examples"] == 20
+    # the label is a whole word of the sentence: mean-pooled features of a pre-trained model separate it
+    assert results["val_accuracy_mean_pooled"] >= 0.9 and results["val_majority_share"] == 0.5
+    assert 0 <= results["val_accuracy_last_token"] <= 1
+    linear_probe.main(["--model_name_or_path", str(pretrained), "--target", str(target), "--output_dir",
+                       str(tmp_path / "random"), "--random_init"])
+    assert json.loads((tmp_path / "random" / "linear_probe.json").read_text())["random_init"] is True
+    with pytest.raises(DataError, match="--l2 must be non-negative"):
+        linear_probe.main(["--model_name_or_path", str(pretrained), "--target", str(target), "--output_dir",
+                           str(tmp_path / "bad"), "--l2", "-1"])

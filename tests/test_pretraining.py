@@ -37,6 +37,17 @@ def test_a_few_steps_lower_the_loss_and_write_the_outputs(tmp_path, sentences):
     assert results["held_out_perplexity"] < 300 and results["target_validation_perplexity"] > 1
     assert json.loads((output / "config.json").read_text())["selective_pretraining_size"] == "nano"
     assert (output / "loss.png").exists() and (output / "checkpoint-30").is_dir()
+    assert results["steps"] == 30 and results["tokens_seen"] == 30 * 8 * 32
+
+
+def test_a_token_budget_sets_the_steps(tmp_path, sentences):
+    output = tmp_path / "pretrained"
+    # 0.002M tokens in steps of 8 x 32 = 256 tokens: 7.8, so 8 steps
+    pretrain_gpt2.main(argv(sentences, output, "--max_train_tokens", "0.002", "--max_train_steps", "1000"))
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["steps"] == 8 and results["tokens_seen"] == 2048
+    with pytest.raises(DataError, match="--max_train_tokens must be positive"):
+        pretrain_gpt2.main(argv(sentences, tmp_path / "bad", "--max_train_tokens", "0"))
 
 
 def test_checkpoint_loads_for_sequence_classification(tmp_path, sentences):
