@@ -207,12 +207,22 @@ def main(argv=None):
         "composed_epsilon": composed["epsilon"], "composed_epsilons": composed, "delta": delta,
         "ledger_stages": [e["stage"] for e in privacy_ledger.load_entries(trainer.run_dir)],
         "dp_releases": [r["stage"] for r in releases],
+        **({} if lm else {f"{prefix}_majority_share": majority_share(task[split]["label"])
+                          for prefix, split in (("val", "validation"), ("test", "test")) if split in task}),
     }
     write_json(os.path.join(args.output_dir, "results.json"), results)
     trainer.discard_training_state()
     print(", ".join(f"{k} {v:.4f}" for k, v in {**{k: results[k] for k in metrics}, **test}.items()
                     if v is not None) + f", epsilon {results['epsilon']:.3f}, composed over the run "
           f"{results['composed_epsilon']:.3f}")
+
+
+def majority_share(labels):
+    """The accuracy of always predicting the most frequent label (None for an unlabelled split: GLUE's test)."""
+    if not labels or -1 in labels:
+        return None
+    positives = sum(labels) / len(labels)
+    return max(positives, 1 - positives)
 
 
 def classification_parts(args, tokenizer, train_set, task):

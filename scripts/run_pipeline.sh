@@ -4,8 +4,8 @@
 #
 #   bash scripts/run_pipeline.sh [--task lm|classification] [--target T] [--preset smoke|demo|paper]
 #                                [--run_dir DIR] [--seed N] [--total_epsilon E] [--num_tokens M]
-#                                [--model_size S] [--sentences_dir DIR] [--until STAGE] [--non_private]
-#                                [--force] [--redo_changed] [--dry_run]
+#                                [--model_size S] [--pretrain_tokens M] [--sentences_dir DIR] [--until STAGE]
+#                                [--non_private] [--linear_probe] [--force] [--redo_changed] [--dry_run]
 #
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
@@ -17,7 +17,9 @@
 # inputs stops the run with one line naming them; --redo_changed redoes it and what depends on it.
 # --non_private also fine-tunes every variant without noise (clipping only, epsilon infinite), into
 # <variant>/non_private/finetune with a ledger of its own: the ceiling that shows the cost of privacy. --num_tokens (stage 4's budget: a fraction of the
-# corpus's words below 1, millions of words from 1) and --model_size (stage 5) override the preset; --sentences_dir reads (or writes) stage 1's output
+# corpus's words below 1, millions of words from 1), --model_size and --pretrain_tokens (stage 5's length in millions
+# of tokens seen) override the preset; --linear_probe (classification) adds a non-private diagnostic of each
+# pre-trained model's frozen features (dp_finetuning/linear_probe.py); --sentences_dir reads (or writes) stage 1's output
 # there instead of in the run directory, so that several runs share it. Layout of the run directory:
 #   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
 #   privacy_ledger.json holds the domain classifier and the fine-tuning)
@@ -27,7 +29,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK=lm TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
-SENTENCES="" NON_PRIVATE=0 REDO=()
+SENTENCES="" NON_PRIVATE=0 REDO=() PRETRAIN_TOKENS="" LINEAR_PROBE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -38,6 +40,8 @@ while [ $# -gt 0 ]; do
     --total_epsilon) TOTAL_EPSILON=$2; shift 2 ;;
     --num_tokens) NUM_TOKENS=$2; shift 2 ;;
     --model_size) MODEL_SIZE=$2; shift 2 ;;
+    --pretrain_tokens) PRETRAIN_TOKENS=$2; shift 2 ;;
+    --linear_probe) LINEAR_PROBE=1; shift ;;
     --sentences_dir) SENTENCES=$2; shift 2 ;;
     --until) UNTIL=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
@@ -115,6 +119,13 @@ TOTAL_EPSILON=${TOTAL_EPSILON:-$DEFAULT_EPSILON}
 positive() { awk -v x="$1" 'BEGIN { exit !(x ~ /^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$/ && x + 0 > 0) }'; }
 positive "$TOTAL_EPSILON" || { echo "run_pipeline.sh: --total_epsilon must be a positive number, got '$TOTAL_EPSILON'" >&2; exit 2; }
 positive "${NUM_TOKENS:-1}" || { echo "run_pipeline.sh: --num_tokens must be a positive number, got '$NUM_TOKENS'" >&2; exit 2; }
+if [ -n "$PRETRAIN_TOKENS" ]; then
+  positive "$PRETRAIN_TOKENS" || { echo "run_pipeline.sh: --pretrain_tokens must be a positive number, got '$PRETRAIN_TOKENS'" >&2; exit 2; }
+  PRETRAIN+=(--max_train_tokens "$PRETRAIN_TOKENS")
+fi
+if [ "$LINEAR_PROBE" = 1 ] && [ "$TASK" != classification ]; then
+  echo "run_pipeline.sh: --linear_probe needs --task classification (it fits the target's labels)" >&2; exit 2
+fi
 case "$SEED" in ''|*[!0-9]*) echo "run_pipeline.sh: --seed takes a non-negative integer, got '$SEED'" >&2; exit 2 ;; esac
 case "$TARGET" in  # the offline and hub targets by name; anything else is a local file or directory
   demo|chat|glue/sst2) ;;
@@ -168,6 +179,15 @@ for variant in "$R" "$B/random"; do
   launch pretraining/pretrain_gpt2.py --dataset_path "$variant/selected" "${PRETRAIN[@]}" --eval_target "$TARGET" \
     --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}"
 done
+if [ "$LINEAR_PROBE" = 1 ]; then
+  echo "== stage 5 diagnostic, not private: logistic regression on frozen features (--linear_probe)"
+  PROBE=(--target "$TARGET" --seed "$SEED" "${REDO[@]}")
+  run python dp_finetuning/linear_probe.py --model_name_or_path "$R/pretrained" "${PROBE[@]}" --output_dir "$R/linear_probe"
+  run python dp_finetuning/linear_probe.py --model_name_or_path "$B/random/pretrained" "${PROBE[@]}" \
+    --output_dir "$B/random/linear_probe"
+  run python dp_finetuning/linear_probe.py --model_name_or_path "$B/random/pretrained" --random_init "${PROBE[@]}" \
+    --output_dir "$B/scratch/linear_probe"
+fi
 stage 6 "DP fine-tuning ($TASK) at a total epsilon of $TOTAL_EPSILON"
 FINETUNE+=(--target "$TARGET" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}")
 DP=(--target_epsilon "$TOTAL_EPSILON")

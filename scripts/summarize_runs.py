@@ -36,11 +36,15 @@ TASK_METRICS = {
            ("test_next_token_accuracy", "test next-token accuracy", "{:.4f}"),
            ("test_next_word_accuracy", "test next-word accuracy", "{:.4f}")),
 }
+# the non-private diagnostic of each pre-trained model (run_pipeline.sh --linear_probe), and the majority class
+PROBE_METRICS = ("probe_last_token", "probe_mean_pooled")
+MAJORITY = ("val_majority_share", "test_majority_share")
 RUN_FIELDS = ("run_dir", "task", "seed", "model_size", "budget_words", "variant", "pretraining_words",
-              "target_perplexity", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
-              "total_epsilon", "delta", "dp_releases", "train_examples")
+              "pretraining_tokens", "target_perplexity",
+              *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
+              "total_epsilon", "delta", "dp_releases", "train_examples", *PROBE_METRICS, *MAJORITY)
 METRICS = ("target_perplexity", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
-           "total_epsilon")
+           "total_epsilon", *PROBE_METRICS, *MAJORITY)
 
 
 def read_json(path):
@@ -62,6 +66,7 @@ def summary_rows(run_dir):
             continue
         pretrained = read_json(os.path.join(base, "pretrained", "eval_results.json")) if selection else None
         report = read_json(os.path.join(base, selection, "selection_report.json")) if selection else None
+        probe = read_json(os.path.join(base, "linear_probe", "linear_probe.json")) or {}
         rows.append({
             "run_dir": run_dir,
             "task": results.get("task", "classification") if results else None,
@@ -71,9 +76,12 @@ def summary_rows(run_dir):
             "budget_words": selective_report["budget_words"] if selective_report else None,
             "variant": name,
             "pretraining_words": report["selected_words"] if report else 0,
+            "pretraining_tokens": (pretrained or {}).get("tokens_seen") if selection else 0,
             "target_perplexity": pretrained.get("target_validation_perplexity") if pretrained else None,
             **{metric: (results or {}).get(metric) for metric in METRICS if metric not in
-               ("target_perplexity", "total_epsilon")},
+               ("target_perplexity", "total_epsilon", *PROBE_METRICS)},
+            "probe_last_token": probe.get("val_accuracy_last_token"),
+            "probe_mean_pooled": probe.get("val_accuracy_mean_pooled"),
             "total_epsilon": results["composed_epsilon"] if results else None,
             "train_examples": results.get("train_examples") if results else None,
             "delta": results["delta"] if results else None,
@@ -116,18 +124,24 @@ def print_run(run_dir, rows):
 
 
 def aggregate(rows):
-    """Mean and sample std over seeds of the finished rows, per (model size, budget, variant)."""
+    """Mean and sample std over seeds of the finished rows, per (model size, budget, tokens seen, variant).
+
+    The no-pre-training baseline of a learning curve's runs is one experiment per seed (its tokenizer
+    comes from the random selection, whatever the length of pre-training): it counts once per seed.
+    """
     groups = {}
     for r in rows:
         if r["total_epsilon"] is None:  # fine-tuning not finished
             continue
-        groups.setdefault((r["model_size"], r["budget_words"], r["variant"]), []).append(r)
+        members = groups.setdefault((r["model_size"], r["budget_words"], r["pretraining_tokens"], r["variant"]), [])
+        if r["pretraining_tokens"] != 0 or r["seed"] is None or all(m["seed"] != r["seed"] for m in members):
+            members.append(r)
     order = {name: i for i, (name, _, _, _) in enumerate(VARIANTS)}
     table = []
-    for (size, budget, variant), members in sorted(groups.items(), key=lambda kv: (
-            str(kv[0][0]), kv[0][1] or 0, order[kv[0][2]])):
-        entry = {"model_size": size, "budget_words": budget, "variant": variant, "seeds": len(members),
-                 "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
+    for (size, budget, tokens, variant), members in sorted(groups.items(), key=lambda kv: (
+            str(kv[0][0]), kv[0][1] or 0, kv[0][2] or 0, order[kv[0][3]])):
+        entry = {"model_size": size, "budget_words": budget, "pretraining_tokens": tokens, "variant": variant,
+                 "seeds": len(members), "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
         for metric in METRICS:
             values = [m[metric] for m in members if m[metric] is not None]
             entry[f"{metric}_mean"] = statistics.mean(values) if values else None
@@ -138,6 +152,15 @@ def aggregate(rows):
     return table
 
 
+def is_learning_curve(table):
+    """Whether the table holds pre-trainings of several lengths (tokens seen) at one model size and budget."""
+    lengths = {}
+    for e in table:
+        if e["pretraining_tokens"]:
+            lengths.setdefault((e["model_size"], e["budget_words"]), set()).add(e["pretraining_tokens"])
+    return any(len(values) > 1 for values in lengths.values())
+
+
 def mean_std(entry, metric, pattern):
     mean, std = entry[f"{metric}_mean"], entry[f"{metric}_std"]
     if mean is None:
@@ -146,12 +169,19 @@ def mean_std(entry, metric, pattern):
 
 
 def write_markdown(path, table, task):
-    metrics = TASK_METRICS[task]
-    lines = ["| model | budget (words) | variant | seeds | target perplexity | "
-             + " | ".join(label for _, label, _ in metrics) + " | total epsilon |", "|---" * (len(metrics) + 6) + "|"]
+    metrics = list(TASK_METRICS[task])
+    # columns shown only where some run has them: tokens seen (a learning curve), the probe and the majority class
+    curve = is_learning_curve(table)
+    metrics += [(metric, label, "{:.4f}") for metric, label in (
+        ("probe_last_token", "probe, last token (not private)"), ("probe_mean_pooled", "probe, mean-pooled (not private)"),
+        ("test_majority_share", "test majority share")) if any(e[f"{metric}_mean"] is not None for e in table)]
+    lines = ["| model | budget (words) | " + ("tokens seen | " if curve else "") + "variant | seeds | target perplexity | "
+             + " | ".join(label for _, label, _ in metrics) + " | total epsilon |",
+             "|---" * (len(metrics) + 6 + curve) + "|"]
     for e in table:
-        lines.append(f"| {e['model_size']} | {fmt(e['budget_words'], '{:,}')} | {e['variant']} | {e['seeds']} | "
-                     f"{mean_std(e, 'target_perplexity', '{:.1f}')} | "
+        lines.append(f"| {e['model_size']} | {fmt(e['budget_words'], '{:,}')} | "
+                     + (f"{fmt(e['pretraining_tokens'], '{:,}')} | " if curve else "")
+                     + f"{e['variant']} | {e['seeds']} | {mean_std(e, 'target_perplexity', '{:.1f}')} | "
                      + " | ".join(mean_std(e, metric, pattern) for metric, _, pattern in metrics)
                      + f" | {mean_std(e, 'total_epsilon', '{:.3f}')} |")
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
@@ -167,7 +197,8 @@ def write_csv(path, rows, fields):
 
 def plot_metric_vs_tokens(path, table, task):
     """The task's main test metric (classification: validation accuracy where the test split has no labels)
-    against pre-training words."""
+    against pre-training words, or against tokens seen for a learning curve; classification also shows the
+    majority class."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -175,24 +206,32 @@ def plot_metric_vs_tokens(path, table, task):
     metric = TASK_METRICS[task][-1][0]
     if task == "classification" and all(e["test_accuracy_mean"] is None for e in table):
         metric = "val_accuracy"
+    x_field = "pretraining_tokens" if is_learning_curve(table) else "pretraining_words"
     figure, axes = plt.subplots(figsize=(6, 4))
     series = [(size, variant, marker) for size in sorted({e["model_size"] for e in table}, key=str)
               for variant, marker in zip((v[0] for v in VARIANTS), "osxosx")]
     for dodge, (size, variant, marker) in enumerate(series):
         points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
-                         and e[f"{metric}_mean"] is not None), key=lambda e: e["pretraining_words"])
+                         and e[f"{metric}_mean"] is not None), key=lambda e: e[x_field] or 0)
         if not points:
             continue
         # series at the same budget are shifted by a few percent so that equal values stay visible
-        axes.errorbar([p["pretraining_words"] * 1.06 ** dodge for p in points],
+        axes.errorbar([(p[x_field] or 0) * 1.06 ** dodge for p in points],
                       [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_std"] or 0.0 for p in points],
                       marker=marker, capsize=3, label=f"{size}: {variant}",
                       linestyle=("--" if NON_PRIVATE in variant else "-") if len(points) > 1 else "none",
                       markerfacecolor="none" if NON_PRIVATE in variant else None)
+    majority = [e[f"{metric.split('_')[0]}_majority_share_mean"] for e in table
+                if e.get(f"{metric.split('_')[0]}_majority_share_mean") is not None]
+    if majority:
+        axes.axhline(statistics.mean(majority), color="grey", linestyle=":", label="majority class")
     axes.set_xscale("symlog", linthresh=1e4)
-    axes.set_xlabel("pre-training words (0: no pre-training; series shifted apart)")
+    # the axis has no negative side; 0 (no pre-training) and the largest length stay off the frame
+    axes.set_xlim(-3e3, max(e[x_field] or 0 for e in table) * 1.6 + 1e4)
+    unit = "tokens seen" if x_field == "pretraining_tokens" else "words"
+    axes.set_xlabel(f"pre-training {unit} (0: no pre-training; series shifted apart)")
     axes.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     with atomic_path(path) as tmp:

@@ -47,6 +47,9 @@ def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained,
     results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
     assert len(results["val_accuracy_per_epoch"]) == 4 and 0 <= results["test_accuracy"] <= 1
     assert results["test_accuracy"] >= 0.75  # the words give the label away
+    assert results["val_majority_share"] == results["test_majority_share"] == 0.5
+    assert dp_finetune.majority_share([1, 1, 0]) == 2 / 3 and dp_finetune.majority_share([0, 0, 0, 1]) == 0.75
+    assert dp_finetune.majority_share([-1, -1]) is None
     assert results["ledger_stages"] == ["domain_classifier", "finetune"]
     assert results["composed_epsilon"] > results["epsilon"] > 0
     assert (tmp_path / "run" / "finetune" / "privacy.json").exists()

@@ -131,6 +131,8 @@ def test_force_reruns_and_until_stops(tmp_path):
     (["--num_tokens", "0"], "--num_tokens must be a positive number, got '0'"),
     (["--seed", "-1"], "--seed takes a non-negative integer, got '-1'"),
     (["--target", "no/such/messages.jsonl"], "--target no/such/messages.jsonl: no such file or directory"),
+    (["--pretrain_tokens", "-2"], "--pretrain_tokens must be a positive number, got '-2'"),
+    (["--linear_probe"], "--linear_probe needs --task classification"),
 ])
 def test_pipeline_checks_its_numbers_before_any_work(args, message, tmp_path):
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "smoke",
@@ -151,6 +153,18 @@ def test_classification_is_one_flag_away():
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "paper",
                                 "--dry_run"], capture_output=True, text=True, cwd=ROOT)
     assert completed.returncode == 2 and "needs --target" in completed.stderr
+
+
+def test_a_learning_curve_is_one_run_per_length_and_seed_with_the_probe():
+    output = script("reproduce_table.sh", "--task", "classification", "--preset", "smoke", "--seeds", "0 1",
+                    "--pretrain_tokens", "0.01 0.04", "--linear_probe", "--runs_dir", "runs/curve", "--dry_run")
+    run_dirs = re.findall(r"^=== .* -> (\S+)$", output, flags=re.M)
+    assert run_dirs == [f"runs/curve/nano_0.2_{tokens}Mtok_seed{seed}" for tokens in ("0.01", "0.04") for seed in (0, 1)]
+    pretrainings = re.findall(r"^\+ python pretraining/pretrain_gpt2.py .*$", output, flags=re.M)
+    assert len(pretrainings) == 8 and all("--max_train_tokens 0.0" in line for line in pretrainings)
+    assert sum("--max_train_tokens 0.04" in line for line in pretrainings) == 4
+    probes = re.findall(r"^\+ python dp_finetuning/linear_probe.py .*$", output, flags=re.M)
+    assert len(probes) == 12 and sum("--random_init" in line for line in probes) == 4
 
 
 @pytest.mark.parametrize("args, message", [

@@ -97,3 +97,40 @@ def test_language_modelling_runs_show_perplexity_and_next_word_accuracy(tmp_path
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| no pre-training | 2 | n/a | 145.0 ± 7.1 |" in table
     assert (tmp_path / "out" / "next_word_accuracy_vs_tokens.png").exists()
+
+
+def test_a_learning_curve_is_grouped_by_tokens_seen_and_counts_no_pre_training_once_per_seed(tmp_path):
+    """Runs of two pre-training lengths over two seeds: one row per length, the shared baseline once per seed."""
+    run_dirs = []
+    for tokens in (2_000_000, 8_000_000):
+        for seed in (0, 1):
+            run_dir = tmp_path / f"micro_{tokens}_seed{seed}"
+            gain = 0.05 * (tokens == 8_000_000)
+            fake_run(run_dir, seed, (0.60 + gain + 0.01 * seed, 0.58 + 0.01 * seed, 0.55 + 0.01 * seed))
+            for sub in ("", "baselines/random"):
+                base = run_dir / sub if sub else run_dir
+                evaluation = json.loads((base / "pretrained" / "eval_results.json").read_text())
+                write(base / "pretrained" / "eval_results.json", {**evaluation, "tokens_seen": tokens})
+                write(base / "linear_probe" / "linear_probe.json",
+                      {"val_accuracy_last_token": 0.6 + gain, "val_accuracy_mean_pooled": 0.62})
+                results = json.loads((base / "finetune" / "results.json").read_text())
+                write(base / "finetune" / "results.json", {**results, "test_majority_share": 0.56})
+            run_dirs.append(run_dir)
+    summarize_runs.main([str(d) for d in run_dirs] + ["--output_dir", str(tmp_path / "curve")])
+
+    with open(tmp_path / "curve" / "table.csv") as handle:
+        table = {(row["variant"], row["pretraining_tokens"]): row for row in csv.DictReader(handle)}
+    assert set(table) == {("selective pre-training", "2000000"), ("selective pre-training", "8000000"),
+                          ("random pre-training", "2000000"), ("random pre-training", "8000000"),
+                          ("no pre-training", "0")}
+    assert int(table["no pre-training", "0"]["seeds"]) == 2  # four runs, two seeds
+    assert float(table["no pre-training", "0"]["test_accuracy_mean"]) == pytest.approx(0.555)
+    assert float(table["selective pre-training", "8000000"]["test_accuracy_mean"]) == pytest.approx(0.655)
+    assert float(table["selective pre-training", "8000000"]["probe_last_token_mean"]) == pytest.approx(0.65)
+    markdown = (tmp_path / "curve" / "table.md").read_text()
+    assert "| model | budget (words) | tokens seen | variant |" in markdown
+    assert "probe, last token (not private)" in markdown and "test majority share" in markdown
+    assert "| nano | 1,000 | 8,000,000 | selective pre-training | 2 | 505.0 ± 7.1 | 0.6650 ± 0.0071 | 0.6550 ± 0.0071 |" \
+        in markdown
+    assert (tmp_path / "curve" / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
+    assert summarize_runs.is_learning_curve(summarize_runs.aggregate(summarize_runs.summary_rows(run_dirs[0]))) is False
