@@ -139,7 +139,7 @@ def aggregate(rows):
     order = {name: i for i, (name, _, _, _) in enumerate(VARIANTS)}
     table = []
     for (size, budget, tokens, variant), members in sorted(groups.items(), key=lambda kv: (
-            str(kv[0][0]), kv[0][1] or 0, kv[0][2] or 0, order[kv[0][3]])):
+            str(kv[0][0]), kv[0][1] or 0, order[kv[0][3]], kv[0][2] or 0)):
         entry = {"model_size": size, "budget_words": budget, "pretraining_tokens": tokens, "variant": variant,
                  "seeds": len(members), "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
         for metric in METRICS:
