@@ -10,7 +10,7 @@
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
 # overrides the task's target (local files work for both). Presets: demo (default; the offline demo
-# data, about 20 minutes on 2 CPU cores), smoke (a few minutes; what the tests run), paper (the
+# data, about 12 minutes on 2 CPU cores), smoke (a few minutes; what the tests run), paper (the
 # reference hyper-parameters on hub data, for GPUs; with --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
 # --force deletes the run directory first. A stage whose output was made with other settings or

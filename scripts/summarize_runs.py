@@ -210,13 +210,16 @@ def plot_metric_vs_tokens(path, table, task):
     figure, axes = plt.subplots(figsize=(6, 4))
     series = [(size, variant, marker) for size in sorted({e["model_size"] for e in table}, key=str)
               for variant, marker in zip((v[0] for v in VARIANTS), "osxosx")]
+    largest_x = 0.0
     for dodge, (size, variant, marker) in enumerate(series):
         points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
                          and e[f"{metric}_mean"] is not None), key=lambda e: e[x_field] or 0)
         if not points:
             continue
         # series at the same budget are shifted by a few percent so that equal values stay visible
-        axes.errorbar([(p[x_field] or 0) * 1.06 ** dodge for p in points],
+        xs = [(p[x_field] or 0) * 1.06 ** dodge for p in points]
+        largest_x = max(largest_x, *xs)
+        axes.errorbar(xs,
                       [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_std"] or 0.0 for p in points],
                       marker=marker, capsize=3, label=f"{size}: {variant}",
                       linestyle=("--" if NON_PRIVATE in variant else "-") if len(points) > 1 else "none",
@@ -227,7 +230,7 @@ def plot_metric_vs_tokens(path, table, task):
         axes.axhline(statistics.mean(majority), color="grey", linestyle=":", label="majority class")
     axes.set_xscale("symlog", linthresh=1e4)
     # the axis has no negative side; 0 (no pre-training) and the largest length stay off the frame
-    axes.set_xlim(-3e3, max(e[x_field] or 0 for e in table) * 1.6 + 1e4)
+    axes.set_xlim(-3e3, largest_x * 1.4 + 1e4)
     unit = "tokens seen" if x_field == "pretraining_tokens" else "words"
     axes.set_xlabel(f"pre-training {unit} (0: no pre-training; series shifted apart)")
     axes.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
