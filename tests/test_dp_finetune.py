@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import shutil
@@ -7,6 +8,7 @@ import pytest
 import torch
 from datasets import Dataset
 
+from common.stage import run_stage
 from data_selection.sources import DataError
 from dp_finetuning import dp_finetune, linear_probe, privacy_ledger
 from dp_finetuning.accounting import Mechanism, compute_epsilons
@@ -167,3 +169,57 @@ def test_linear_probe_end_to_end(tmp_path, pretrained, target):
     with pytest.raises(DataError, match="--l2 must be non-negative"):
         linear_probe.main(["--model_name_or_path", str(pretrained), "--target", str(target), "--output_dir",
                            str(tmp_path / "bad"), "--l2", "-1"])
+
+
+def test_recipe_search_runs_each_point_once_and_counts_the_classifier(tmp_path, pretrained, target):
+    """Two trials, best first by validation accuracy; each trial's ledger holds the classifier the model depends
+    on; a rerun skips finished trials; the search's epsilon composes both trials with the classifier once."""
+    from scripts import tune_finetuning
+    model = tmp_path / "model"
+    shutil.copytree(pretrained, model)
+    classifier = Mechanism(1.0, 0.01, 100)
+    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c1", classifier, 1e-3, str(target))
+    privacy_ledger.write_releases(model, [{"stage": "domain_classifier", "run_id": "c1", "private_data": str(target),
+                                           "ledger": str(tmp_path / "run")}])
+    argv = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "search"),
+            "--grid", "learning_rate=5e-3,2e-2", "--", "--target", str(target), "--noise_multiplier", "0.5",
+            "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--num_train_epochs", "2"]
+    run_stage(tune_finetuning.main, argv)
+    with open(tmp_path / "search" / "tuning.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["trial"] for r in rows) == ["learning_rate-2e-2", "learning_rate-5e-3"]
+    assert float(rows[0]["val_accuracy"]) >= float(rows[1]["val_accuracy"])
+    trials = []
+    for row in rows:
+        results = json.loads((tmp_path / "search" / row["trial"] / "finetune" / "results.json").read_text())
+        privacy = json.loads((tmp_path / "search" / row["trial"] / "finetune" / "privacy.json").read_text())
+        assert results["ledger_stages"] == ["domain_classifier", "finetune"]
+        trial = Mechanism(0.5, privacy["sample_rate"], privacy["steps"])
+        expected = compute_epsilons([classifier, trial], results["delta"])["epsilon"]
+        assert float(row["epsilon"]) == pytest.approx(expected)
+        assert float(row["best_val_accuracy"]) >= float(row["val_accuracy"]) and int(row["best_epoch"]) in (1, 2)
+        trials.append(trial)
+    markdown = (tmp_path / "search" / "tuning.md").read_text()
+    together = compute_epsilons([classifier, *trials], results["delta"])["epsilon"]
+    assert f"epsilon {together:.3f}" in markdown and "test" not in markdown
+
+    first = (tmp_path / "search" / "tuning.md").read_text()
+    run_stage(tune_finetuning.main, argv)  # nothing left to run
+    assert (tmp_path / "search" / "tuning.md").read_text() == first
+
+
+@pytest.mark.parametrize("grid, extra, message", [
+    (["learning_rate"], [], "--grid 'learning_rate': expected name=value"),
+    (["learning_rate=1e-3", "learning_rate=2e-3"], [], "--grid names a flag twice"),
+    (["learning_rate=1e-3"], ["--learning_rate", "3e-3"], "--learning_rate after '--': set by the search itself"),
+    (["learning_rate=1e-3"], ["--output_dir", "x"], "--output_dir after '--': set by the search itself"),
+])
+def test_recipe_search_refuses_a_bad_grid_in_one_line(tmp_path, pretrained, grid, extra, message, capsys):
+    from scripts import tune_finetuning
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(tune_finetuning.main, ["--model_name_or_path", str(pretrained), "--output_dir",
+                                         str(tmp_path / "search"), "--grid", *grid, "--", *extra])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and message in error and error.count("\n") == 1
+    assert not (tmp_path / "search").exists()
