@@ -63,8 +63,18 @@ def run_stage(main, argv=None, timed=True):
             shutil.rmtree(path, ignore_errors=True)
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    close_process_group()
     if timed and is_main_process():
         print(f"{os.path.basename(sys.argv[0])} finished in {time.perf_counter() - start:.0f} s")
+
+
+def close_process_group():
+    """Under several processes (accelerate launch, torchrun), leave the process group together: a process that
+    exits while the group is still alive in another can make that one abort at exit (gloo), failing the launch."""
+    distributed = sys.modules.get("torch.distributed")  # never imports torch for a stage that does not use it
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()
+        distributed.destroy_process_group()
 
 
 def quiet_libraries():

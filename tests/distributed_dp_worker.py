@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from common.stage import close_process_group
 from dp_finetuning.dp_training import DPTrainer, sequence_classification_losses
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
@@ -25,6 +26,7 @@ def main():
         result = torch.stack([_noise(trainer, step) for step in range(20)])
     if trainer.accelerator.is_main_process:
         torch.save(result, result_path)
+    close_process_group()
 
 
 def _noise(trainer, step):

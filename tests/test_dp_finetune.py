@@ -3,6 +3,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from dp_finetuning import dp_finetune, linear_probe, privacy_ledger
 from dp_finetuning.accounting import Mechanism, compute_epsilons
 from pretraining import pretrain_gpt2
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD, BAD = "a wonderful moving film", "a dull tedious mess"
 
 
@@ -223,3 +225,18 @@ def test_recipe_search_refuses_a_bad_grid_in_one_line(tmp_path, pretrained, grid
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and error.count("\n") == 1
     assert not (tmp_path / "search").exists()
+
+
+def test_stage_six_under_two_processes_releases_once(tmp_path, pretrained, target):
+    """torchrun with two processes: the stage finishes on both (they leave the process group together) and the
+    run's ledger holds one release."""
+    from tests.test_dp_training import free_port
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), os.path.join(ROOT, "dp_finetuning", "dp_finetune.py"),
+               *finetune_argv(pretrained, target, tmp_path / "run" / "finetune", "--num_train_epochs", "1")]
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("dp_finetune.py finished in") == 1
+    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path / "run")] == ["finetune"]
+    assert json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())["val_accuracy"] >= 0
