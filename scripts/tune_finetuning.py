@@ -6,8 +6,8 @@
 
 Every point of the grid (the product of the `name=value,value` lists; names are
 `dp_finetuning/dp_finetune.py` flags without their dashes) is a trial in OUTPUT_DIR/<its settings>,
-given the arguments after `--` too. A trial whose results exist is skipped, so a killed search
-resumes. OUTPUT_DIR/tuning.md and tuning.csv list the trials best first by validation accuracy
+given the arguments after `--` too. A finished trial is skipped, so a killed search resumes; a
+rerun with another model or other arguments after `--` is refused. OUTPUT_DIR/tuning.md and tuning.csv list the trials best first by validation accuracy
 after the last epoch (test metrics are never shown: the choice must not see them), with the best
 epoch's accuracy, the DP steps, the noise multiplier, each trial's composed epsilon and its
 seconds.
@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.atomic_io import atomic_path, write_json  # noqa: E402
-from common.stage import DataError, run_stage  # noqa: E402
+from common.stage import DataError, fingerprint, run_stage  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
 from dp_finetuning.accounting import Mechanism, compute_epsilons  # noqa: E402
 
@@ -79,9 +79,14 @@ def run_trial(args, settings, passthrough):
     trial_dir = os.path.join(args.output_dir, trial_name(settings))
     finetune_dir = os.path.join(trial_dir, "finetune")
     record_path = os.path.join(trial_dir, TRIAL_NAME)
+    made_with = {"model": fingerprint(args.model_name_or_path), "arguments": passthrough}
     if os.path.exists(record_path):
         with open(record_path) as handle:
-            return trial_dir, json.load(handle)["seconds"]
+            record = json.load(handle)
+        if {key: record.get(key) for key in made_with} != made_with:
+            raise DataError(f"{trial_dir} was made with another model or other arguments after '--' "
+                            f"({' '.join(record.get('arguments', []))}); use another --output_dir")
+        return trial_dir, record["seconds"]
     os.makedirs(trial_dir, exist_ok=True)
     seed_ledger(trial_dir, args.model_name_or_path)
     command = [sys.executable, os.path.join(ROOT, "dp_finetuning", "dp_finetune.py"),
@@ -97,7 +102,7 @@ def run_trial(args, settings, passthrough):
               "fix the grid or the arguments and rerun: finished trials are kept", file=sys.stderr)
         sys.exit(2)
     seconds = time.time() - start
-    write_json(record_path, {"settings": dict(settings), "seconds": seconds})
+    write_json(record_path, {"settings": dict(settings), **made_with, "seconds": seconds})
     return trial_dir, seconds
 
 

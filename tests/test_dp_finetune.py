@@ -208,6 +208,9 @@ def test_recipe_search_runs_each_point_once_and_counts_the_classifier(tmp_path, 
     first = (tmp_path / "search" / "tuning.md").read_text()
     run_stage(tune_finetuning.main, argv)  # nothing left to run
     assert (tmp_path / "search" / "tuning.md").read_text() == first
+    with pytest.raises(SystemExit):  # other shared arguments: not the same trials
+        run_stage(tune_finetuning.main, [*argv[:-1], "3"])
+    assert (tmp_path / "search" / "tuning.md").read_text() == first
 
 
 @pytest.mark.parametrize("grid, extra, message", [
