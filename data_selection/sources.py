@@ -407,6 +407,14 @@ def add_split_seed_argument(parser):
     parser.add_argument("--split_seed", type=int, default=0, help=SPLIT_SEED_HELP)
 
 
+def majority_share(labels):
+    """The accuracy of always predicting the most frequent label (None for an unlabelled split: GLUE's test)."""
+    if not labels or -1 in labels:
+        return None
+    positives = sum(labels) / len(labels)
+    return max(positives, 1 - positives)
+
+
 def load_target_task(spec, text_column="sentence", label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0):
     """DatasetDict train/validation/test with `sentence` and `label`, labels checked.
 

@@ -38,7 +38,8 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrai
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, add_split_seed_argument, load_target_task  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument, load_target_task,  # noqa: E402
+                                    majority_share)
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
@@ -215,14 +216,6 @@ def main(argv=None):
     print(", ".join(f"{k} {v:.4f}" for k, v in {**{k: results[k] for k in metrics}, **test}.items()
                     if v is not None) + f", epsilon {results['epsilon']:.3f}, composed over the run "
           f"{results['composed_epsilon']:.3f}")
-
-
-def majority_share(labels):
-    """The accuracy of always predicting the most frequent label (None for an unlabelled split: GLUE's test)."""
-    if not labels or -1 in labels:
-        return None
-    positives = sum(labels) / len(labels)
-    return max(positives, 1 - positives)
 
 
 def classification_parts(args, tokenizer, train_set, task):

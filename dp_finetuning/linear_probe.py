@@ -27,7 +27,8 @@ from transformers import GPT2Model, PreTrainedTokenizerFast
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage  # noqa: E402
-from data_selection.sources import DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task,  # noqa: E402
+                                    majority_share)
 
 
 @torch.no_grad()
@@ -123,7 +124,7 @@ def main(argv=None):
         "target": args.target, "train_examples": len(train), "validation_examples": len(eval_labels), "l2": args.l2,
         "val_accuracy_last_token": probe(train_last, train_labels, eval_last, eval_labels, args.l2),
         "val_accuracy_mean_pooled": probe(train_mean, train_labels, eval_mean, eval_labels, args.l2),
-        "val_majority_share": max(float(eval_labels.double().mean()), 1 - float(eval_labels.double().mean())),
+        "val_majority_share": majority_share(task["validation"]["label"]),
     }
     os.makedirs(args.output_dir, exist_ok=True)
     output.claim()

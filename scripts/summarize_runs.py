@@ -224,8 +224,8 @@ def plot_metric_vs_tokens(path, table, task):
                       marker=marker, capsize=3, label=f"{size}: {variant}",
                       linestyle=("--" if NON_PRIVATE in variant else "-") if len(points) > 1 else "none",
                       markerfacecolor="none" if NON_PRIVATE in variant else None)
-    majority = [e[f"{metric.split('_')[0]}_majority_share_mean"] for e in table
-                if e.get(f"{metric.split('_')[0]}_majority_share_mean") is not None]
+    majority_key = f"{metric.split('_')[0]}_majority_share_mean"  # val_ or test_, as the metric shown
+    majority = [e[majority_key] for e in table if e.get(majority_key) is not None]
     if majority:
         axes.axhline(statistics.mean(majority), color="grey", linestyle=":", label="majority class")
     axes.set_xscale("symlog", linthresh=1e4)

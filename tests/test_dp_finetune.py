@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 
 from common.stage import run_stage
+from data_selection import sources
 from data_selection.sources import DataError
 from dp_finetuning import dp_finetune, linear_probe, privacy_ledger
 from dp_finetuning.accounting import Mechanism, compute_epsilons
@@ -52,8 +53,8 @@ def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained,
     assert len(results["val_accuracy_per_epoch"]) == 4 and 0 <= results["test_accuracy"] <= 1
     assert results["test_accuracy"] >= 0.75  # the words give the label away
     assert results["val_majority_share"] == results["test_majority_share"] == 0.5
-    assert dp_finetune.majority_share([1, 1, 0]) == 2 / 3 and dp_finetune.majority_share([0, 0, 0, 1]) == 0.75
-    assert dp_finetune.majority_share([-1, -1]) is None
+    assert sources.majority_share([1, 1, 0]) == 2 / 3 and sources.majority_share([0, 0, 0, 1]) == 0.75
+    assert sources.majority_share([-1, -1]) is None
     assert results["ledger_stages"] == ["domain_classifier", "finetune"]
     assert results["composed_epsilon"] > results["epsilon"] > 0
     assert (tmp_path / "run" / "finetune" / "privacy.json").exists()
