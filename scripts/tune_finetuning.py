@@ -6,7 +6,9 @@
 
 Every point of the grid (the product of the `name=value,value` lists; names are
 `dp_finetuning/dp_finetune.py` flags without their dashes) is a trial in OUTPUT_DIR/<its settings>,
-given the arguments after `--` too. A finished trial is skipped, so a killed search resumes; a
+given the arguments after `--` too. Several `--grid` options search the union of their products
+(e.g. learning rates that suit full fine-tuning and others for a frozen body); a flag that one grid
+names and another does not keeps dp_finetune.py's default in the other. A finished trial is skipped, so a killed search resumes; a
 rerun with another model or other arguments after `--` is refused. OUTPUT_DIR/tuning.md and tuning.csv list the trials best first by validation accuracy
 after the last epoch (test metrics are never shown: the choice must not see them), with the best
 epoch's accuracy, the DP steps, the noise multiplier, each trial's composed epsilon and its
@@ -152,18 +154,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="a stage 5 output directory")
     parser.add_argument("--output_dir", required=True, help="one directory per trial, and the tables")
-    parser.add_argument("--grid", nargs="+", required=True, help="name=value[,value...] per dp_finetune.py flag")
+    parser.add_argument("--grid", nargs="+", action="append", required=True,
+                        help="name=value[,value...] per dp_finetune.py flag; repeat --grid for a union of grids")
     args = parser.parse_args(ours)
     if not os.path.isdir(args.model_name_or_path):
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: no such directory (expected a stage 5 "
                         "output)")
-    grid = parse_grid(args.grid)
-    set_here = {"model_name_or_path", "output_dir", "run_dir", "resume_from_checkpoint", *(name for name, _ in grid)}
+    grids = [parse_grid(items) for items in args.grid]
+    set_here = {"model_name_or_path", "output_dir", "run_dir", "resume_from_checkpoint",
+                *(name for grid in grids for name, _ in grid)}
     clashes = sorted(flag for flag in passthrough if flag.startswith("--") and flag[2:].split("=")[0] in set_here)
     if clashes:
         raise DataError(f"{', '.join(clashes)} after '--': set by the search itself (per trial, or by its own flags)")
-    points = [list(zip([name for name, _ in grid], values)) for values in itertools.product(*(v for _, v in grid))]
-    trials = [run_trial(args, settings, passthrough) for settings in points]
+    points = {}  # a point that two grids share is one trial
+    for grid in grids:
+        for values in itertools.product(*(v for _, v in grid)):
+            settings = list(zip([name for name, _ in grid], values))
+            points.setdefault(trial_name(settings), settings)
+    trials = [run_trial(args, settings, passthrough) for settings in points.values()]
     rows = sorted((trial_row(trial_dir, seconds) for trial_dir, seconds in trials),
                   key=lambda row: (-row["val_accuracy"], row["trial"]))
     print(write_tables(args.output_dir, rows, *search_epsilon([trial_dir for trial_dir, _ in trials])))
