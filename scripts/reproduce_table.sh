@@ -3,7 +3,7 @@
 # fine-tuning after selective pre-training, after random pre-training of the same budget, and
 # without pre-training, over several seeds, token budgets and model sizes.
 #
-#   bash scripts/reproduce_table.sh [--task lm|classification] [--target T] [--preset demo|smoke|paper]
+#   bash scripts/reproduce_table.sh [--task lm|classification] [--target T] [--preset demo|cpu|smoke|paper]
 #        [--seeds "0 1 2"] [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
 #        [--pretrain_tokens "2 8 32"] [--runs_dir DIR] [--output_dir results/TASK] [--non_private]
 #        [--linear_probe] [--redo_changed] [--dry_run]
@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRESET=demo TASK=lm TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""
+PRESET=demo TASK="" TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""
 PRETRAIN_TOKENS=""
 DRY_RUN=() EXTRA=()
 while [ $# -gt 0 ]; do
@@ -42,10 +42,13 @@ while [ $# -gt 0 ]; do
 done
 case "$PRESET" in  # the presets' own budget and model size (scripts/run_pipeline.sh)
   smoke) NUM_TOKENS=${NUM_TOKENS:-0.2} MODEL_SIZES=${MODEL_SIZES:-nano} ;;
-  demo) NUM_TOKENS=${NUM_TOKENS:-0.1} MODEL_SIZES=${MODEL_SIZES:-micro} ;;
+  demo|cpu) NUM_TOKENS=${NUM_TOKENS:-0.1} MODEL_SIZES=${MODEL_SIZES:-micro} ;;
   paper) NUM_TOKENS=${NUM_TOKENS:-40} MODEL_SIZES=${MODEL_SIZES:-tiny} ;;
-  *) echo "reproduce_table.sh: unknown preset '$PRESET' (smoke, demo, paper)" >&2; exit 2 ;;
+  *) echo "reproduce_table.sh: unknown preset '$PRESET' (smoke, demo, cpu, paper)" >&2; exit 2 ;;
 esac
+if [ -z "$TASK" ]; then  # as run_pipeline.sh: the cpu preset is for classification
+  if [ "$PRESET" = cpu ]; then TASK=classification; else TASK=lm; fi
+fi
 for seed in $SEEDS; do
   case "$seed" in ''|*[!0-9]*) echo "reproduce_table.sh: --seeds takes integers, got '$seed'" >&2; exit 2 ;; esac
 done

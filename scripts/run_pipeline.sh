@@ -2,7 +2,7 @@
 # The whole pipeline, stages 1 to 6: DP fine-tuning after selective pre-training, after random
 # pre-training of the same budget, and without pre-training, at one total privacy budget.
 #
-#   bash scripts/run_pipeline.sh [--task lm|classification] [--target T] [--preset smoke|demo|paper]
+#   bash scripts/run_pipeline.sh [--task lm|classification] [--target T] [--preset smoke|demo|cpu|paper]
 #                                [--run_dir DIR] [--seed N] [--total_epsilon E] [--num_tokens M]
 #                                [--model_size S] [--pretrain_tokens M] [--sentences_dir DIR] [--until STAGE]
 #                                [--non_private] [--linear_probe] [--force] [--redo_changed] [--dry_run]
@@ -10,8 +10,10 @@
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
 # overrides the task's target (local files work for both). Presets: demo (default; the offline demo
-# data, about 12 minutes on 2 CPU cores), smoke (a few minutes; what the tests run), paper (the
-# reference hyper-parameters on hub data, for GPUs; with --task lm it needs --target).
+# data, about 12 minutes on 2 CPU cores), cpu (classification by default: the demo data with 32M tokens of
+# pre-training per variant, the learning curve's largest length; each pre-training about 70 minutes on 2 cores), smoke
+# (a few minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs; with
+# --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
 # --force deletes the run directory first. A stage whose output was made with other settings or
 # inputs stops the run with one line naming them; --redo_changed redoes it and what depends on it.
@@ -28,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PRESET=demo TASK=lm TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
+PRESET=demo TASK="" TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
 SENTENCES="" NON_PRIVATE=0 REDO=() PRETRAIN_TOKENS="" LINEAR_PROBE=0
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -53,6 +55,9 @@ while [ $# -gt 0 ]; do
 done
 
 NUM_PROCESSES=${NUM_PROCESSES:-1}
+if [ -z "$TASK" ]; then
+  if [ "$PRESET" = cpu ]; then TASK=classification; else TASK=lm; fi
+fi
 case "$TASK" in
   lm|classification) ;;
   *) echo "run_pipeline.sh: unknown task '$TASK' (lm, classification)" >&2; exit 2 ;;
@@ -73,7 +78,7 @@ case "$PRESET" in
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
                  --num_train_epochs 1 --max_length 32 --max_train_samples 2000 --max_eval_samples 200)
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
-  demo)
+  demo|cpu)  # cpu: the demo with 32M tokens of pre-training (the learning curve's largest length)
     CORPUS=(--corpus demo)
     CLASSIFIER_DATA=(--od_data_size 5 --max_train_samples 20000 --max_eval_samples 2000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
@@ -81,6 +86,7 @@ case "$PRESET" in
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.1}" --document_weight 0.7)
     PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --vocab_size 4096 --block_size 128 --per_device_train_batch_size 32
               --learning_rate 1e-3 --max_train_steps 300 --checkpointing_steps 100)
+    if [ "$PRESET" = cpu ]; then PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-32}; fi
     FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
                              --num_train_epochs 5 --max_length 64)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
@@ -100,7 +106,7 @@ case "$PRESET" in
     FINETUNE_LM=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
                  --num_train_epochs 30 --max_length 128)
     TARGETS=("" glue/sst2) DEFAULT_EPSILON=4 ;;
-  *) echo "run_pipeline.sh: unknown preset '$PRESET' (smoke, demo, paper)" >&2; exit 2 ;;
+  *) echo "run_pipeline.sh: unknown preset '$PRESET' (smoke, demo, cpu, paper)" >&2; exit 2 ;;
 esac
 if [ "$TASK" = lm ]; then
   TARGET=${TARGET:-${TARGETS[0]}} FINETUNE=(--task lm "${FINETUNE_LM[@]}")

@@ -155,6 +155,17 @@ def test_classification_is_one_flag_away():
     assert completed.returncode == 2 and "needs --target" in completed.stderr
 
 
+def test_the_cpu_preset_is_classification_with_32m_tokens_of_pre_training():
+    output = pipeline("--preset", "cpu", "--dry_run")
+    pretrainings = re.findall(r"^\+ python pretraining/pretrain_gpt2.py .*$", output, flags=re.M)
+    assert len(pretrainings) == 2 and all("--max_train_tokens 32 " in line for line in pretrainings)
+    assert "--target demo" in output and "--task lm" not in output and "runs/cpu_classification/" in output
+    assert "--max_train_tokens 8 " in pipeline("--preset", "cpu", "--pretrain_tokens", "8", "--dry_run")
+    assert "--task lm" in pipeline("--preset", "cpu", "--task", "lm", "--dry_run")
+    table = script("reproduce_table.sh", "--preset", "cpu", "--seeds", "0", "--dry_run")
+    assert "-> runs/table_cpu_classification/micro_0.1_seed0" in table and "--task lm" not in table
+
+
 def test_a_learning_curve_is_one_run_per_length_and_seed_with_the_probe():
     output = script("reproduce_table.sh", "--task", "classification", "--preset", "smoke", "--seeds", "0 1",
                     "--pretrain_tokens", "0.01 0.04", "--linear_probe", "--runs_dir", "runs/curve", "--dry_run")
