@@ -186,7 +186,8 @@ def test_recipe_search_runs_each_point_once_and_counts_the_classifier(tmp_path, 
     privacy_ledger.write_releases(model, [{"stage": "domain_classifier", "run_id": "c1", "private_data": str(target),
                                            "ledger": str(tmp_path / "run")}])
     argv = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "search"),
-            "--grid", "learning_rate=5e-3", "--grid", "learning_rate=2e-2,5e-3", "--", "--target", str(target), "--noise_multiplier", "0.5",
+            "--grid", "learning_rate=5e-3", "--grid", "learning_rate=2e-2,5e-3",
+            "--", "--target", str(target), "--noise_multiplier", "0.5",
             "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2", "--num_train_epochs", "2"]
     run_stage(tune_finetuning.main, argv)
     with open(tmp_path / "search" / "tuning.csv") as handle:
