@@ -1,3 +1,4 @@
+import argparse
 import csv
 import json
 import os
@@ -172,6 +173,44 @@ def test_linear_probe_end_to_end(tmp_path, pretrained, target):
     with pytest.raises(DataError, match="--l2 must be non-negative"):
         linear_probe.main(["--model_name_or_path", str(pretrained), "--target", str(target), "--output_dir",
                            str(tmp_path / "bad"), "--l2", "-1"])
+
+
+def test_gradient_snr_matches_brute_force_per_example_gradients(tmp_path, pretrained, target, capsys):
+    """Each group's signal is the norm of the mean of the per-example gradients clipped jointly (torch.func, one
+    example at a time); its noise is noise_multiplier * C * sqrt(d) / B."""
+    from dp_finetuning import gradient_snr
+    from tests.oracle import batch_losses, classification_loss_per_example, norms_and_clipped_sum, per_example_grads
+    argv = ["--model_name_or_path", str(pretrained), "--target", str(target), "--max_length", "16", "--num_examples",
+            "12", "--noise_multiplier", "2", "--logical_batch_size", "8", "--max_grad_norm", "0.5",
+            "--per_device_batch_size", "5", "--freeze", "embeddings"]
+    gradient_snr.main(argv)
+    printed = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
+               if line.startswith("| ") and not line.startswith("| parameters")}
+
+    args = gradient_snr.parse_args(argv)
+    model, tokenizer = dp_finetune.load_model(argparse.Namespace(**vars(args), task="classification", lora_r=0))
+    model.eval()
+    task = sources.load_target_task(str(target))
+    examples = task["train"].shuffle(seed=0).select(range(12))
+    collate, _, _, _ = dp_finetune.classification_parts(args, tokenizer, examples, task)
+    grads = {name: [] for name, p in model.named_parameters() if p.requires_grad}
+    for example in examples:  # alone: no padding, nothing shared
+        for name, g in per_example_grads(model, collate([example]), classification_loss_per_example).items():
+            grads[name].append(g[0])
+    _, clipped_sum = norms_and_clipped_sum({n: torch.stack(g) for n, g in grads.items()}, 0.5)
+    assert not any(name.startswith("transformer.wte") for name in clipped_sum)
+    expected = {}
+    for name, total in clipped_sum.items():
+        group = gradient_snr.parameter_group(name)
+        count, square = expected.get(group, (0, 0.0))
+        expected[group] = count + total.numel(), square + float((total / 12).pow(2).sum())
+    expected["all"] = sum(c for c, _ in expected.values()), sum(s for _, s in expected.values())
+    assert set(printed) == set(expected) == {"block 0", "block 1", "final LayerNorm and head", "all"}
+    for group, (count, square) in expected.items():
+        shown_count, signal, noise, _ = printed[group]
+        assert int(shown_count.replace(",", "")) == count
+        assert float(signal) == pytest.approx(square ** 0.5, rel=2e-3, abs=1e-4)
+        assert float(noise) == pytest.approx(2 * 0.5 * count ** 0.5 / 8, rel=2e-3)
 
 
 def test_recipe_search_runs_each_point_once_and_counts_the_classifier(tmp_path, pretrained, target):
