@@ -5,7 +5,7 @@
 #
 #   bash scripts/reproduce_table.sh [--task lm|classification] [--target T] [--preset demo|cpu|smoke|paper]
 #        [--seeds "0 1 2"] [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
-#        [--pretrain_tokens "2 8 32"] [--runs_dir DIR] [--output_dir results/TASK] [--non_private]
+#        [--pretrain_tokens "1 4 16"] [--runs_dir DIR] [--output_dir results/TASK] [--non_private]
 #        [--linear_probe] [--redo_changed] [--dry_run]
 #
 # One pipeline run (scripts/run_pipeline.sh) per model size, budget, pre-training length and seed, in

@@ -10,8 +10,8 @@
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
 # overrides the task's target (local files work for both). Presets: demo (default; the offline demo
-# data, about 12 minutes on 2 CPU cores), cpu (classification by default: the demo data with 32M tokens of
-# pre-training per variant, the learning curve's largest length; each pre-training about 70 minutes on 2 cores), smoke
+# data, about 12 minutes on 2 CPU cores), cpu (classification by default: the demo data with 16M tokens of
+# pre-training per variant, the learning curve's largest length; each pre-training about 35 minutes on 2 cores), smoke
 # (a few minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs; with
 # --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
@@ -78,7 +78,7 @@ case "$PRESET" in
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
                  --num_train_epochs 1 --max_length 32 --max_train_samples 2000 --max_eval_samples 200)
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
-  demo|cpu)  # cpu: the demo with 32M tokens of pre-training (the learning curve's largest length)
+  demo|cpu)  # cpu: the demo with 16M tokens of pre-training (the learning curve's largest length)
     CORPUS=(--corpus demo)
     CLASSIFIER_DATA=(--od_data_size 5 --max_train_samples 20000 --max_eval_samples 2000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
@@ -86,7 +86,7 @@ case "$PRESET" in
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.1}" --document_weight 0.7)
     PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --vocab_size 4096 --block_size 128 --per_device_train_batch_size 32
               --learning_rate 1e-3 --max_train_steps 300 --checkpointing_steps 100)
-    if [ "$PRESET" = cpu ]; then PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-32}; fi
+    if [ "$PRESET" = cpu ]; then PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-16}; fi
     FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
                              --num_train_epochs 5 --max_length 64)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3

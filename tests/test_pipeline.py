@@ -155,10 +155,10 @@ def test_classification_is_one_flag_away():
     assert completed.returncode == 2 and "needs --target" in completed.stderr
 
 
-def test_the_cpu_preset_is_classification_with_32m_tokens_of_pre_training():
+def test_the_cpu_preset_is_classification_with_16m_tokens_of_pre_training():
     output = pipeline("--preset", "cpu", "--dry_run")
     pretrainings = re.findall(r"^\+ python pretraining/pretrain_gpt2.py .*$", output, flags=re.M)
-    assert len(pretrainings) == 2 and all("--max_train_tokens 32 " in line for line in pretrainings)
+    assert len(pretrainings) == 2 and all("--max_train_tokens 16 " in line for line in pretrainings)
     assert "--target demo" in output and "--task lm" not in output and "runs/cpu_classification/" in output
     assert "--max_train_tokens 8 " in pipeline("--preset", "cpu", "--pretrain_tokens", "8", "--dry_run")
     assert "--task lm" in pipeline("--preset", "cpu", "--task", "lm", "--dry_run")
