@@ -31,17 +31,13 @@ from common.stage import DataError, run_stage  # noqa: E402
 from data_selection.sources import DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task  # noqa: E402
 from dp_finetuning.dp_finetune import FREEZE_CHOICES, classification_parts, load_model  # noqa: E402
 from dp_finetuning.dp_training import sequence_classification_losses  # noqa: E402
+from dp_finetuning.linear_probe import add_model_and_target_arguments  # noqa: E402
 from dp_finetuning.per_example_grads import PerExampleGradients  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="a stage 5 output or a stage 6 release")
-    parser.add_argument("--random_init", action="store_true", help="fresh weights (the no-pre-training baseline)")
-    parser.add_argument("--target", default="demo", help="'demo', 'glue/sst2' or local files")
-    parser.add_argument("--text_column", default="sentence")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--max_length", type=int, default=128)
+    add_model_and_target_arguments(parser, "a stage 5 output or a stage 6 release", max_length=128)
     parser.add_argument("--freeze", choices=FREEZE_CHOICES, default="none", help="as dp_finetune.py's --freeze")
     parser.add_argument("--num_examples", type=int, default=1024, help="training examples the mean is taken over")
     parser.add_argument("--noise_multiplier", type=float, required=True, help="the DP run's (its privacy.json)")
@@ -50,7 +46,7 @@ def parse_args(argv=None):
     parser.add_argument("--per_device_batch_size", type=int, default=128, help="examples per backward pass")
     add_split_seed_argument(parser)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
-    parser.add_argument("--seed", type=int, default=0, help="draws the fresh head (and --random_init weights)")
+    parser.add_argument("--seed", type=int, default=0, help="draws the fresh head (and the --random_init weights)")
     args = parser.parse_args(argv)
     for name in ("num_examples", "logical_batch_size", "per_device_batch_size"):
         if getattr(args, name) < 1:
@@ -79,7 +75,8 @@ def mean_clipped_gradient(model, examples, collate, max_grad_norm, batch_size):
             norms.append(engine.backward(sequence_classification_losses(model, batch)))
     finally:
         engine.detach()
-    means = {name: param.grad.detach() / len(examples) for name, param in model.named_parameters() if param.requires_grad}
+    means = {name: param.grad.detach() / len(examples)
+             for name, param in model.named_parameters() if param.requires_grad}
     return means, torch.cat(norms)
 
 
@@ -111,7 +108,8 @@ def main(argv=None):
     print(f"NOT PRIVATE. {len(train_set)} examples of {args.target} at {args.model_name_or_path}: per-example gradient "
           f"norm median {norms.median():.3g}, {float((norms > args.max_grad_norm).float().mean()):.0%} clipped at "
           f"{args.max_grad_norm}; noise multiplier {args.noise_multiplier}, logical batch {args.logical_batch_size}")
-    print("| parameters | count | signal: norm of the mean clipped gradient | noise norm on the mean | signal / noise |")
+    print("| parameters | count | signal: norm of the mean clipped gradient | noise norm on the mean "
+          "| signal / noise |")
     print("|---|---|---|---|---|")
     for group, count, signal, noise, ratio in signal_to_noise(means, args.noise_multiplier, args.max_grad_norm,
                                                             args.logical_batch_size):

@@ -75,14 +75,19 @@ def probe(train_features, train_labels, eval_features, eval_labels, l2):
     return float((predictions == eval_labels.bool()).double().mean())
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_name_or_path", required=True, help="a stage 5 output directory")
+def add_model_and_target_arguments(parser, model_help, max_length):
+    """The flags of a diagnostic that reads a model on a classification target (this one, gradient_snr.py)."""
+    parser.add_argument("--model_name_or_path", required=True, help=model_help)
     parser.add_argument("--random_init", action="store_true", help="fresh weights of the same config")
     parser.add_argument("--target", default="demo", help="a classification target: 'demo', 'glue/sst2' or local files")
     parser.add_argument("--text_column", default="sentence")
     parser.add_argument("--label_column", default="label")
-    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--max_length", type=int, default=max_length)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_and_target_arguments(parser, "a stage 5 output directory", max_length=64)
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="fit on a seeded random sample of this many training examples")
     parser.add_argument("--l2", type=float, default=1e-3)
