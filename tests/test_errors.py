@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from common.stage import run_stage
 from data_selection import build_classifier_data, sampling_with_logits, split_sentences, train_domain_classifier
-from dp_finetuning import dp_finetune, privacy_ledger
+from dp_finetuning import dp_finetune, gradient_snr, privacy_ledger
 from dp_finetuning.accounting import Mechanism
 from pretraining import pretrain_gpt2
 
@@ -100,6 +100,15 @@ CASES = {
         "--model_name_or_path", str(w / "model"), "--output_dir", str(w / "spent" / "finetune"), "--target", "demo",
         "--target_epsilon", "0.5", "--target_epsilon_scope", "run", "--per_device_train_batch_size", "64",
         "--max_train_samples", "200", "--max_length", "16"], "spent/finetune", "already spend"),
+    "gradient diagnostic, missing model": (gradient_snr.main, lambda w: [
+        "--model_name_or_path", str(w / "nothing"), "--noise_multiplier", "1", "--logical_batch_size", "8"], None,
+        "--model_name_or_path"),
+    "gradient diagnostic, no examples": (gradient_snr.main, lambda w: [
+        "--model_name_or_path", str(w / "model"), "--noise_multiplier", "1", "--logical_batch_size", "8",
+        "--num_examples", "0"], None, "--num_examples"),
+    "gradient diagnostic, string labels": (gradient_snr.main, lambda w: [
+        "--model_name_or_path", str(w / "model"), "--noise_multiplier", "1", "--logical_batch_size", "8",
+        "--target", str(w / "strings")], None, "'negative'"),
 }
 
 
