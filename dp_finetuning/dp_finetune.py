@@ -19,6 +19,9 @@ used. If that directory depends on DP releases on the same private data (a selec
 DP domain classifier), the run's privacy ledger must hold them, else the run is refused: the
 no-pre-training baseline takes the random selection's tokenizer, learnt from public data only.
 All parameters are trained by default; --freeze and --lora_r give partial fine-tuning.
+--pooling mean gives the classification head the mean of the final hidden states over the
+sentence's tokens instead of the last token's (`GPT2MeanPooledClassifier`; the release's
+config.json names that class, which a stock `GPT2ForSequenceClassification` would not reproduce).
 
 The release in --output_dir: the model and tokenizer (`save_pretrained`), `privacy.json`,
 `dp_releases.json` (this release and those its input depended on) and `results.json`
@@ -35,6 +38,7 @@ import sys
 import torch
 from safetensors import SafetensorError
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,6 +53,20 @@ from dp_finetuning.language_modelling import (collate_messages, encode_message, 
                                               evaluate_language_model, language_modelling_losses)
 
 FREEZE_CHOICES = ("none", "embeddings", "body")
+POOLING_CHOICES = ("last", "mean")
+
+
+class GPT2MeanPooledClassifier(GPT2ForSequenceClassification):
+    """`GPT2ForSequenceClassification` whose head reads the mean of the final hidden states over each
+    sentence's tokens (its attention mask) rather than the last token's: a small model's mean keeps
+    sentiment that its last token loses (the README's recipe search)."""
+
+    def forward(self, input_ids=None, attention_mask=None, **_):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return SequenceClassifierOutput(logits=self.score((hidden * mask).sum(1) / mask.sum(1)))
 
 
 def parse_args(argv=None):
@@ -68,6 +86,7 @@ def parse_args(argv=None):
                         help="embeddings: token and position embeddings frozen (with --task lm, the tied LM head "
                              "too); body: only the final LayerNorm and the classification head trained")
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA adapters of this rank instead (0: off)")
+    add_pooling_argument(parser)
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="use a seeded random sample of this many training examples (quick runs)")
     add_split_seed_argument(parser)
@@ -75,7 +94,16 @@ def parse_args(argv=None):
     add_dp_arguments(parser)
     add_redo_argument(parser)
     parser.set_defaults(lr_scheduler_type="linear")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.task == "lm" and args.pooling != "last":
+        raise DataError("--pooling is for --task classification (a language model predicts every next token)")
+    return args
+
+
+def add_pooling_argument(parser):
+    parser.add_argument("--pooling", choices=POOLING_CHOICES, default="last",
+                        help="classification: the head reads the last non-padding token (GPT2ForSequenceClassification)"
+                             " or the mean over the sentence's tokens (GPT2MeanPooledClassifier)")
 
 
 def load_model(args):
@@ -88,8 +116,8 @@ def load_model(args):
     if not args.random_init and not os.path.isfile(os.path.join(path, "model.safetensors")):
         raise DataError(f"--model_name_or_path {path}: no model.safetensors (use --random_init for no pre-training)")
     torch.manual_seed(args.seed)
-    model_class, extra = ((GPT2LMHeadModel, {}) if args.task == "lm" else
-                          (GPT2ForSequenceClassification, {"num_labels": 2}))
+    classifier = GPT2MeanPooledClassifier if args.pooling == "mean" else GPT2ForSequenceClassification
+    model_class, extra = (GPT2LMHeadModel, {}) if args.task == "lm" else (classifier, {"num_labels": 2})
     try:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         if args.random_init:
@@ -198,7 +226,7 @@ def main(argv=None):
     metrics = [k for k in trainer.history[-1] if k.startswith("val_")]
     results = {
         "task": args.task, "model_name_or_path": args.model_name_or_path, "random_init": args.random_init,
-        "freeze": args.freeze, "lora_r": args.lora_r, "target": args.target, "train_examples": len(train_set),
+        "freeze": args.freeze, "lora_r": args.lora_r, "pooling": args.pooling, "target": args.target, "train_examples": len(train_set),
         # with --deterministic_dp the seed is the DP randomness, so it stays out of the release
         **({} if args.deterministic_dp else {"seed": args.seed}),
         "dp_randomness": report["dp_randomness"],

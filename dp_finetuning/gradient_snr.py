@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.stage import DataError, run_stage  # noqa: E402
 from data_selection.sources import DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task  # noqa: E402
-from dp_finetuning.dp_finetune import FREEZE_CHOICES, classification_parts, load_model  # noqa: E402
+from dp_finetuning.dp_finetune import (FREEZE_CHOICES, add_pooling_argument, classification_parts,  # noqa: E402
+                                      load_model)
 from dp_finetuning.dp_training import sequence_classification_losses  # noqa: E402
 from dp_finetuning.linear_probe import add_model_and_target_arguments  # noqa: E402
 from dp_finetuning.per_example_grads import PerExampleGradients  # noqa: E402
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_target_arguments(parser, "a stage 5 output or a stage 6 release", max_length=128)
     parser.add_argument("--freeze", choices=FREEZE_CHOICES, default="none", help="as dp_finetune.py's --freeze")
+    add_pooling_argument(parser)
     parser.add_argument("--num_examples", type=int, default=1024, help="training examples the mean is taken over")
     parser.add_argument("--noise_multiplier", type=float, required=True, help="the DP run's (its privacy.json)")
     parser.add_argument("--logical_batch_size", type=int, required=True, help="the DP run's logical batch")

@@ -74,6 +74,58 @@ def test_random_init_and_freezing(tmp_path, pretrained, target):
     assert (tmp_path / "lora" / "results.json").exists()
 
 
+def test_mean_pooling_reads_the_mean_over_each_sentence_and_its_gradients_are_exact(tmp_path, pretrained):
+    """Padded batch against each sentence alone: the logits are the stock model's final hidden states averaged
+    over the sentence, times the head; the clipped per-example gradients are torch.func's, one example at a time."""
+    from transformers import GPT2ForSequenceClassification
+    from dp_finetuning.per_example_grads import PerExampleGradients
+    from tests.oracle import classification_loss_per_example, norms_and_clipped_sum, per_example_grads
+    args = dp_finetune.parse_args(finetune_argv(pretrained, tmp_path, tmp_path / "x", "--pooling", "mean",
+                                                "--freeze", "embeddings", "--max_length", "32"))
+    model, tokenizer = dp_finetune.load_model(args)
+    assert type(model) is dp_finetune.GPT2MeanPooledClassifier
+    model.eval()
+    examples = [{"sentence": s, "label": i % 2} for i, s in enumerate(
+        [GOOD, f"{BAD} 7", "dull", f"{GOOD} 12 . {BAD}"])]
+    collate, _, _, _ = dp_finetune.classification_parts(args, tokenizer, Dataset.from_list(examples), {})
+    batch = collate(examples)
+    assert batch["attention_mask"].sum(1).unique().numel() >= 3  # sentences padded differently
+
+    stock = GPT2ForSequenceClassification(model.config).eval()
+    stock.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        pooled = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        for row, example in zip(pooled, examples):
+            alone = collate([example])
+            hidden = stock(input_ids=alone["input_ids"], output_hidden_states=True).hidden_states[-1]
+            assert torch.allclose(row, hidden[0].mean(0) @ stock.score.weight.T, atol=1e-5)
+
+    engine = PerExampleGradients(model, max_grad_norm=0.05)
+    engine.backward(torch.nn.functional.cross_entropy(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"],
+        reduction="none"))
+    grads = {name: [] for name, p in model.named_parameters() if p.requires_grad}
+    for example in examples:
+        for name, g in per_example_grads(model, collate([example]), classification_loss_per_example).items():
+            grads[name].append(g[0])
+    _, clipped_sum = norms_and_clipped_sum({n: torch.stack(g) for n, g in grads.items()}, 0.05)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.allclose(param.grad.double(), clipped_sum[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_mean_pooled_release_is_evaluated_as_trained(tmp_path, pretrained, target):
+    dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / "pooled", "--pooling", "mean",
+                                   "--freeze", "body", "--learning_rate", "3e-2"))
+    results = json.loads((tmp_path / "run" / "pooled" / "results.json").read_text())
+    config = json.loads((tmp_path / "run" / "pooled" / "config.json").read_text())
+    assert results["pooling"] == "mean" and config["architectures"] == ["GPT2MeanPooledClassifier"]
+    release = dp_finetune.GPT2MeanPooledClassifier.from_pretrained(tmp_path / "run" / "pooled").eval()
+    tokenizer = dp_finetune.PreTrainedTokenizerFast.from_pretrained(tmp_path / "run" / "pooled")
+    test = sources.load_target_task(str(target))["test"]
+    assert dp_finetune.accuracy(release, tokenizer, test, 128) == results["test_accuracy"]
+
+
 def test_bad_inputs_fail_before_any_work(tmp_path, pretrained, target):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no config.json"):

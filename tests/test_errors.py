@@ -100,6 +100,8 @@ CASES = {
         "--model_name_or_path", str(w / "model"), "--output_dir", str(w / "spent" / "finetune"), "--target", "demo",
         "--target_epsilon", "0.5", "--target_epsilon_scope", "run", "--per_device_train_batch_size", "64",
         "--max_train_samples", "200", "--max_length", "16"], "spent/finetune", "already spend"),
+    "stage 6, pooling for language modelling": (dp_finetune.main, lambda w: finetune(
+        w / "model", w / "run" / "pooled", "--task", "lm", "--pooling", "mean"), "run/pooled", "--pooling"),
     "gradient diagnostic, missing model": (gradient_snr.main, lambda w: [
         "--model_name_or_path", str(w / "nothing"), "--noise_multiplier", "1", "--logical_batch_size", "8"], None,
         "--model_name_or_path"),
