@@ -18,7 +18,8 @@
 # --force deletes the run directory first. A stage whose output was made with other settings or
 # inputs stops the run with one line naming them; --redo_changed redoes it and what depends on it.
 # --non_private also fine-tunes every variant without noise (clipping only, epsilon infinite), into
-# <variant>/non_private/finetune with a ledger of its own: the ceiling that shows the cost of privacy. --num_tokens (stage 4's budget: a fraction of the
+# <variant>/non_private/finetune with a ledger of its own: the ceiling that shows the cost of privacy (for
+# classification in the demo and cpu presets, every parameter trained, where DP trains the head alone). --num_tokens (stage 4's budget: a fraction of the
 # corpus's words below 1, millions of words from 1), --model_size and --pretrain_tokens (stage 5's length in millions
 # of tokens seen) override the preset; --linear_probe (classification) adds a non-private diagnostic of each
 # pre-trained model's frozen features (dp_finetuning/linear_probe.py); --sentences_dir reads (or writes) stage 1's output
@@ -63,7 +64,9 @@ case "$TASK" in
   *) echo "run_pipeline.sh: unknown task '$TASK' (lm, classification)" >&2; exit 2 ;;
 esac
 # The presets: stage 1 corpus, stage 2 classifier data, stage 3 classifier, stage 4 budget, stage 5 pre-training,
-# stage 6 fine-tuning (FINETUNE_LM or FINETUNE_CLASSIFICATION by --task).
+# stage 6 fine-tuning (FINETUNE_LM or FINETUNE_CLASSIFICATION by --task; --non_private adds CEILING_CLASSIFICATION's
+# flags, which override those, to the noiseless classification runs).
+CEILING_CLASSIFICATION=()
 case "$PRESET" in
   smoke)
     CORPUS=(--corpus demo-small --max_documents 800)
@@ -87,8 +90,11 @@ case "$PRESET" in
     PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --vocab_size 4096 --block_size 128 --per_device_train_batch_size 32
               --learning_rate 1e-3 --max_train_steps 300 --checkpointing_steps 100)
     if [ "$PRESET" = cpu ]; then PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-16}; fi
-    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
-                             --num_train_epochs 5 --max_length 64)
+    # DP: only the head (and final LayerNorm), on the mean-pooled features: the README's recipe search. The
+    # non-private ceiling trains every parameter on the last token, the recipe that does best without noise.
+    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 1e-1
+                             --num_train_epochs 10 --max_length 64 --freeze body --pooling mean)
+    CEILING_CLASSIFICATION=(--freeze none --pooling last --learning_rate 3e-3 --num_train_epochs 5)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
                  --num_train_epochs 3 --max_length 48 --max_train_samples 12000 --max_eval_samples 2000)
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
@@ -109,9 +115,9 @@ case "$PRESET" in
   *) echo "run_pipeline.sh: unknown preset '$PRESET' (smoke, demo, cpu, paper)" >&2; exit 2 ;;
 esac
 if [ "$TASK" = lm ]; then
-  TARGET=${TARGET:-${TARGETS[0]}} FINETUNE=(--task lm "${FINETUNE_LM[@]}")
+  TARGET=${TARGET:-${TARGETS[0]}} FINETUNE=(--task lm "${FINETUNE_LM[@]}") CEILING=()
 else
-  TARGET=${TARGET:-${TARGETS[1]}} FINETUNE=("${FINETUNE_CLASSIFICATION[@]}")
+  TARGET=${TARGET:-${TARGETS[1]}} FINETUNE=("${FINETUNE_CLASSIFICATION[@]}") CEILING=("${CEILING_CLASSIFICATION[@]}")
 fi
 if [ -z "$TARGET" ]; then
   echo "run_pipeline.sh: --preset $PRESET --task $TASK needs --target (a hub dataset or local files of messages)" >&2
@@ -205,7 +211,7 @@ launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" 
   "${DP[@]}" --output_dir "$B/scratch/finetune"
 if [ "$NON_PRIVATE" = 1 ]; then
   echo "== stage 6 without noise (--non_private: clipping only, epsilon infinite; each in a ledger of its own)"
-  NOISELESS=(--noise_multiplier 0)
+  NOISELESS=(--noise_multiplier 0 "${CEILING[@]}")
   launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" "${FINETUNE[@]}" "${NOISELESS[@]}" \
     --output_dir "$R/non_private/finetune"
   launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" "${FINETUNE[@]}" "${NOISELESS[@]}" \

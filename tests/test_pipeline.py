@@ -166,6 +166,22 @@ def test_the_cpu_preset_is_classification_with_16m_tokens_of_pre_training():
     assert "-> runs/table_cpu_classification/micro_0.1_seed0" in table and "--task lm" not in table
 
 
+def test_classification_trains_the_head_with_dp_and_every_parameter_for_the_ceiling():
+    """The demo recipe: DP on the mean-pooled head alone; --non_private's ceiling fine-tunes all, on the last token."""
+    from dp_finetuning import dp_finetune
+    output = pipeline("--preset", "demo", "--task", "classification", "--non_private", "--dry_run")
+    finetunings = [line.split()[3:] for line in output.splitlines()
+                   if line.startswith("+ python dp_finetuning/dp_finetune.py")]
+    assert len(finetunings) == 6
+    for argv in finetunings:
+        args = dp_finetune.parse_args(argv)
+        if args.noise_multiplier == 0:
+            assert (args.freeze, args.pooling, args.learning_rate) == ("none", "last", 3e-3)
+        else:
+            assert (args.freeze, args.pooling, args.target_epsilon) == ("body", "mean", 4)
+    assert sum(dp_finetune.parse_args(argv).noise_multiplier == 0 for argv in finetunings) == 3
+
+
 def test_a_learning_curve_is_one_run_per_length_and_seed_with_the_probe():
     output = script("reproduce_table.sh", "--task", "classification", "--preset", "smoke", "--seeds", "0 1",
                     "--pretrain_tokens", "0.01 0.04", "--linear_probe", "--runs_dir", "runs/curve", "--dry_run")
