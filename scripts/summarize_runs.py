@@ -39,7 +39,7 @@ TASK_METRICS = {
 # the non-private diagnostic of each pre-trained model (run_pipeline.sh --linear_probe), and the majority class
 PROBE_METRICS = ("probe_last_token", "probe_mean_pooled")
 MAJORITY = ("val_majority_share", "test_majority_share")
-RUN_FIELDS = ("run_dir", "task", "seed", "model_size", "budget_words", "variant", "pretraining_words",
+RUN_FIELDS = ("run_dir", "task", "seed", "model_size", "budget_words", "variant", "finetuning", "pretraining_words",
               "pretraining_tokens", "target_perplexity",
               *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
               "total_epsilon", "delta", "dp_releases", "train_examples", *PROBE_METRICS, *MAJORITY)
@@ -52,6 +52,17 @@ def read_json(path):
         return None
     with open(path) as handle:
         return json.load(handle)
+
+
+def finetuning_of(results):
+    """What a fine-tuning trained and, for classification, what its head read: e.g. 'all, last token'."""
+    if results is None:
+        return None
+    trained = (f"LoRA r{results['lora_r']}" if results.get("lora_r") else
+               {"none": "all", "embeddings": "all but embeddings", "body": "head"}[results.get("freeze", "none")])
+    if results.get("task", "classification") == "lm":
+        return trained
+    return f"{trained}, {'mean-pooled' if results.get('pooling') == 'mean' else 'last token'}"
 
 
 def summary_rows(run_dir):
@@ -75,6 +86,7 @@ def summary_rows(run_dir):
             "model_size": selective_model["model_size"] if selective_model else None,
             "budget_words": selective_report["budget_words"] if selective_report else None,
             "variant": name,
+            "finetuning": finetuning_of(results),
             "pretraining_words": report["selected_words"] if report else 0,
             "pretraining_tokens": (pretrained or {}).get("tokens_seen") if selection else 0,
             "target_perplexity": pretrained.get("target_validation_perplexity") if pretrained else None,
@@ -124,7 +136,8 @@ def print_run(run_dir, rows):
 
 
 def aggregate(rows):
-    """Mean and sample std over seeds of the finished rows, per (model size, budget, tokens seen, variant).
+    """Mean and sample std over seeds of the finished rows, per (model size, budget, tokens seen, variant,
+    fine-tuning recipe): runs fine-tuned differently are never averaged together.
 
     The no-pre-training baseline of a learning curve's runs is one experiment per seed (its tokenizer
     comes from the random selection, whatever the length of pre-training): it counts once per seed.
@@ -133,15 +146,16 @@ def aggregate(rows):
     for r in rows:
         if r["total_epsilon"] is None:  # fine-tuning not finished
             continue
-        members = groups.setdefault((r["model_size"], r["budget_words"], r["pretraining_tokens"], r["variant"]), [])
+        members = groups.setdefault((r["model_size"], r["budget_words"], r["pretraining_tokens"], r["variant"],
+                                     r["finetuning"]), [])
         if r["pretraining_tokens"] != 0 or r["seed"] is None or all(m["seed"] != r["seed"] for m in members):
             members.append(r)
     order = {name: i for i, (name, _, _, _) in enumerate(VARIANTS)}
     table = []
-    for (size, budget, tokens, variant), members in sorted(groups.items(), key=lambda kv: (
-            str(kv[0][0]), kv[0][1] or 0, order[kv[0][3]], kv[0][2] or 0)):
+    for (size, budget, tokens, variant, finetuning), members in sorted(groups.items(), key=lambda kv: (
+            str(kv[0][0]), kv[0][1] or 0, order[kv[0][3]], kv[0][4], kv[0][2] or 0)):
         entry = {"model_size": size, "budget_words": budget, "pretraining_tokens": tokens, "variant": variant,
-                 "seeds": len(members), "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
+                 "finetuning": finetuning, "seeds": len(members), "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
         for metric in METRICS:
             values = [m[metric] for m in members if m[metric] is not None]
             entry[f"{metric}_mean"] = statistics.mean(values) if values else None
@@ -175,13 +189,13 @@ def write_markdown(path, table, task):
     metrics += [(metric, label, "{:.4f}") for metric, label in (
         ("probe_last_token", "probe, last token (not private)"), ("probe_mean_pooled", "probe, mean-pooled (not private)"),
         ("test_majority_share", "test majority share")) if any(e[f"{metric}_mean"] is not None for e in table)]
-    lines = ["| model | budget (words) | " + ("tokens seen | " if curve else "") + "variant | seeds | target perplexity | "
+    lines = ["| model | budget (words) | " + ("tokens seen | " if curve else "") + "variant | fine-tuned | seeds | target perplexity | "
              + " | ".join(label for _, label, _ in metrics) + " | total epsilon |",
-             "|---" * (len(metrics) + 6 + curve) + "|"]
+             "|---" * (len(metrics) + 7 + curve) + "|"]
     for e in table:
         lines.append(f"| {e['model_size']} | {fmt(e['budget_words'], '{:,}')} | "
                      + (f"{fmt(e['pretraining_tokens'], '{:,}')} | " if curve else "")
-                     + f"{e['variant']} | {e['seeds']} | {mean_std(e, 'target_perplexity', '{:.1f}')} | "
+                     + f"{e['variant']} | {e['finetuning']} | {e['seeds']} | {mean_std(e, 'target_perplexity', '{:.1f}')} | "
                      + " | ".join(mean_std(e, metric, pattern) for metric, _, pattern in metrics)
                      + f" | {mean_std(e, 'total_epsilon', '{:.3f}')} |")
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
@@ -208,12 +222,14 @@ def plot_metric_vs_tokens(path, table, task):
         metric = "val_accuracy"
     x_field = "pretraining_tokens" if is_learning_curve(table) else "pretraining_words"
     figure, axes = plt.subplots(figsize=(6, 4))
-    series = [(size, variant, marker) for size in sorted({e["model_size"] for e in table}, key=str)
-              for variant, marker in zip((v[0] for v in VARIANTS), "osxosx")]
+    recipes = sorted({e["finetuning"] for e in table})
+    series = [(size, variant, recipe, marker) for size in sorted({e["model_size"] for e in table}, key=str)
+              for variant, marker in zip((v[0] for v in VARIANTS), "osxosx") for recipe in recipes]
     largest_x = 0.0
-    for dodge, (size, variant, marker) in enumerate(series):
+    for dodge, (size, variant, recipe, marker) in enumerate(series):
         points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
-                         and e[f"{metric}_mean"] is not None), key=lambda e: e[x_field] or 0)
+                         and e["finetuning"] == recipe and e[f"{metric}_mean"] is not None),
+                        key=lambda e: e[x_field] or 0)
         if not points:
             continue
         # series at the same budget are shifted by a few percent so that equal values stay visible
@@ -221,7 +237,7 @@ def plot_metric_vs_tokens(path, table, task):
         largest_x = max(largest_x, *xs)
         axes.errorbar(xs,
                       [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_std"] or 0.0 for p in points],
-                      marker=marker, capsize=3, label=f"{size}: {variant}",
+                      marker=marker, capsize=3, label=f"{size}: {variant} ({recipe})",
                       linestyle=("--" if NON_PRIVATE in variant else "-") if len(points) > 1 else "none",
                       markerfacecolor="none" if NON_PRIVATE in variant else None)
     majority_key = f"{metric.split('_')[0]}_majority_share_mean"  # val_ or test_, as the metric shown

@@ -53,7 +53,7 @@ def test_table_over_seeds_has_the_mean_and_sample_std(tmp_path):
     assert table["no pre-training"]["target_perplexity_mean"] == ""
 
     markdown = (tmp_path / "results" / "table.md").read_text()
-    assert "| nano | 1,000 | selective pre-training | 3 | 510.0 ± 10.0 | 0.7200 ± 0.0265 | 0.7100 ± 0.0265 |" \
+    assert "| nano | 1,000 | selective pre-training | all, last token | 3 | 510.0 ± 10.0 | 0.7200 ± 0.0265 | 0.7100 ± 0.0265 |" \
         in markdown
     with open(tmp_path / "results" / "runs.csv") as handle:
         runs = list(csv.DictReader(handle))
@@ -95,7 +95,7 @@ def test_language_modelling_runs_show_perplexity_and_next_word_accuracy(tmp_path
     assert "| selective pre-training | 0 | n/a | 80.0 | 0.3000 | 0.1250 | 4.000 |" in summary
     assert "2,000 private training examples" in summary and summary.split("\n", 2)[2] in capsys.readouterr().out
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| no pre-training | 2 | n/a | 145.0 ± 7.1 |" in table
+    assert "| no pre-training | all | 2 | n/a | 145.0 ± 7.1 |" in table
     assert (tmp_path / "out" / "next_word_accuracy_vs_tokens.png").exists()
 
 
@@ -128,9 +128,25 @@ def test_a_learning_curve_is_grouped_by_tokens_seen_and_counts_no_pre_training_o
     assert float(table["selective pre-training", "8000000"]["test_accuracy_mean"]) == pytest.approx(0.655)
     assert float(table["selective pre-training", "8000000"]["probe_last_token_mean"]) == pytest.approx(0.65)
     markdown = (tmp_path / "curve" / "table.md").read_text()
-    assert "| model | budget (words) | tokens seen | variant |" in markdown
+    assert "| model | budget (words) | tokens seen | variant | fine-tuned |" in markdown
     assert "probe, last token (not private)" in markdown and "test majority share" in markdown
-    assert "| nano | 1,000 | 8,000,000 | selective pre-training | 2 | 505.0 ± 7.1 | 0.6650 ± 0.0071 | 0.6550 ± 0.0071 |" \
+    assert "| nano | 1,000 | 8,000,000 | selective pre-training | all, last token | 2 | 505.0 ± 7.1 | 0.6650 ± 0.0071 | 0.6550 ± 0.0071 |" \
         in markdown
     assert (tmp_path / "curve" / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
     assert summarize_runs.is_learning_curve(summarize_runs.aggregate(summarize_runs.summary_rows(run_dirs[0]))) is False
+
+
+def test_runs_fine_tuned_differently_are_never_averaged_together(tmp_path):
+    for seed, accuracies in ((0, (0.61, 0.60, 0.59)), (1, (0.57, 0.57, 0.57))):
+        fake_run(tmp_path / f"run{seed}", seed, accuracies)
+    for sub in ("", "baselines/random", "baselines/scratch"):
+        path = tmp_path / "run0" / sub / "finetune" / "results.json"
+        write(path, {**json.loads(path.read_text()), "freeze": "body", "pooling": "mean"})
+    summarize_runs.main([str(tmp_path / "run0"), str(tmp_path / "run1"), "--output_dir", str(tmp_path / "results")])
+    with open(tmp_path / "results" / "table.csv") as handle:
+        table = {(row["variant"], row["finetuning"]): row for row in csv.DictReader(handle)}
+    assert len(table) == 6 and all(int(row["seeds"]) == 1 for row in table.values())
+    assert float(table["selective pre-training", "head, mean-pooled"]["test_accuracy_mean"]) == pytest.approx(0.61)
+    assert float(table["selective pre-training", "all, last token"]["test_accuracy_mean"]) == pytest.approx(0.57)
+    assert summarize_runs.finetuning_of({"task": "lm", "lora_r": 4}) == "LoRA r4"
+    assert summarize_runs.finetuning_of({"freeze": "embeddings"}) == "all but embeddings, last token"
