@@ -11,7 +11,8 @@
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
 # overrides the task's target (local files work for both). Presets: demo (default; the offline demo
 # data, about 12 minutes on 2 CPU cores), cpu (classification by default: the demo data with 16M tokens of
-# pre-training per variant, the learning curve's largest length; each pre-training about 35 minutes on 2 cores), smoke
+# pre-training per variant, the learning curve's largest length; each pre-training about 30 minutes on 2 cores, about
+# 75 minutes per seed in all), smoke
 # (a few minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs; with
 # --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
