@@ -75,7 +75,7 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     table = (base / "results" / "table.md").read_text()
     budget = json.loads((run_dir / "selected" / "selection_report.json").read_text())["budget_words"]
     for variant in ("selective pre-training", "random pre-training", "no pre-training"):
-        assert f"| nano | {budget:,} | {variant} | 1 |" in table
+        assert f"| nano | {budget:,} | {variant} | all | 1 |" in table
     assert (base / "results" / "runs.csv").read_text().count("\n") == 4
     assert (base / "results" / "next_word_accuracy_vs_tokens.png").stat().st_size > 1000
 
