@@ -54,6 +54,7 @@ from dp_finetuning.language_modelling import (collate_messages, encode_message, 
 
 FREEZE_CHOICES = ("none", "embeddings", "body")
 POOLING_CHOICES = ("last", "mean")
+OUTPUT_OPTIONS = ("return_dict", "output_attentions", "output_hidden_states", "use_cache")
 
 
 class GPT2MeanPooledClassifier(GPT2ForSequenceClassification):
@@ -61,7 +62,11 @@ class GPT2MeanPooledClassifier(GPT2ForSequenceClassification):
     sentence's tokens (its attention mask) rather than the last token's: a small model's mean keeps
     sentiment that its last token loses (the README's recipe search)."""
 
-    def forward(self, input_ids=None, attention_mask=None, **_):
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        # PEFT passes every argument of the stock forward; only the output options may be set
+        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in OUTPUT_OPTIONS)
+        if unsupported:
+            raise ValueError(f"GPT2MeanPooledClassifier takes input_ids and attention_mask only, got {unsupported}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -90,6 +90,8 @@ def test_mean_pooling_reads_the_mean_over_each_sentence_and_its_gradients_are_ex
     collate, _, _, _ = dp_finetune.classification_parts(args, tokenizer, Dataset.from_list(examples), {})
     batch = collate(examples)
     assert batch["attention_mask"].sum(1).unique().numel() >= 3  # sentences padded differently
+    with pytest.raises(ValueError, match="labels"):  # never a silently ignored argument
+        model(input_ids=batch["input_ids"], labels=batch["labels"])
 
     stock = GPT2ForSequenceClassification(model.config).eval()
     stock.load_state_dict(model.state_dict())
