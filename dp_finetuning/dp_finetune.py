@@ -231,7 +231,8 @@ def main(argv=None):
     metrics = [k for k in trainer.history[-1] if k.startswith("val_")]
     results = {
         "task": args.task, "model_name_or_path": args.model_name_or_path, "random_init": args.random_init,
-        "freeze": args.freeze, "lora_r": args.lora_r, "pooling": args.pooling, "target": args.target, "train_examples": len(train_set),
+        "freeze": args.freeze, "lora_r": args.lora_r, "pooling": args.pooling, "target": args.target,
+        "train_examples": len(train_set),
         # with --deterministic_dp the seed is the DP randomness, so it stays out of the release
         **({} if args.deterministic_dp else {"seed": args.seed}),
         "dp_randomness": report["dp_randomness"],

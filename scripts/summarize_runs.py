@@ -155,7 +155,8 @@ def aggregate(rows):
     for (size, budget, tokens, variant, finetuning), members in sorted(groups.items(), key=lambda kv: (
             str(kv[0][0]), kv[0][1] or 0, order[kv[0][3]], kv[0][4], kv[0][2] or 0)):
         entry = {"model_size": size, "budget_words": budget, "pretraining_tokens": tokens, "variant": variant,
-                 "finetuning": finetuning, "seeds": len(members), "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
+                 "finetuning": finetuning, "seeds": len(members),
+                 "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
         for metric in METRICS:
             values = [m[metric] for m in members if m[metric] is not None]
             entry[f"{metric}_mean"] = statistics.mean(values) if values else None
