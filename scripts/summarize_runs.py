@@ -210,6 +210,23 @@ def write_csv(path, rows, fields):
         writer.writerows(rows)
 
 
+def x_positions(lengths):
+    """Where each pre-training length goes on a log axis: itself, and 0 (no pre-training) a factor of 4 left of
+    the shortest length, or at 1 when nothing was pre-trained."""
+    positive = sorted(length for length in lengths if length > 0)
+    return {length: length if length > 0 else (positive[0] / 4 if positive else 1.0) for length in lengths}
+
+
+def short_count(count):
+    """A tick label: 0 is no pre-training, then 950, 12k, 1M, 1.5M, 16M."""
+    if count == 0:
+        return "none"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:g}"
+
+
 def plot_metric_vs_tokens(path, table, task):
     """The task's main test metric (classification: validation accuracy where the test split has no labels)
     against pre-training words, or against tokens seen for a learning curve; classification also shows the
@@ -222,21 +239,20 @@ def plot_metric_vs_tokens(path, table, task):
     if task == "classification" and all(e["test_accuracy_mean"] is None for e in table):
         metric = "val_accuracy"
     x_field = "pretraining_tokens" if is_learning_curve(table) else "pretraining_words"
-    figure, axes = plt.subplots(figsize=(6, 4))
-    recipes = sorted({e["finetuning"] for e in table})
-    series = [(size, variant, recipe, marker) for size in sorted({e["model_size"] for e in table}, key=str)
+    plotted = [e for e in table if e[f"{metric}_mean"] is not None]
+    position = x_positions({e[x_field] or 0 for e in plotted})
+    figure, axes = plt.subplots(figsize=(9, 4))
+    recipes = sorted({e["finetuning"] for e in plotted})
+    series = [(size, variant, recipe, marker) for size in sorted({e["model_size"] for e in plotted}, key=str)
               for variant, marker in zip((v[0] for v in VARIANTS), "osxosx") for recipe in recipes]
-    largest_x = 0.0
-    for dodge, (size, variant, recipe, marker) in enumerate(series):
-        points = sorted((e for e in table if e["model_size"] == size and e["variant"] == variant
-                         and e["finetuning"] == recipe and e[f"{metric}_mean"] is not None),
+    series = [s for s in series if any((e["model_size"], e["variant"], e["finetuning"]) == s[:3] for e in plotted)]
+    for index, (size, variant, recipe, marker) in enumerate(series):
+        points = sorted((e for e in plotted if (e["model_size"], e["variant"], e["finetuning"]) == (size, variant,
+                                                                                                    recipe)),
                         key=lambda e: e[x_field] or 0)
-        if not points:
-            continue
-        # series at the same budget are shifted by a few percent so that equal values stay visible
-        xs = [(p[x_field] or 0) * 1.06 ** dodge for p in points]
-        largest_x = max(largest_x, *xs)
-        axes.errorbar(xs,
+        # series at the same length are shifted a few percent apart, centred on it, so that equal values stay visible
+        shift = 1.04 ** (index - (len(series) - 1) / 2)
+        axes.errorbar([position[p[x_field] or 0] * shift for p in points],
                       [p[f"{metric}_mean"] for p in points], yerr=[p[f"{metric}_std"] or 0.0 for p in points],
                       marker=marker, capsize=3, label=f"{size}: {variant} ({recipe})",
                       linestyle=("--" if NON_PRIVATE in variant else "-") if len(points) > 1 else "none",
@@ -245,13 +261,15 @@ def plot_metric_vs_tokens(path, table, task):
     majority = [e[majority_key] for e in table if e.get(majority_key) is not None]
     if majority:
         axes.axhline(statistics.mean(majority), color="grey", linestyle=":", label="majority class")
-    axes.set_xscale("symlog", linthresh=1e4)
-    # the axis has no negative side; 0 (no pre-training) and the largest length stay off the frame
-    axes.set_xlim(-3e3, largest_x * 1.4 + 1e4)
+    axes.set_xscale("log")
+    if position:
+        axes.set_xticks(sorted(position.values()), [short_count(length) for length in sorted(position)])
+        axes.set_xlim(min(position.values()) / 1.5, max(position.values()) * 1.5)
+    axes.minorticks_off()
     unit = "tokens seen" if x_field == "pretraining_tokens" else "words"
-    axes.set_xlabel(f"pre-training {unit} (0: no pre-training; series shifted apart)")
+    axes.set_xlabel(f"pre-training {unit} (log scale; series shifted apart)")
     axes.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     figure.tight_layout()
     with atomic_path(path) as tmp:

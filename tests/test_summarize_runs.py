@@ -150,3 +150,12 @@ def test_runs_fine_tuned_differently_are_never_averaged_together(tmp_path):
     assert float(table["selective pre-training", "all, last token"]["test_accuracy_mean"]) == pytest.approx(0.57)
     assert summarize_runs.finetuning_of({"task": "lm", "lora_r": 4}) == "LoRA r4"
     assert summarize_runs.finetuning_of({"freeze": "embeddings"}) == "all but embeddings, last token"
+
+
+def test_the_plot_puts_no_pre_training_left_of_the_shortest_length_on_a_log_axis():
+    position = summarize_runs.x_positions({0, 1_003_520, 4_001_792, 16_003_072})
+    assert position[0] == pytest.approx(1_003_520 / 4)  # a factor of 4 (0.6 decades) left of the shortest
+    assert [position[n] for n in (1_003_520, 4_001_792, 16_003_072)] == [1_003_520, 4_001_792, 16_003_072]
+    assert summarize_runs.x_positions({0}) == {0: 1.0}
+    assert [summarize_runs.short_count(n) for n in (0, 950, 12_000, 1_003_520, 1_500_000, 16_003_072)] \
+        == ["none", "950", "12k", "1M", "1.5M", "16M"]
