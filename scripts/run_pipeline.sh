@@ -20,10 +20,11 @@
 # inputs stops the run with one line naming them; --redo_changed redoes it and what depends on it.
 # --non_private also fine-tunes every variant without noise (clipping only, epsilon infinite), into
 # <variant>/non_private/finetune with a ledger of its own: the ceiling that shows the cost of privacy (for
-# classification in the demo and cpu presets, every parameter trained, where DP trains the head alone). --num_tokens (stage 4's budget: a fraction of the
-# corpus's words below 1, millions of words from 1), --model_size and --pretrain_tokens (stage 5's length in millions
-# of tokens seen) override the preset; --linear_probe (classification) adds a non-private diagnostic of each
-# pre-trained model's frozen features (dp_finetuning/linear_probe.py); --sentences_dir reads (or writes) stage 1's output
+# classification in the demo and cpu presets, every parameter trained in batches of 32, where DP trains the head
+# alone). --num_tokens (stage 4's budget: a fraction of the corpus's words below 1, millions of words from 1),
+# --model_size and --pretrain_tokens (stage 5's length in millions of tokens seen) override the preset;
+# --linear_probe (classification) adds a non-private diagnostic of each pre-trained model's frozen features
+# (dp_finetuning/linear_probe.py); --sentences_dir reads (or writes) stage 1's output
 # there instead of in the run directory, so that several runs share it. Layout of the run directory:
 #   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
 #   privacy_ledger.json holds the domain classifier and the fine-tuning)
@@ -92,10 +93,12 @@ case "$PRESET" in
               --learning_rate 1e-3 --max_train_steps 300 --checkpointing_steps 100)
     if [ "$PRESET" = cpu ]; then PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-16}; fi
     # DP: only the head (and final LayerNorm), on the mean-pooled features: the README's recipe search. The
-    # non-private ceiling trains every parameter on the last token, the recipe that does best without noise.
+    # non-private ceiling trains every parameter on the last token in batches of 32 (about 1,000 steps), the best
+    # of the recipes tried without noise (results/classification_tuning/tuning_ceiling_random16M_seed0.md).
     FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 1e-1
                              --num_train_epochs 10 --max_length 64 --freeze body --pooling mean)
-    CEILING_CLASSIFICATION=(--freeze none --pooling last --learning_rate 3e-3 --num_train_epochs 5)
+    CEILING_CLASSIFICATION=(--freeze none --pooling last --per_device_train_batch_size 32 --gradient_accumulation_steps 1
+                            --learning_rate 3e-4 --num_train_epochs 3)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
                  --num_train_epochs 3 --max_length 48 --max_train_samples 12000 --max_eval_samples 2000)
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;

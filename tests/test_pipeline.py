@@ -167,7 +167,8 @@ def test_the_cpu_preset_is_classification_with_16m_tokens_of_pre_training():
 
 
 def test_classification_trains_the_head_with_dp_and_every_parameter_for_the_ceiling():
-    """The demo recipe: DP on the mean-pooled head alone; --non_private's ceiling fine-tunes all, on the last token."""
+    """The demo recipe: DP on the mean-pooled head alone; --non_private's ceiling fine-tunes all, on the last token,
+    in batches of 32."""
     from dp_finetuning import dp_finetune
     output = pipeline("--preset", "demo", "--task", "classification", "--non_private", "--dry_run")
     finetunings = [line.split()[3:] for line in output.splitlines()
@@ -176,7 +177,8 @@ def test_classification_trains_the_head_with_dp_and_every_parameter_for_the_ceil
     for argv in finetunings:
         args = dp_finetune.parse_args(argv)
         if args.noise_multiplier == 0:
-            assert (args.freeze, args.pooling, args.learning_rate) == ("none", "last", 3e-3)
+            assert (args.freeze, args.pooling, args.learning_rate) == ("none", "last", 3e-4)
+            assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32
         else:
             assert (args.freeze, args.pooling, args.target_epsilon) == ("body", "mean", 4)
     assert sum(dp_finetune.parse_args(argv).noise_multiplier == 0 for argv in finetunings) == 3
