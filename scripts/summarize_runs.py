@@ -135,25 +135,41 @@ def print_run(run_dir, rows):
         handle.write(f"# {run_dir}\n\n{table}{note}")
 
 
+def seed_means(rows):
+    """One row per seed (a row without a seed stands alone): the mean of each metric over the seed's repeats."""
+    by_seed = {}
+    for index, r in enumerate(rows):
+        by_seed.setdefault(("run", index) if r["seed"] is None else r["seed"], []).append(r)
+    means = []
+    for repeats in by_seed.values():
+        row = {"pretraining_words": statistics.mean(r["pretraining_words"] for r in repeats)}
+        for metric in METRICS:
+            values = [r[metric] for r in repeats if r[metric] is not None]
+            row[metric] = statistics.mean(values) if values else None
+        means.append(row)
+    return means
+
+
 def aggregate(rows):
     """Mean and sample std over seeds of the finished rows, per (model size, budget, tokens seen, variant,
     fine-tuning recipe): runs fine-tuned differently are never averaged together.
 
-    The no-pre-training baseline of a learning curve's runs is one experiment per seed (its tokenizer
-    comes from the random selection, whatever the length of pre-training): it counts once per seed.
+    The no-pre-training baseline of a learning curve is one experiment per seed (its tokenizer comes from the
+    random selection, whatever the length of pre-training), rerun by each length's run: those repeats differ
+    only in the fine-tuning's secret sampling, so they are averaged within their seed and the seed counts once.
     """
     groups = {}
     for r in rows:
         if r["total_epsilon"] is None:  # fine-tuning not finished
             continue
-        members = groups.setdefault((r["model_size"], r["budget_words"], r["pretraining_tokens"], r["variant"],
-                                     r["finetuning"]), [])
-        if r["pretraining_tokens"] != 0 or r["seed"] is None or all(m["seed"] != r["seed"] for m in members):
-            members.append(r)
+        groups.setdefault((r["model_size"], r["budget_words"], r["pretraining_tokens"], r["variant"],
+                           r["finetuning"]), []).append(r)
     order = {name: i for i, (name, _, _, _) in enumerate(VARIANTS)}
     table = []
     for (size, budget, tokens, variant, finetuning), members in sorted(groups.items(), key=lambda kv: (
             str(kv[0][0]), kv[0][1] or 0, order[kv[0][3]], kv[0][4], kv[0][2] or 0)):
+        if tokens == 0:
+            members = seed_means(members)
         entry = {"model_size": size, "budget_words": budget, "pretraining_tokens": tokens, "variant": variant,
                  "finetuning": finetuning, "seeds": len(members),
                  "pretraining_words": statistics.mean(m["pretraining_words"] for m in members)}
