@@ -3,10 +3,12 @@ import math
 import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
+from prv_accountant.accountant import compute_safe_domain_size
 from prv_accountant.other_accountants import RDP as PrvLibraryRDP
-from prv_accountant import PoissonSubsampledGaussianMechanism
+from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
 
-from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
+from dp_finetuning.accounting import (PRV_EPS_ERROR, Mechanism, calibrate_noise_multiplier, compute_epsilons,
+                                      default_delta, epsilon_prv, safe_domain_size)
 from dp_finetuning import privacy_ledger
 
 SST2 = 2048 / 67349
@@ -35,6 +37,22 @@ def test_rdp_agrees_with_a_second_library():
     other = PrvLibraryRDP(prvs=[PoissonSubsampledGaussianMechanism(q, sigma)])
     _, _, other_epsilon = other.compute_epsilon(delta=delta, num_self_compositions=[steps])
     assert compute_epsilons([Mechanism(sigma, q, steps)], delta)["rdp"] == pytest.approx(other_epsilon, rel=0.02)
+
+
+@pytest.mark.parametrize("mechanisms", [
+    [Mechanism(1.0, 512 / 2000, 4)], [Mechanism(0.6, 0.5, 10)], [Mechanism(2.0, 1.0, 30, "shuffle", 1)],
+    [Mechanism(1.38, 0.095, 100), Mechanism(0.9, 0.05, 60)],
+])
+def test_prv_domain_is_at_least_the_librarys_and_gives_its_figures(mechanisms):
+    delta = 1e-5
+    prvs = [GaussianMechanism(m.noise_multiplier) if m.sampling == "shuffle"
+            else PoissonSubsampledGaussianMechanism(m.sample_rate, m.noise_multiplier) for m in mechanisms]
+    counts = [m.compositions for m in mechanisms]
+    library_width = compute_safe_domain_size(prvs, counts, PRV_EPS_ERROR, delta / 1000)
+    assert library_width <= safe_domain_size(prvs, counts, PRV_EPS_ERROR, delta / 1000) <= library_width + 0.5
+    library = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=PRV_EPS_ERROR, delta_error=delta / 1000)
+    _, estimate, upper = library.compute_epsilon(delta=delta, num_self_compositions=counts)
+    assert epsilon_prv(mechanisms, delta) == pytest.approx((estimate, upper), abs=1e-4)
 
 
 def test_calibration_round_trip():
