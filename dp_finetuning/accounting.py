@@ -32,7 +32,7 @@ absl_logging.set_verbosity(absl_logging.ERROR)
 SAMPLINGS = ("poisson", "shuffle")
 PRV_EPS_ERROR = 0.01
 # Orders for the PRV domain's RDP bound: the integer orders of prv-accountant's default grid (which adds 99
-# fractional orders below 11, the slow part of its pure-Python RDP: about 0.5 s per accountant).
+# fractional orders below 11, the slow part of its pure-Python RDP: up to about 0.5 s per accountant).
 SAFE_DOMAIN_ORDERS = tuple(range(2, 64))
 
 
@@ -116,8 +116,8 @@ def epsilon_prv(mechanisms, delta):
             else GaussianMechanism(m.noise_multiplier) for m in used]
     counts = [m.compositions for m in used]
     delta_error = delta / 1000
-    with warnings.catch_warnings():  # eps_max given: the library warns that it trusts it
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():  # eps_max given: the library warns that it trusts it, and only that is hidden
+        warnings.filterwarnings("ignore", message="Assuming that true epsilon", category=UserWarning)
         accountant = PRVAccountant(prvs=prvs, max_self_compositions=counts, eps_error=PRV_EPS_ERROR,
                                    delta_error=delta_error,
                                    eps_max=safe_domain_size(prvs, counts, PRV_EPS_ERROR, delta_error))
