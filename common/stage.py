@@ -9,33 +9,39 @@ traceback instead. Any other exception is a bug and keeps its traceback.
 Signatures. A stage's output directory holds `stage_signature.json`: the settings that determine
 it (the script's flags, less those that only say where or how fast) and a fingerprint of every
 input path (an upstream stage's output is fingerprinted by its own signature, which carries a
-fresh id each time that stage is made, so a remade input is a changed input). A rerun with the
+fresh id each time that stage is made, so a remade input is a changed input; any other path by
+a hash of its files' sizes and times keyed with a secret of the user's, so that a signature in a
+release never tells the size of a private file). A rerun with the
 same signature skips a complete output or resumes a partial one; with another signature it
 stops with one line naming what differs, unless `--redo_changed` is given, which deletes the
-old output (and its entry in the run's privacy ledger: the model it released is deleted with
-it) and makes it afresh. The pipeline passes `--redo_changed` to every stage, so a changed
+old output and makes it afresh (a DP release deleted so stays in the run's privacy ledger,
+counted while any output derived from it exists: `dp_finetuning/privacy_ledger.py`). The pipeline passes `--redo_changed` to every stage, so a changed
 setting redoes its stage and, through the fingerprints, every stage downstream of it.
 """
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
 import sys
 import time
 import uuid
 
-from common.atomic_io import write_json
+from common.atomic_io import atomic_path, write_json
 
 DEBUG_VARIABLE = "SELECTIVE_PRETRAINING_DEBUG"
+FINGERPRINT_KEY_VARIABLE = "SELECTIVE_PRETRAINING_FINGERPRINT_KEY"
 SIGNATURE_NAME = "stage_signature.json"
 # Flags that say where outputs go, how fast or how often to report: not part of what a stage makes.
 NOT_SETTINGS = frozenset({"output_dir", "resume_from_checkpoint", "keep_training_state", "cache_dir",
                           "redo_changed", "num_proc", "logging_steps", "checkpointing_steps", "score_batch_size"})
 # Path flags recorded by value only: the run directory holds everything, its listing is no input.
 NOT_FINGERPRINTED = frozenset({"run_dir"})
-# Where a stage works before its output is complete; removed with the output it belongs to.
-WORK_SUFFIXES = (".tmp", ".partial")
+# Where a stage works before its output is complete, and where a DP stage keeps its private training state
+# (beside the release, never in it); removed with the output they belong to.
+WORK_SUFFIXES = (".tmp", ".partial", ".private")
 
 
 class DataError(ValueError):
@@ -100,16 +106,33 @@ def add_redo_argument(parser):
                              "(default: stop with an error naming what changed)")
 
 
+def fingerprint_key():
+    """The secret key of input fingerprints: created once per user (outside every run directory), never written to
+    an output. A plain size and time of a private file would tell its size, which moves with one record."""
+    path = os.environ.get(FINGERPRINT_KEY_VARIABLE) or os.path.join(
+        os.path.expanduser("~"), ".cache", "selective_pretraining", "fingerprint.key")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+            os.chmod(tmp, 0o600)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
 def fingerprint(path):
-    """What identifies the content of an input path, cheaply: a stage output's signature, else sizes and times."""
+    """What identifies the content of an input path, cheaply: a stage output's signature, else a keyed hash of its
+    files' sizes and times (which, unkeyed, would tell a private file's size)."""
     signature = os.path.join(path, SIGNATURE_NAME)
     if os.path.isfile(signature):
         with open(signature, "rb") as handle:
             return "signature " + hashlib.sha256(handle.read()).hexdigest()[:16]
+    listing = hmac.new(fingerprint_key(), digestmod=hashlib.sha256)
     if os.path.isfile(path):
         status = os.stat(path)
-        return f"file {status.st_size} {status.st_mtime_ns}"
-    listing = hashlib.sha256()
+        listing.update(f"{status.st_size} {status.st_mtime_ns}".encode())
+        return "file " + listing.hexdigest()[:16]
     for root, directories, files in os.walk(path):
         directories.sort()
         for name in sorted(files):
@@ -130,10 +153,9 @@ class StageOutput:
     into its output directory as it goes, with several processes.
     """
 
-    def __init__(self, args, marker, ledger_dir=None, work_dir=None):
+    def __init__(self, args, marker, work_dir=None):
         self.args, self.marker = args, marker
         self.directory = args.output_dir
-        self.ledger_dir = ledger_dir
         self.work_dir = work_dir  # where a stage that renames its output at the end keeps resumable work
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
         self.inputs = {}
@@ -200,13 +222,10 @@ class StageOutput:
         return found
 
     def remove(self):
-        """Delete the output (and its work directories) and forget its release in the run's privacy ledger."""
+        """Delete the output and its work directories (a DP release among them stays in the privacy ledger)."""
         for path in (self.directory, self.work_dir, *(self.directory.rstrip("/") + s for s in WORK_SUFFIXES)):
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
-        if self.ledger_dir is not None:
-            from dp_finetuning import privacy_ledger
-            privacy_ledger.forget(self.ledger_dir, os.path.abspath(self.directory))
 
     def claim(self, directory=None):
         directory = directory or self.directory

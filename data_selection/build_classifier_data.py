@@ -1,14 +1,18 @@
 """Stage 2: the domain classifier's data, as the reference build_classifier_data_for_sst2.py.
 
     python data_selection/build_classifier_data.py --sentences_dir runs/demo/sentences --target demo \\
-        --output_dir runs/demo/classifier_data
+        --output_dir runs/demo/classifier_data --num_negatives 50000
 
-Positives (label 1): the target task's train sentences. Negatives (label 0): random public
-sentences, --od_data_size times as many. Validation: the target's validation and test
-sentences against other random public sentences in the same ratio. Punctuation removed,
-lowercased; empty and repeated texts dropped, so that no text is in both splits or has both
-labels (stats.json counts what was removed and why). Writes filter_train_nonewline.json and filter_val_nonewline.json (JSON Lines,
-`sentence` and `label`) and the same as an HF DatasetDict (train, validation).
+Positives (label 1): the target task's train sentences. Negatives (label 0): --num_negatives random
+public sentences, a number fixed by the flag and a choice made from public data alone (a seeded
+order of the public corpus), so that adding or removing one private sentence changes the training
+set by at most that sentence. Validation: the target's validation and test sentences against
+--od_data_size times as many other random public sentences. Punctuation removed, lowercased; empty
+and repeated positives dropped (a set of texts: one more copy of a text changes nothing), repeated
+public sentences drawn once, a validation positive already in train dropped. Writes
+filter_train_nonewline.json and filter_val_nonewline.json (JSON Lines, `sentence` and `label`), the
+same as an HF DatasetDict (train, validation), and stats.json. This output holds the private
+sentences and counts of them: it is private data, never a release.
 """
 
 import argparse
@@ -22,55 +26,60 @@ from datasets import Dataset, DatasetDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
-                                    load_target_task, remove_punctuation)
+                                    add_train_fraction_argument, check_fraction, load_target_task,
+                                    private_data_id, remove_punctuation, stable_sample)
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
-def build(target, public_sentences, ratio, seed):
-    """(DatasetDict train/validation with `sentence` and `label`, counts of what was removed and why).
 
-    Texts are compared as written out (punctuation removed, lowercased, single spaces): empty texts
-    are dropped, every text is kept once, a validation positive already in train is dropped, and a
-    public sentence equal to a kept text is not taken as a negative, so no text is in both splits or
-    carries both labels. Negatives are drawn without replacement in a seeded random order.
-    """
-    removed = dict.fromkeys(("empty_positives", "duplicate_positives", "validation_positives_in_train",
-                             "empty_public", "duplicate_public", "public_equal_to_a_positive"), 0)
-    seen = set()
-
-    def is_new(text, empty, repeated, earlier=frozenset(), in_earlier=None):
-        """Whether `text` is kept (then it is seen); else count why not."""
-        reason = empty if not text else in_earlier if text in earlier else repeated if text in seen else None
+def distinct_positives(sentences, removed, earlier=frozenset()):
+    """The distinct non-empty texts of `sentences` as written out, less those in `earlier`; counts why in `removed`."""
+    kept, seen = [], set(earlier)
+    for text in map(remove_punctuation, sentences):
+        reason = ("empty_positives" if not text else "validation_positives_in_train" if text in earlier
+                  else "duplicate_positives" if text in seen else None)
         if reason:
             removed[reason] += 1
-            return False
+            continue
         seen.add(text)
-        return True
+        kept.append(text)
+    return kept
 
-    positives = {"train": [text for text in map(remove_punctuation, target["train"]["sentence"])
-                           if is_new(text, "empty_positives", "duplicate_positives")]}
-    train_positives = frozenset(seen)
-    held_out = list(target["validation"]["sentence"]) + (list(target["test"]["sentence"]) if "test" in target else [])
-    positives["validation"] = [text for text in map(remove_punctuation, held_out) if is_new(
-        text, "empty_positives", "duplicate_positives", train_positives, "validation_positives_in_train")]
-    positive_texts = frozenset(seen)
-    wanted = {name: ratio * len(texts) for name, texts in positives.items()}
+
+def public_negatives(public_sentences, wanted, seed, avoid):
+    """{split: texts}: the first `wanted[split]` distinct non-empty public texts in a seeded order of the corpus,
+    train first; a validation negative is never in `avoid` (the validation positives). Reads no private training
+    text, so the train negatives are the same for every private data set."""
     order = np.random.default_rng(seed).permutation(len(public_sentences))
-    negatives, position, chunk = {"train": [], "validation": []}, 0, 50_000
-    for name in ("train", "validation"):
-        while len(negatives[name]) < wanted[name] and position < len(order):
+    negatives, seen, position, chunk = {name: [] for name in wanted}, set(), 0, 50_000
+    for name, count in wanted.items():
+        while len(negatives[name]) < count and position < len(order):
             for sentence in public_sentences.select(order[position:position + chunk])["text"]:
                 position += 1
                 text = remove_punctuation(sentence)
-                if is_new(text, "empty_public", "duplicate_public", positive_texts, "public_equal_to_a_positive"):
+                if text and text not in seen and not (name == "validation" and text in avoid):
+                    seen.add(text)
                     negatives[name].append(text)
-                    if len(negatives[name]) == wanted[name]:
+                    if len(negatives[name]) == count:
                         break
-        if len(negatives[name]) < wanted[name]:
-            found = sum(len(texts) for texts in negatives.values())
-            raise DataError(f"--od_data_size {ratio} asks for {sum(wanted.values()):,} negative sentences but the "
-                            f"public corpus has {found:,} distinct non-empty ones that are no positive; lower "
-                            "--od_data_size or add public text")
+        if len(negatives[name]) < count:
+            raise DataError(f"--num_negatives and --od_data_size ask for {sum(wanted.values()):,} negative sentences "
+                            f"but the public corpus has {len(seen):,} distinct non-empty ones; ask for fewer or add "
+                            "public text")
+    return negatives
+
+
+def build(target, public_sentences, num_negatives, validation_ratio, seed):
+    """(DatasetDict train/validation with `sentence` and `label`, counts of what was removed and why).
+
+    Train: the distinct positives against `num_negatives` public negatives. Validation: the held-out
+    positives not in train against `validation_ratio` times as many other public negatives."""
+    removed = dict.fromkeys(("empty_positives", "duplicate_positives", "validation_positives_in_train"), 0)
+    positives = {"train": distinct_positives(target["train"]["sentence"], removed)}
+    held_out = list(target["validation"]["sentence"]) + (list(target["test"]["sentence"]) if "test" in target else [])
+    positives["validation"] = distinct_positives(held_out, removed, frozenset(positives["train"]))
+    wanted = {"train": num_negatives, "validation": validation_ratio * len(positives["validation"])}
+    negatives = public_negatives(public_sentences, wanted, seed, frozenset(positives["validation"]))
     splits = {}
     for name in ("train", "validation"):
         labels = [1] * len(positives[name]) + [0] * len(negatives[name])
@@ -88,10 +97,12 @@ def main(argv=None):
     parser.add_argument("--sentences_dir", required=True, help="stage 1's output")
     parser.add_argument("--target", default="demo", help="'demo', 'chat', 'glue/sst2', or local files")
     parser.add_argument("--text_column", default="sentence")
-    parser.add_argument("--od_data_size", type=int, default=5, help="negatives per positive")
+    parser.add_argument("--num_negatives", type=int, default=100_000,
+                        help="public negatives in the training set: a fixed number, never derived from the private "
+                             "data (the paper: 5 x 67,349 SST-2 sentences = 336,745)")
+    parser.add_argument("--od_data_size", type=int, default=5, help="validation negatives per validation positive")
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--max_train_samples", type=int, default=None,
-                        help="use a seeded random sample of this many target train sentences (quick runs)")
+    add_train_fraction_argument(parser)
     parser.add_argument("--max_eval_samples", type=int, default=None,
                         help="use a seeded random sample of this many target validation (and test) sentences")
     parser.add_argument("--seed", type=int, default=0)
@@ -103,17 +114,20 @@ def main(argv=None):
     output = StageOutput(args, "stats.json")
     if output.complete():
         return
-    if args.od_data_size < 1:
-        raise DataError(f"--od_data_size must be a positive integer, got {args.od_data_size}")
+    for flag, value in (("--num_negatives", args.num_negatives), ("--od_data_size", args.od_data_size)):
+        if value < 1:
+            raise DataError(f"{flag} must be a positive integer, got {value}")
+    check_fraction("--train_fraction", args.train_fraction)
     if not os.path.exists(os.path.join(args.sentences_dir, "stats.json")):
         raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
     public = datasets.load_from_disk(args.sentences_dir)
     target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.split_seed)
-    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples),
-                         ("test", args.max_eval_samples)):
-        if split in target and limit is not None and limit < len(target[split]):
-            target[split] = target[split].shuffle(seed=args.seed).select(range(limit))
-    data, removed = build(target, public, args.od_data_size, args.seed)
+    if args.train_fraction is not None:
+        target["train"] = stable_sample(target["train"], args.train_fraction, args.seed)
+    for split in ("validation", "test"):
+        if split in target and args.max_eval_samples is not None and args.max_eval_samples < len(target[split]):
+            target[split] = target[split].shuffle(seed=args.seed).select(range(args.max_eval_samples))
+    data, removed = build(target, public, args.num_negatives, args.od_data_size, args.seed)
 
     tmp_dir = f"{args.output_dir.rstrip('/')}.tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -122,13 +136,16 @@ def main(argv=None):
     write_json_lines(data["validation"], os.path.join(tmp_dir, "filter_val_nonewline.json"))
     stats = {name: {"examples": len(split), "positives": sum(split["label"])} for name, split in data.items()}
     output.claim(tmp_dir)
-    write_json(os.path.join(tmp_dir, "stats.json"), {**stats, "removed": removed, "od_data_size": args.od_data_size,
-                                                     "target": args.target, "seed": args.seed})
+    write_json(os.path.join(tmp_dir, "stats.json"), {**stats, "removed": removed, "num_negatives": args.num_negatives,
+                                                     "od_data_size": args.od_data_size, "target": args.target,
+                                                     "private_data": private_data_id(args.target),
+                                                     "seed": args.seed})
     if os.path.exists(args.output_dir):
         shutil.rmtree(args.output_dir)
     os.replace(tmp_dir, args.output_dir)
-    print(f"train {stats['train']}, validation {stats['validation']} -> {args.output_dir}; removed: "
-          + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in removed.items() if v))
+    # counts of the private sentences stay in stats.json (private, like the sentences), out of the log
+    print(f"classifier data: the target's train sentences against {args.num_negatives:,} public negatives -> "
+          f"{args.output_dir} (counts in stats.json: private)")
 
 
 if __name__ == "__main__":

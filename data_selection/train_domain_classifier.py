@@ -8,9 +8,9 @@
 Training uses the shared DP loop (Poisson sampling, exact clipping, noise, an entry in
 the run's privacy ledger). The private data are the target sentences (the positives), so
 delta defaults to 1 / (10 x positives). The release, the classifier with its
-`privacy.json`, goes to `<output_dir>/classifier`; the private training state (under
-`<output_dir>/private_training_state`, resumed with --resume_from_checkpoint) is deleted
-once it is written. Scores (in-domain probability and logit margin) to
+`privacy.json`, goes to `<output_dir>/classifier`; the private training state (beside the
+output, in `<output_dir>.private`, resumed with --resume_from_checkpoint) is deleted once it
+is written. Scores (in-domain probability and logit margin) to
 `<output_dir>/scores/shard-NNNNN.npz`, one shard at a time, so a killed run resumes at the
 next unfinished shard; several processes (`accelerate launch`) share the shards.
 """
@@ -38,7 +38,7 @@ from dp_finetuning.accounting import default_delta  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
-                                      ledger_dir, sequence_classification_losses)
+                                      sequence_classification_losses)
 
 SCORES_COMPLETE = "complete.json"
 
@@ -95,7 +95,8 @@ def _private_data_name(data_dir):
     stats_path = os.path.join(data_dir, "stats.json")
     if os.path.exists(stats_path):
         with open(stats_path) as handle:
-            return json.load(handle).get("target", "target")
+            stats = json.load(handle)
+        return stats.get("private_data", stats.get("target", "target"))
     return "target"
 
 
@@ -165,7 +166,7 @@ def main(argv=None):
     for flag, path in (("--data_dir", args.data_dir), ("--sentences_dir", args.sentences_dir)):
         if not os.path.isdir(path):
             raise DataError(f"{flag} {path}: no such directory (run the earlier stages first)")
-    output = StageOutput(args, os.path.join("scores", SCORES_COMPLETE), ledger_dir=ledger_dir(args))
+    output = StageOutput(args, os.path.join("scores", SCORES_COMPLETE))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if output.start(accelerator):
         discard_training_state(args.output_dir, args.keep_training_state)

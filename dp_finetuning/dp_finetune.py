@@ -42,8 +42,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as transformers_logging
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument, load_target_task,  # noqa: E402
-                                    majority_share)
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+                                    add_train_fraction_argument, check_fraction, load_target_task, majority_share,
+                                    private_data_id, stable_sample)
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
@@ -92,14 +93,14 @@ def parse_args(argv=None):
                              "too); body: only the final LayerNorm and the classification head trained")
     parser.add_argument("--lora_r", type=int, default=0, help="LoRA adapters of this rank instead (0: off)")
     add_pooling_argument(parser)
-    parser.add_argument("--max_train_samples", type=int, default=None,
-                        help="use a seeded random sample of this many training examples (quick runs)")
+    add_train_fraction_argument(parser)
     add_split_seed_argument(parser)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     add_dp_arguments(parser)
     add_redo_argument(parser)
     parser.set_defaults(lr_scheduler_type="linear")
     args = parser.parse_args(argv)
+    check_fraction("--train_fraction", args.train_fraction)
     if args.task == "lm" and args.pooling != "last":
         raise DataError("--pooling is for --task classification (a language model predicts every next token)")
     return args
@@ -185,7 +186,7 @@ def accuracy(model, tokenizer, split, max_length, batch_size=128):
 
 def main(argv=None):
     args = parse_args(argv)
-    output = StageOutput(args, "results.json", ledger_dir=ledger_dir(args))
+    output = StageOutput(args, "results.json")
     if not os.path.isdir(args.model_name_or_path):
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: no such directory (expected a stage 5 "
                         "output)")
@@ -197,20 +198,21 @@ def main(argv=None):
     try:
         # without noise the epsilon is infinite whatever else the ledger holds: nothing can be left out
         if args.noise_multiplier != 0:
-            privacy_ledger.check_counted(depends_on, ledger_dir(args), args.target)
+            privacy_ledger.check_counted(depends_on, ledger_dir(args), private_data_id(args.target))
     except ValueError as error:
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
     lm = args.task == "lm"
     task = load_target_task(args.target, args.text_column, None if lm else args.label_column, args.cache_dir,
                             args.split_seed)
     train_set = task["train"]
-    if args.max_train_samples is not None and args.max_train_samples < len(train_set):
-        train_set = train_set.shuffle(seed=args.seed).select(range(args.max_train_samples))
+    if args.train_fraction is not None:
+        train_set = stable_sample(train_set, args.train_fraction, args.seed)
     if lm:
         collate, losses, evaluate, lengths = language_modelling_parts(args, tokenizer, train_set, task)
     else:
         collate, losses, evaluate, lengths = classification_parts(args, tokenizer, train_set, task)
-    trainer = DPTrainer(model, train_set, collate, losses, args, stage="finetune", private_data=args.target,
+    trainer = DPTrainer(model, train_set, collate, losses, args, stage="finetune",
+                        private_data=private_data_id(args.target),
                         eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
                         lengths=lengths)
     if trainer.accelerator.is_main_process:

@@ -7,17 +7,24 @@ sum it over processes, add Gaussian noise of std noise_multiplier x clip once, d
 by the expected logical batch size, and take an optimiser step (DP-SGD, DP-Adam or
 DP-AdamW: a stock torch optimiser on the privatised gradient).
 
+Neighbouring data sets: the epsilon is for adding or removing one private example
+(Poisson sampling), or for replacing one example by one that contributes nothing
+(zero-out; the shuffle sampling's accounting). The model trains in eval mode, so no
+dropout mask (public randomness tied to batch positions) makes one example move the
+others' gradients; a non-finite per-example loss or norm stops the run before any step.
+
 What is released and what stays private. The DP guarantee holds only if the
 mechanism's randomness is secret, so the sampling seed and the noise seed are drawn
 from the operating system's entropy (`secrets`) and live only in the private
-training state (`<output_dir>/private_training_state/`, with the optimiser and the
-step), which a resumed run reads and which is deleted once the stage has written
+training state (beside the release, in `<output_dir>.private/`, with the optimiser and
+the step), which a resumed run reads and which is deleted once the stage has written
 its release (`--keep_training_state` keeps it, with a warning). The release is what
 `release()` writes: the trained model, `privacy.json` (the mechanism and its
-epsilon) and an entry in the run's privacy ledger; no seed or generator state.
-`--deterministic_dp` derives both seeds from `--seed` instead (debugging, exact
-reproduction), and the release then says that the guarantee assumes that seed is
-secret. `--seed` itself controls only what is not part of the mechanism.
+epsilon) and an entry in the run's privacy ledger; no seed, generator state or
+realised batch size. `--deterministic_dp` derives both seeds from `--seed`, the stage,
+the output directory and the settings instead (debugging, exact reproduction), and the
+release then says that the guarantee assumes that seed is secret. `--seed` itself
+controls only what is not part of the mechanism.
 
 The step's examples depend only on (sampling seed, step) and the noise only on
 (noise seed, step), so a resumed run repeats an uninterrupted one exactly, whatever
@@ -27,6 +34,7 @@ own slice.
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import secrets
@@ -41,13 +49,16 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from common.atomic_io import replace_directory, write_json
-from common.stage import DataError
+from common.stage import NOT_SETTINGS, DataError
 from dp_finetuning import privacy_ledger
 from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
-from dp_finetuning.per_example_grads import PerExampleGradients
+from dp_finetuning.per_example_grads import NonFiniteGradientError, PerExampleGradients
 
 STATE_FILE = "training_state.pt"
-PRIVATE_STATE_DIR = "private_training_state"
+PRIVATE_SUFFIX = ".private"
+ADJACENCY = {"poisson": "add or remove one private example",
+             "shuffle": "zero-out: one private example replaced by one that contributes nothing (the shuffle "
+                        "sampling's accounting, one Gaussian per epoch at sensitivity C)"}
 SECRET_RANDOMNESS = "secret: seeds drawn from the operating system's entropy, kept only in the private training state"
 
 
@@ -75,13 +86,14 @@ def add_dp_arguments(parser: argparse.ArgumentParser):
     group.add_argument("--checkpointing_steps", type=int, default=None, help="also checkpoint every N steps")
     group.add_argument("--resume_from_checkpoint", default=None,
                        help="a checkpoint-N directory of the private training state, or 'latest' (the newest in "
-                            "<output_dir>/private_training_state, if there is one)")
+                            "<output_dir>.private, if there is one)")
     group.add_argument("--keep_training_state", action="store_true",
                        help="keep the private training state after the release; it holds the DP randomness, so "
                             "whoever holds it can undo the guarantee: never share it")
     group.add_argument("--deterministic_dp", action="store_true",
-                       help="derive the sampling and noise seeds from --seed (debugging, exact reproduction); the "
-                            "guarantee then assumes that --seed is secret")
+                       help="derive the sampling and noise seeds from --seed, the stage, --output_dir and the "
+                            "settings (debugging, exact reproduction); the guarantee then assumes that --seed is "
+                            "secret")
     group.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     group.add_argument("--run_dir", default=None,
                        help="directory of the run's privacy ledger (default: the parent of --output_dir)")
@@ -109,9 +121,14 @@ def derived_seed(seed, purpose):
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def private_state_dir(output_dir):
+    """Where a DP stage keeps its private training state: beside its output, never inside a release."""
+    return output_dir.rstrip("/") + PRIVATE_SUFFIX
+
+
 def discard_training_state(output_dir, keep=False):
     """Delete a finished stage's private training state, or warn that it is kept."""
-    state_dir = os.path.join(output_dir, PRIVATE_STATE_DIR)
+    state_dir = private_state_dir(output_dir)
     if not os.path.isdir(state_dir):
         return
     if keep:
@@ -155,13 +172,13 @@ class DPTrainer:
         self.total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * self.steps_per_epoch)
         self.delta = args.delta if args.delta is not None else default_delta(self.num_examples)
         self.run_dir = ledger_dir(args)
-        self.state_dir = os.path.join(args.output_dir, PRIVATE_STATE_DIR)
+        self.state_dir = private_state_dir(args.output_dir)
         resume_path = self._resolve_checkpoint(args.resume_from_checkpoint)
         state = self._read_checkpoint(resume_path) if resume_path else None
         self.run_id = state["run_id"] if state else self._from_main_process([uuid.uuid4().hex])[0]
         if args.noise_multiplier is None:
             earlier = [] if args.target_epsilon_scope == "stage" else [
-                e for e in privacy_ledger.load_entries(self.run_dir) if e.get("run_id") != self.run_id]
+                e for e in privacy_ledger.counted_entries(self.run_dir) if e.get("run_id") != self.run_id]
             try:
                 self.noise_multiplier = calibrate_noise_multiplier(
                     args.target_epsilon, self.sample_rate, self.total_steps,
@@ -187,8 +204,11 @@ class DPTrainer:
 
     def _new_seeds(self):
         """(sampling seed, noise seed): secret by default, the same on every process."""
-        if self.args.deterministic_dp:
-            return derived_seed(self.args.seed, "sampling"), derived_seed(self.args.seed, "noise")
+        if self.args.deterministic_dp:  # distinct for every stage, output and setting: no two releases share noise
+            settings = json.dumps({k: v for k, v in sorted(vars(self.args).items()) if k not in NOT_SETTINGS},
+                                  default=str)
+            run = f"{self.stage}:{os.path.abspath(self.args.output_dir)}:{settings}"
+            return derived_seed(self.args.seed, f"{run}:sampling"), derived_seed(self.args.seed, f"{run}:noise")
         seeds = self._from_main_process([secrets.randbits(63), secrets.randbits(63)])
         return seeds[0], seeds[1]
 
@@ -272,35 +292,48 @@ class DPTrainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def accumulate_clipped_sum(self, indices):
+        """Add the flat-clipped per-example gradients of the examples `indices` (dataset positions) to `.grad`,
+        in micro-batches of at most the per-device batch, ordered by length when lengths were given."""
+        # eval mode: no dropout, whose masks (public randomness by batch position) would let one example move the
+        # others' gradients, so that the clipped sums of neighbouring data sets could differ by more than C
+        self.model.eval()
+        if self.lengths is not None:
+            indices = indices[self.lengths[indices].argsort(stable=True)]
+        autocast = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
+                                  enabled=self.args.mixed_precision == "bf16")
+        for chunk in indices.split(self.args.per_device_train_batch_size):
+            batch = self.collate_fn([self.dataset[i] for i in chunk.tolist()])
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            with autocast:
+                losses = self.loss_fn(self.model, batch)
+            try:
+                self.engine.backward(losses)
+            except NonFiniteGradientError as error:
+                rows = ", ".join(str(int(chunk[i])) for i in error.examples[:5])
+                raise DataError(f"{self.stage}: training example(s) at row {rows} of the training set give a "
+                                f"non-finite {error.quantity}; nothing was released (fix or remove them)") from None
+
     def train(self):
         """Run the DP steps (from the resumed step on); the private training state is saved at the end."""
-        self.print(f"DP training ({self.stage}): n={self.num_examples}, logical batch {self.logical_batch} "
+        self.print(f"DP training ({self.stage}): n={self.num_examples}, expected logical batch {self.logical_batch} "
                    f"(q={self.sample_rate:.4g}, {self.args.sampling}), {self.total_steps} steps, noise multiplier "
                    f"{self.noise_multiplier:.4g}, clip {self.args.max_grad_norm}, delta {self.delta:.3g}"
                    + ("" if self.step == 0 else f"; resumed at step {self.step}"))
-        autocast = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
-                                  enabled=self.args.mixed_precision == "bf16")
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
                         disable=not self.accelerator.is_main_process)
-        self.model.train()
         while self.step < self.total_steps:
-            examples, indices = 0, self.step_indices(self.step)
-            if self.lengths is not None:
-                indices = indices[self.lengths[indices].argsort(stable=True)]
-            for chunk in indices.split(self.args.per_device_train_batch_size):
-                batch = self.collate_fn([self.dataset[i] for i in chunk.tolist()])
-                batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-                with autocast:
-                    losses = self.loss_fn(self.model, batch)
-                self.engine.backward(losses)
-                examples += len(chunk)
+            # an empty Poisson draw is still a step: the noise alone (the realised size is secret: never logged)
+            indices = self.step_indices(self.step)
+            if len(indices):
+                self.accumulate_clipped_sum(indices)
             self.privatise_gradients(self.step)
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             progress.update(1)
-            progress.set_postfix(examples=examples, lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            progress.set_postfix(lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
                 self.end_of_epoch()
             if self.args.checkpointing_steps and self.step % self.args.checkpointing_steps == 0:
@@ -311,10 +344,8 @@ class DPTrainer:
     def end_of_epoch(self):
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "epsilon": self.epsilons()}
         if self.eval_fn is not None and self.accelerator.is_main_process:
-            self.model.eval()
             with torch.no_grad():
                 record.update(self.eval_fn(self.model))
-            self.model.train()
         self.history.append(record)
         self.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                             if k != "epsilon") + f" epsilon={record['epsilon']['epsilon']:.3f}")
@@ -322,7 +353,8 @@ class DPTrainer:
     def privacy_report(self):
         """What privacy.json holds: the mechanism, its epsilon, where its randomness came from; no seed."""
         return {"stage": self.stage, "run_id": self.run_id, "private_data": self.private_data,
-                "num_examples": self.num_examples, "logical_batch_size": self.logical_batch,
+                "privacy_unit": "example", "adjacency": ADJACENCY[self.args.sampling],
+                "num_examples": self.num_examples, "expected_logical_batch_size": self.logical_batch,
                 "max_grad_norm": self.args.max_grad_norm, "delta": self.delta, **self.mechanism().as_dict(),
                 "epsilon": self.epsilons(), "dp_randomness": self.dp_randomness, "ledger": self.run_dir}
 
@@ -335,13 +367,15 @@ class DPTrainer:
             # the ledger first: a release that exists is always counted
             privacy_ledger.record(self.run_dir, self.stage, self.run_id, self.mechanism(), self.delta,
                                   self.private_data, release=os.path.abspath(self.args.output_dir),
-                                  dp_randomness="deterministic" if self.args.deterministic_dp else "secret")
+                                  dp_randomness="deterministic" if self.args.deterministic_dp else "secret",
+                                  adjacency=report["adjacency"], privacy_unit=report["privacy_unit"])
             os.makedirs(release_dir, exist_ok=True)
+            # privacy.json before the model: from here on the ledger sees the release named on disk
+            write_json(os.path.join(release_dir, privacy_ledger.PRIVACY_REPORT_NAME), report)
             save_model(release_dir)
-            write_json(os.path.join(release_dir, "privacy.json"), report)
             composed, delta = privacy_ledger.composed_epsilon(self.run_dir)
             self.print(f"epsilon of this stage: {report['epsilon']['epsilon']:.3f}, composed over the "
-                       f"{len(privacy_ledger.load_entries(self.run_dir))} releases in the run's ledger: "
+                       f"{len(privacy_ledger.counted_entries(self.run_dir))} counted releases in the run's ledger: "
                        f"{composed['epsilon']:.3f} at delta {delta:.3g} (PRV upper bounds)")
             if self.args.deterministic_dp:
                 self.print("--deterministic_dp: the guarantee holds only if --seed is kept secret")

@@ -71,6 +71,15 @@ class ExampleMixingError(UnsupportedParameterError):
     the examples' axis."""
 
 
+class NonFiniteGradientError(ValueError):
+    """A per-example loss or gradient norm that is NaN or infinite: its clip factor would make the whole clipped
+    sum non-finite, and the released model would reveal that the example was there."""
+
+    def __init__(self, quantity, examples):
+        self.quantity, self.examples = quantity, examples
+        super().__init__(f"non-finite per-example {quantity} for example(s) {examples[:5]} of the batch")
+
+
 # Modules whose forward in train mode couples the examples of a batch (batch statistics).
 BATCH_COUPLING_MODULES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -404,6 +413,12 @@ def _use_pattern(uses, batch):
                   tuple(size == batch for size in use.output.shape)) for use in uses)
 
 
+def _refuse_non_finite(quantity, values):
+    finite = torch.isfinite(values.detach())
+    if not bool(finite.all()):
+        raise NonFiniteGradientError(quantity, (~finite).nonzero().flatten().tolist())
+
+
 class PerExampleGradients:
     """Hooks a model so that `backward(losses)` writes the flat-clipped sum of per-example gradients.
 
@@ -603,6 +618,7 @@ class PerExampleGradients:
                 raise RuntimeError(f"the input or output of layer '{use.name}' was modified in place after "
                                    "its forward; per-example gradients would be wrong")
         batch = losses.shape[0]
+        _refuse_non_finite("loss", losses)
         self._check_batch_axis(uses, batch)
         loss = losses.sum()
         if not self._graph_checked:
@@ -643,6 +659,7 @@ class PerExampleGradients:
                     sq_norms += 2 * _inner(factor, other)
         del gram
         norms = sq_norms.clamp_min(0).sqrt()
+        _refuse_non_finite("gradient norm", norms)
         clip_factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
         for param, uses_of_param in factors.items():

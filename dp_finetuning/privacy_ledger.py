@@ -2,17 +2,28 @@
 
     python -m dp_finetuning.privacy_ledger RUN_DIR [--delta D]
 
-prints each release (stage, run id, time, mechanism, its own epsilon) and the epsilon
-of their composition (PRV, PLD and RDP composition of the different mechanisms, not a
-sum of epsilons). Every DP run appends one entry when it releases its model; a resumed
-run finishing keeps its run id and so replaces its own entry instead of adding one.
+prints each release (stage, run id, time, mechanism, its own epsilon, whether it is counted)
+and the epsilon of the composition of the counted ones (PRV, PLD and RDP composition of the
+different mechanisms, not a sum of epsilons). Every DP run appends one entry when it releases
+its model; a resumed run finishing keeps its run id and so replaces its own entry instead of
+adding one.
 
-One delta rule everywhere: the composition is taken at the smallest delta among the
+Append-only. Entries are never removed. A release is counted while it, or anything derived
+from it, exists: a `privacy.json` or `dp_releases.json` under the ledger's directory (or under
+the release's own directory) names its run id, or its release directory exists without naming
+another run (a release being written), or the entry does not say where its release is. A release whose model and every output derived from it
+were deleted (`--redo_changed`, the pipeline's `--force`) stays in the history as superseded.
+Writes are atomic and serialised by a lock file, so concurrent stages never lose an entry.
+
+One delta rule everywhere: the composition is taken at the smallest delta among the counted
 entries (`composition_delta`), in this command, in stage 6's results.json and in the
 pipeline's summary.
 """
 
 import argparse
+import contextlib
+import fcntl
+import glob
 import json
 import os
 import time
@@ -24,6 +35,7 @@ LEDGER_NAME = "privacy_ledger.json"
 # Beside every output that depends on DP releases (scores, selection, pre-trained model, fine-tuned model):
 # the list of those releases, so that a later DP stage can check its ledger counts them.
 RELEASES_NAME = "dp_releases.json"
+PRIVACY_REPORT_NAME = "privacy.json"
 
 
 def ledger_path(run_dir):
@@ -31,6 +43,7 @@ def ledger_path(run_dir):
 
 
 def load_entries(run_dir):
+    """Every entry ever recorded in the ledger of `run_dir` (the history, superseded ones included)."""
     path = ledger_path(run_dir)
     if not os.path.exists(path):
         return []
@@ -38,21 +51,69 @@ def load_entries(run_dir):
         return json.load(handle)["entries"]
 
 
-def record(run_dir, stage, run_id, mechanism, delta, private_data, release=None, dp_randomness="secret"):
+@contextlib.contextmanager
+def _locked(run_dir):
+    """An exclusive lock on the ledger of `run_dir` for a read-modify-write."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(ledger_path(run_dir) + ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def record(run_dir, stage, run_id, mechanism, delta, private_data, release=None, dp_randomness="secret",
+           adjacency=None, privacy_unit="example"):
     """Append the entry of release `run_id` (or replace it: the same run finishing again after a resume)."""
-    entries = [e for e in load_entries(run_dir) if e.get("run_id") != run_id]
-    entries.append({"stage": stage, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "private_data": private_data, "delta": delta, **mechanism.as_dict(), "release": release,
-                    "dp_randomness": dp_randomness})
-    write_json(ledger_path(run_dir), {"entries": entries})
+    with _locked(run_dir):
+        entries = [e for e in load_entries(run_dir) if e.get("run_id") != run_id]
+        entries.append({"stage": stage, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "private_data": private_data, "delta": delta, **mechanism.as_dict(), "release": release,
+                        "dp_randomness": dp_randomness, "privacy_unit": privacy_unit, "adjacency": adjacency})
+        write_json(ledger_path(run_dir), {"entries": entries})
 
 
-def forget(run_dir, release):
-    """Remove the entries of the release written at `release` (its model is deleted to be made again)."""
+def _run_ids_named_in(path):
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except (OSError, ValueError):
+        return set()
+    if os.path.basename(path) == RELEASES_NAME:
+        return {r.get("run_id") for r in content.get("dp_releases", [])}
+    return {content.get("run_id")}
+
+
+def _references(directory):
+    """The run ids named by every privacy.json and dp_releases.json under `directory`."""
+    named = set()
+    for root, _, files in os.walk(directory):
+        for name in (PRIVACY_REPORT_NAME, RELEASES_NAME):
+            if name in files:
+                named |= _run_ids_named_in(os.path.join(root, name))
+    return named
+
+
+def counted_flags(run_dir, entries=None):
+    """For each entry of the ledger (or of `entries`), whether it is counted (module docstring)."""
+    entries = load_entries(run_dir) if entries is None else entries
+    named = _references(run_dir)
+    flags = []
+    for entry in entries:
+        release = entry.get("release")
+        counted = release is None or entry.get("run_id") in named  # a release of unknown place always counts
+        if not counted and os.path.isdir(release):
+            in_release = _references(release)
+            counted = entry.get("run_id") in in_release or not in_release  # named there, or still being written
+        flags.append(counted)
+    return flags
+
+
+def counted_entries(run_dir):
+    """The entries that compose: the releases that exist or have outputs derived from them."""
     entries = load_entries(run_dir)
-    kept = [e for e in entries if e.get("release") != release]
-    if len(kept) != len(entries):
-        write_json(ledger_path(run_dir), {"entries": kept})
+    return [entry for entry, counted in zip(entries, counted_flags(run_dir, entries)) if counted]
 
 
 def composition_delta(entries):
@@ -61,12 +122,31 @@ def composition_delta(entries):
 
 
 def composed_epsilon(run_dir, delta=None):
-    """(epsilons per accountant, delta used) of all entries composed; delta by `composition_delta` unless given."""
-    entries = load_entries(run_dir)
+    """(epsilons per accountant, delta used) of the counted entries composed; delta by `composition_delta` unless
+    given."""
+    entries = counted_entries(run_dir)
     if not entries:
-        raise FileNotFoundError(f"no privacy ledger entries in {ledger_path(run_dir)}")
+        raise FileNotFoundError(f"no counted privacy ledger entries in {ledger_path(run_dir)}")
     delta = delta if delta is not None else composition_delta(entries)
     return compute_epsilons([Mechanism.from_dict(e) for e in entries], delta), delta
+
+
+def ledgers_under(directory):
+    """The directories under `directory` (itself included) that hold a privacy ledger."""
+    return sorted(os.path.dirname(path) for path in glob.glob(os.path.join(directory, "**", LEDGER_NAME),
+                                                              recursive=True))
+
+
+def composition_of_ledgers(run_dirs, private_data):
+    """(epsilons, delta, number of releases) of every counted release on `private_data` in the ledgers of
+    `run_dirs` together, each release once (several ledgers may hold the same one, e.g. the domain classifier)."""
+    entries = {}
+    for run_dir in run_dirs:
+        entries.update({e["run_id"]: e for e in counted_entries(run_dir) if e["private_data"] == private_data})
+    if not entries:
+        return None, None, 0
+    delta = composition_delta(entries.values())
+    return compute_epsilons([Mechanism.from_dict(e) for e in entries.values()], delta), delta, len(entries)
 
 
 def release_of(privacy_report):
@@ -90,7 +170,7 @@ def write_releases(directory, releases):
 def check_counted(releases, run_dir, private_data):
     """Refuse to train on `private_data` from an input that depends on a DP release on the same data that the
     ledger of `run_dir` does not hold: that release's epsilon would be left out of the composition."""
-    counted = {e.get("run_id") for e in load_entries(run_dir)}
+    counted = {e.get("run_id") for e in counted_entries(run_dir)}
     missing = [r for r in releases if r["private_data"] == private_data and r["run_id"] not in counted]
     if missing:
         names = ", ".join(f"{r['stage']} {r['run_id'][:8]} (ledger {r['ledger']})" for r in missing)
@@ -102,20 +182,25 @@ def check_counted(releases, run_dir, private_data):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir")
-    parser.add_argument("--delta", type=float, default=None, help="default: the smallest delta of the entries")
+    parser.add_argument("--delta", type=float, default=None, help="default: the smallest delta of the counted entries")
     args = parser.parse_args()
-    if not load_entries(args.run_dir):
+    entries = load_entries(args.run_dir)
+    if not entries:
         parser.exit(2, f"error: {ledger_path(args.run_dir)}: no privacy ledger entries there\n")
-    epsilons, delta = composed_epsilon(args.run_dir, args.delta)
     print("| stage | run id | time | private data | noise multiplier | sample rate | steps | sampling | delta | "
-          "epsilon alone |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for e in load_entries(args.run_dir):
+          "epsilon alone | counted |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for e, counted in zip(entries, counted_flags(args.run_dir, entries)):
         alone = compute_epsilons([Mechanism.from_dict(e)], e["delta"])["epsilon"]
         print(f"| {e['stage']} | {e.get('run_id', 'n/a')[:8]} | {e.get('time', 'n/a')} | {e['private_data']} | "
               f"{e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | {e['steps']} | {e['sampling']} | "
-              f"{e['delta']:.3g} | {alone:.3f} |")
-    print(f"\ncomposed epsilon of {len(load_entries(args.run_dir))} releases at delta={delta:.3g}: " + ", ".join(
+              f"{e['delta']:.3g} | {alone:.3f} | {'yes' if counted else 'superseded'} |")
+    counted = counted_entries(args.run_dir)
+    if not counted:
+        print("\nno counted release: every release in this ledger was deleted with all its derived outputs")
+        return
+    epsilons, delta = composed_epsilon(args.run_dir, args.delta)
+    print(f"\ncomposed epsilon of the {len(counted)} counted releases at delta={delta:.3g}: " + ", ".join(
         f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in epsilons.items()))
 
 

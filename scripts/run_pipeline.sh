@@ -16,7 +16,7 @@
 # (a few minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs; with
 # --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
-# --force deletes the run directory first. A stage whose output was made with other settings or
+# --force deletes the run directory's outputs first (its privacy ledgers stay: what was released stays recorded). A stage whose output was made with other settings or
 # inputs stops the run with one line naming them; --redo_changed redoes it and what depends on it.
 # --non_private also fine-tunes every variant without noise (clipping only, epsilon infinite), into
 # <variant>/non_private/finetune with a ledger of its own: the ceiling that shows the cost of privacy (for
@@ -72,20 +72,23 @@ CEILING_CLASSIFICATION=()
 case "$PRESET" in
   smoke)
     CORPUS=(--corpus demo-small --max_documents 800)
-    CLASSIFIER_DATA=(--od_data_size 1 --max_train_samples 3000 --max_eval_samples 500)
+    CLASSIFIER_DATA_LM=(--num_negatives 3000 --od_data_size 1 --train_fraction 0.013 --max_eval_samples 500)
+    CLASSIFIER_DATA_CLASSIFICATION=(--num_negatives 3000 --od_data_size 1 --train_fraction 0.28 --max_eval_samples 500)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 2
                 --learning_rate 0.1 --num_train_epochs 2)
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
     PRETRAIN=(--model_size "${MODEL_SIZE:-nano}" --vocab_size 2000 --block_size 64 --per_device_train_batch_size 16
               --learning_rate 1e-3 --max_train_steps 20 --logging_steps 2 --checkpointing_steps 10)
     FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
-                             --num_train_epochs 1 --max_length 48 --freeze embeddings --max_train_samples 2000)
+                             --num_train_epochs 1 --max_length 48 --freeze embeddings --train_fraction 0.2)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
-                 --num_train_epochs 1 --max_length 32 --max_train_samples 2000 --max_eval_samples 200)
+                 --num_train_epochs 1 --max_length 32 --train_fraction 0.009 --max_eval_samples 200)
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
   demo|cpu)  # cpu: the demo with 16M tokens of pre-training (the learning curve's largest length)
     CORPUS=(--corpus demo)
-    CLASSIFIER_DATA=(--od_data_size 5 --max_train_samples 20000 --max_eval_samples 2000)
+    # stage 2: a fixed number of public negatives (never derived from the private count); about 5 per positive
+    CLASSIFIER_DATA_LM=(--num_negatives 100000 --train_fraction 0.09 --max_eval_samples 2000)
+    CLASSIFIER_DATA_CLASSIFICATION=(--num_negatives 50000 --max_eval_samples 2000)
     CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
                 --learning_rate 0.1 --num_train_epochs 6)
     BUDGET=(--num_tokens "${NUM_TOKENS:-0.1}" --document_weight 0.7)
@@ -100,11 +103,11 @@ case "$PRESET" in
     CEILING_CLASSIFICATION=(--freeze none --pooling last --per_device_train_batch_size 32 --gradient_accumulation_steps 1
                             --learning_rate 3e-4 --num_train_epochs 3)
     FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
-                 --num_train_epochs 3 --max_length 48 --max_train_samples 12000 --max_eval_samples 2000)
+                 --num_train_epochs 3 --max_length 48 --train_fraction 0.05 --max_eval_samples 2000)
     TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
   paper)
     CORPUS=(--corpus wikipedia bookcorpus)
-    CLASSIFIER_DATA=(--od_data_size 5)
+    CLASSIFIER_DATA_LM=(--num_negatives 336745) CLASSIFIER_DATA_CLASSIFICATION=(--num_negatives 336745)  # 5 x 67,349
     CLASSIFIER=(--backbone transformer --model_name_or_path bert-base-uncased --noise_multiplier 1.4
                 --per_device_train_batch_size 64 --gradient_accumulation_steps 32 --learning_rate 1e-3
                 --num_train_epochs 3)
@@ -120,8 +123,10 @@ case "$PRESET" in
 esac
 if [ "$TASK" = lm ]; then
   TARGET=${TARGET:-${TARGETS[0]}} FINETUNE=(--task lm "${FINETUNE_LM[@]}") CEILING=()
+  CLASSIFIER_DATA=("${CLASSIFIER_DATA_LM[@]}")
 else
   TARGET=${TARGET:-${TARGETS[1]}} FINETUNE=("${FINETUNE_CLASSIFICATION[@]}") CEILING=("${CEILING_CLASSIFICATION[@]}")
+  CLASSIFIER_DATA=("${CLASSIFIER_DATA_CLASSIFICATION[@]}")
 fi
 if [ -z "$TARGET" ]; then
   echo "run_pipeline.sh: --preset $PRESET --task $TASK needs --target (a hub dataset or local files of messages)" >&2
@@ -171,7 +176,11 @@ launch() {  # several processes for the stages that use them
 
 if [ "$DRY_RUN" = 0 ]; then
   source scripts/setup_venv.sh
-  if [ "$FORCE" = 1 ]; then rm -rf "$RUN_DIR"; fi
+  if [ "$FORCE" = 1 ] && [ -d "$RUN_DIR" ]; then
+    # everything but the privacy ledgers: their releases stay in the history (as superseded once deleted)
+    find "$RUN_DIR" -mindepth 1 ! -type d ! -name privacy_ledger.json ! -name privacy_ledger.json.lock -delete
+    find "$RUN_DIR" -mindepth 1 -depth -type d -empty -delete
+  fi
   mkdir -p "$RUN_DIR"
 fi
 start=$(date +%s)

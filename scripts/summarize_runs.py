@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.atomic_io import atomic_path  # noqa: E402
 from common.stage import DataError, run_stage  # noqa: E402
+from dp_finetuning import privacy_ledger  # noqa: E402
 
 # (name, directory in the run, its selection or None, its fine-tuning): the DP variants, then those fine-tuned
 # without noise (run_pipeline.sh --non_private), shown only where they were run
@@ -124,12 +125,27 @@ def run_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def run_directory_composition(run_dir):
+    """Lines giving, per private data set, the composition of every counted DP release in all the ledgers of the
+    run directory: what one who sees every variant's release can learn, beside each variant's own total."""
+    ledgers = privacy_ledger.ledgers_under(run_dir)
+    data_sets = sorted({e["private_data"] for ledger in ledgers for e in privacy_ledger.counted_entries(ledger)})
+    lines = []
+    for data in data_sets:
+        epsilons, delta, count = privacy_ledger.composition_of_ledgers(ledgers, data)
+        lines.append(f"All {count} DP releases on {data} in this run directory together (every variant's models "
+                     f"seen at once): epsilon {fmt(epsilons['epsilon'], '{:.3f}')} at delta {delta:.3g}.")
+    return "\n".join(lines)
+
+
 def print_run(run_dir, rows):
     """Print one run's table and write it to RUN_DIR/summary.md."""
     table = run_table(rows)
     examples = {r["train_examples"] for r in rows if r["train_examples"]}
     note = (f"\nDP fine-tuning on {', '.join(f'{n:,}' for n in sorted(examples))} private training examples "
-            "(see --max_train_samples).\n") if examples else ""
+            "(see --train_fraction).\n") if examples else ""
+    composition = run_directory_composition(run_dir)
+    note += f"\n{composition}\n" if composition else ""
     print(f"\n## {run_dir}\n\n{table}{note}")
     with atomic_path(os.path.join(run_dir, "summary.md")) as tmp, open(tmp, "w") as handle:
         handle.write(f"# {run_dir}\n\n{table}{note}")

@@ -18,8 +18,8 @@ Privacy. Each trial is a DP release on the private data. Its ledger (the trial d
 receives the entries of the DP releases the model depends on (the domain classifier that chose its
 data), so each trial's epsilon covers them, as in the pipeline. The choice among trials reads the
 validation split without noise: like any hyper-parameter search on private data it is outside the
-guarantee (see the README), and all trials together spend more than one: tuning.md prints their
-composition.
+guarantee (see the README), and all trials together spend more than one: tuning.md prints the
+composition of every release in OUTPUT_DIR, the trials of earlier grids included.
 """
 
 import argparse
@@ -63,8 +63,11 @@ def trial_name(settings):
 
 
 def seed_ledger(trial_dir, model_dir):
-    """Copy into the trial's ledger the entries of the DP releases that the model depends on."""
-    for release in privacy_ledger.read_releases(model_dir):
+    """Copy into the trial's ledger the entries of the DP releases that the model depends on, and say in the trial
+    directory that it depends on them (so they stay counted there)."""
+    releases = privacy_ledger.read_releases(model_dir)
+    privacy_ledger.write_releases(trial_dir, releases)
+    for release in releases:
         entries = {e["run_id"]: e for e in privacy_ledger.load_entries(release["ledger"])}
         if release["run_id"] not in entries:
             raise DataError(f"--model_name_or_path {model_dir}: depends on the DP release {release['stage']} "
@@ -73,7 +76,8 @@ def seed_ledger(trial_dir, model_dir):
             entry = entries[release["run_id"]]
             privacy_ledger.record(trial_dir, entry["stage"], entry["run_id"], Mechanism.from_dict(entry),
                                   entry["delta"], entry["private_data"], entry.get("release"),
-                                  entry.get("dp_randomness", "secret"))
+                                  entry.get("dp_randomness", "secret"), entry.get("adjacency"),
+                                  entry.get("privacy_unit", "example"))
 
 
 def run_trial(args, settings, passthrough):
@@ -122,16 +126,17 @@ def trial_row(trial_dir, seconds):
             "seconds": round(seconds, 1)}
 
 
-def search_epsilon(trial_dirs):
-    """Epsilon of every trial together, with the releases they share (the classifier) counted once."""
+def search_epsilon(output_dir):
+    """Epsilon of every trial in `output_dir` together, those of earlier grids included, with the releases they
+    share (the classifier) counted once."""
     entries = {}
-    for trial_dir in trial_dirs:
-        entries.update({e["run_id"]: e for e in privacy_ledger.load_entries(trial_dir)})
+    for ledger in privacy_ledger.ledgers_under(output_dir):
+        entries.update({e["run_id"]: e for e in privacy_ledger.counted_entries(ledger)})
     delta = privacy_ledger.composition_delta(entries.values())
-    return compute_epsilons([Mechanism.from_dict(e) for e in entries.values()], delta)["epsilon"], delta
+    return compute_epsilons([Mechanism.from_dict(e) for e in entries.values()], delta)["epsilon"], delta, len(entries)
 
 
-def write_tables(output_dir, rows, epsilon, delta):
+def write_tables(output_dir, rows, epsilon, delta, releases):
     with atomic_path(os.path.join(output_dir, "tuning.csv")) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -139,8 +144,9 @@ def write_tables(output_dir, rows, epsilon, delta):
     lines = ["| " + " | ".join(COLUMNS).replace("_", " ") + " |", "|---" * len(COLUMNS) + "|"]
     lines += ["| " + " | ".join("n/a" if row[c] is None else f"{row[c]:.4f}" if isinstance(row[c], float)
                                 and c != "seconds" else str(row[c]) for c in COLUMNS) + " |" for row in rows]
-    lines.append(f"\n{len(rows)} trials, {sum(r['seconds'] for r in rows) / 60:.1f} minutes; all of them together "
-                 f"(with the releases they share, counted once): epsilon {epsilon:.3f} at delta {delta:.3g}. "
+    lines.append(f"\n{len(rows)} trials, {sum(r['seconds'] for r in rows) / 60:.1f} minutes; every DP release in "
+                 f"{output_dir} together ({releases}, trials of earlier grids and the releases they share counted "
+                 f"once): epsilon {epsilon:.3f} at delta {delta:.3g}. "
                  "Validation accuracy after the last epoch orders the rows; the choice reads the validation split "
                  "without noise.")
     with atomic_path(os.path.join(output_dir, "tuning.md")) as tmp, open(tmp, "w") as handle:
@@ -174,7 +180,7 @@ def main(argv=None):
     trials = [run_trial(args, settings, passthrough) for settings in points.values()]
     rows = sorted((trial_row(trial_dir, seconds) for trial_dir, seconds in trials),
                   key=lambda row: (-row["val_accuracy"], row["trial"]))
-    print(write_tables(args.output_dir, rows, *search_epsilon([trial_dir for trial_dir, _ in trials])))
+    print(write_tables(args.output_dir, rows, *search_epsilon(args.output_dir)))
 
 
 if __name__ == "__main__":

@@ -132,26 +132,26 @@ def test_stage1_empty_corpus_leaves_no_output(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_stage2_ratio_labels_and_punctuation(tmp_path):
+def test_stage2_counts_labels_and_punctuation(tmp_path):
     public = Dataset.from_dict({"text": [f"public, sentence number {i}!" for i in range(100)],
                                 "source": ["p"] * 100, "doc_id": ["p/0"] * 100})
     target = DatasetDict({"train": Dataset.from_dict({"sentence": ["A great film!", "Don't see it."],
                                                       "label": [1, 0]}),
                           "validation": Dataset.from_dict({"sentence": ["Fine."], "label": [1]}),
                           "test": Dataset.from_dict({"sentence": ["Meh..."], "label": [-1]})})
-    data, _ = build_classifier_data.build(target, public, 5, seed=0)
+    data, _ = build_classifier_data.build(target, public, 10, 5, seed=0)
     assert len(data["train"]) == 12 and sum(data["train"]["label"]) == 2
     assert len(data["validation"]) == 12 and sum(data["validation"]["label"]) == 2
     assert {"a great film", "dont see it"} <= set(data["train"]["sentence"])
     negatives = [row["sentence"] for name in ("train", "validation") for row in data[name] if row["label"] == 0]
     assert len(set(negatives)) == 20 and all(s.startswith("public sentence number") for s in negatives)
-    again, _ = build_classifier_data.build(target, public, 5, seed=0)
+    again, _ = build_classifier_data.build(target, public, 10, 5, seed=0)
     assert list(again["train"]["sentence"]) == list(data["train"]["sentence"])
-    with pytest.raises(DataError, match="asks for 200 negative sentences but the public corpus has 100 distinct"):
-        build_classifier_data.build(target, public, 50, seed=0)
+    with pytest.raises(DataError, match="ask for 110 negative sentences but the public corpus has 100 distinct"):
+        build_classifier_data.build(target, public, 100, 5, seed=0)
 
 
-def test_stage2_removes_duplicates_empty_texts_and_conflicting_labels():
+def test_stage2_removes_duplicates_and_empty_texts():
     # public text: duplicates ("learn more" x5 once normalised), empty sentences, and copies of target texts
     public_texts = ["Learn more!", "learn more", "LEARN MORE.", "learn  more", "learn more?", "...", "!!", "",
                     "A great film", "fine"] + [f"public sentence {i}" for i in range(60)]
@@ -159,20 +159,22 @@ def test_stage2_removes_duplicates_empty_texts_and_conflicting_labels():
                                 "doc_id": ["p/0"] * len(public_texts)})
     target = DatasetDict({"train": Dataset.from_dict({"sentence": ["A great film!", "a great film", "?", "Dull."]}),
                           "validation": Dataset.from_dict({"sentence": ["Fine.", "Dull", "fine"]})})
-    data, removed = build_classifier_data.build(target, public, 5, seed=0)
+    data, removed = build_classifier_data.build(target, public, 55, 5, seed=0)
     texts = {name: list(split["sentence"]) for name, split in data.items()}
-    assert sorted(t for t, label in zip(texts["train"], data["train"]["label"]) if label) == ["a great film", "dull"]
-    assert [t for t, label in zip(texts["validation"], data["validation"]["label"]) if label] == ["fine"]
-    everything = texts["train"] + texts["validation"]
-    assert len(everything) == len(set(everything)) == 2 * 6 + 1 * 6
-    assert "" not in everything and everything.count("learn more") == 1
+    labelled = {name: [(t, y) for t, y in zip(texts[name], data[name]["label"])] for name in texts}
+    assert sorted(t for t, label in labelled["train"] if label) == ["a great film", "dull"]
+    assert [t for t, label in labelled["validation"] if label] == ["fine"]
+    negatives = [t for name in texts for t, label in labelled[name] if not label]
+    assert len(negatives) == len(set(negatives)) == 55 + 5 and "" not in negatives
+    assert negatives.count("learn more") == 1
+    assert ("fine", 0) not in labelled["validation"]  # a held-out positive is no held-out negative
     assert removed["empty_positives"] == 1 and removed["duplicate_positives"] == 2  # "a great film", "fine"
     assert removed["validation_positives_in_train"] == 1  # "Dull"
 
 
 def test_demo_target_task_counts():
     task = load_target_task("demo")
-    assert {name: len(split) for name, split in task.items()} == {"train": 10752, "validation": 1000, "test": 1000}
+    assert {name: len(split) for name, split in task.items()} == {"train": 10623, "validation": 1054, "test": 1075}
     everything = [s for split in task.values() for s in split["sentence"]]
     assert len(set(everything)) == 12752
     assert sum(sum(split["label"]) for split in task.values()) == 7403 - _duplicates_removed("fresh")
@@ -205,10 +207,10 @@ def test_stage2_on_the_demo(tmp_path, demo_sentences):
     removed = json.loads((tmp_path / "cls" / "stats.json").read_text())["removed"]
     positives = sum(r["label"] for r in train)
     # the snippets are distinct as written but not all once punctuation is removed
-    assert positives == 10752 - removed["duplicate_positives"] - removed["empty_positives"] > 10700
-    assert len(train) == 6 * positives and len(validation) == 6 * sum(r["label"] for r in validation)
-    texts = [r["sentence"] for r in train + validation]
-    assert len(set(texts)) == len(texts) and "" not in texts
+    assert positives == 10623 - removed["duplicate_positives"] - removed["empty_positives"] > 10550
+    assert len(train) == positives + 100_000 and len(validation) == 6 * sum(r["label"] for r in validation)
+    negatives = [r["sentence"] for r in train + validation if not r["label"]]
+    assert len(set(negatives)) == len(negatives) and "" not in negatives
     assert datasets.load_from_disk(str(tmp_path / "cls"))["validation"].num_rows == len(validation)
 
 
@@ -287,7 +289,8 @@ def test_seed_varies_sampling_but_not_the_target_split(tmp_path):
     def stage2(name, *flags):
         out = tmp_path / name
         build_classifier_data.main(["--sentences_dir", str(tmp_path / "public"), "--target", str(tmp_path / "target.txt"),
-                                    "--text_column", "text", "--od_data_size", "1", "--output_dir", str(out), *flags])
+                                    "--text_column", "text", "--num_negatives", "20", "--od_data_size", "1", "--output_dir", str(out),
+                                    *flags])
         data = datasets.load_from_disk(str(out))
         return {s for s, y in zip(data["validation"]["sentence"], data["validation"]["label"]) if y == 1}
     first = stage2("a", "--seed", "1")

@@ -151,7 +151,7 @@ def test_reference_command_maps_its_positional_arguments(tmp_path, pretrained):
     assert completed.returncode == 0, completed.stderr[-3000:]
     privacy = json.loads((tmp_path / "run" / "finetune" / "privacy.json").read_text())
     assert privacy["noise_multiplier"] == 1.4 and privacy["max_grad_norm"] == 1.0 and privacy["steps"] == 1
-    assert privacy["logical_batch_size"] == 32 * 64 and privacy["sample_rate"] == pytest.approx(2048 / 2100)
+    assert privacy["expected_logical_batch_size"] == 32 * 64 and privacy["sample_rate"] == pytest.approx(2048 / 2100)
     assert json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())["seed"] == 0
 
 
@@ -174,7 +174,7 @@ def test_a_model_that_depends_on_an_uncounted_release_is_refused(tmp_path, pretr
     assert results["dp_releases"] == ["domain_classifier", "finetune"]
     released = privacy_ledger.read_releases(tmp_path / "run" / "finetune")
     assert [r["run_id"] for r in released][0] == "c0ffee"
-    assert not (tmp_path / "run" / "finetune" / "private_training_state").exists()
+    assert not (tmp_path / "run" / "finetune.private").exists()
     assert {"config.json", "model.safetensors", "tokenizer.json", "privacy.json"} <= set(
         os.listdir(tmp_path / "run" / "finetune"))
 

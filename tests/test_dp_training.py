@@ -104,7 +104,7 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
     make_trainer(tmp_path, "--max_train_steps", "2").train()
     with pytest.raises(ValueError, match="another run: noise_multiplier 1.0 != 2.0"):
         make_trainer(tmp_path, "--max_train_steps", "2", "--noise_multiplier", "2.0", "--resume_from_checkpoint",
-                     str(tmp_path / "run" / "private_training_state" / "checkpoint-2"), name="other")
+                     str(tmp_path / "run.private" / "checkpoint-2"), name="other")
 
 
 def test_target_epsilon_calibrates_the_noise(tmp_path):

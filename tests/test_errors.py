@@ -40,9 +40,9 @@ def workspace(tmp_path_factory):
         (broken_pretraining / "checkpoint-1" / name).write_bytes((model / "checkpoint-1" / name).read_bytes())
     (broken_pretraining / "checkpoint-1" / "training_state.pt").write_bytes(b"not a checkpoint")
     # a stage 6 private training state that is garbage
-    broken_finetune = base / "run" / "broken_finetune"
-    (broken_finetune / "private_training_state" / "checkpoint-1").mkdir(parents=True)
-    (broken_finetune / "private_training_state" / "checkpoint-1" / "training_state.pt").write_bytes(b"\x80\x02junk")
+    broken_state = base / "run" / "broken_finetune.private"
+    (broken_state / "checkpoint-1").mkdir(parents=True)
+    (broken_state / "checkpoint-1" / "training_state.pt").write_bytes(b"\x80\x02junk")
     # a ledger whose classifier already spends more than 0.5
     privacy_ledger.record(str(base / "spent"), "domain_classifier", "abc", Mechanism(1.0, 0.1, 100), 1e-5, "demo")
     for name, labels in (("strings", ["negative", "positive"]), ("floats", [0.3, 0.7])):
@@ -99,7 +99,7 @@ CASES = {
     "stage 6, epsilon already spent": (dp_finetune.main, lambda w: [
         "--model_name_or_path", str(w / "model"), "--output_dir", str(w / "spent" / "finetune"), "--target", "demo",
         "--target_epsilon", "0.5", "--target_epsilon_scope", "run", "--per_device_train_batch_size", "64",
-        "--max_train_samples", "200", "--max_length", "16"], "spent/finetune", "already spend"),
+        "--train_fraction", "0.02", "--max_length", "16"], "spent/finetune", "already spend"),
     "stage 6, pooling for language modelling": (dp_finetune.main, lambda w: finetune(
         w / "model", w / "run" / "pooled", "--task", "lm", "--pooling", "mean"), "run/pooled", "--pooling"),
     "gradient diagnostic, missing model": (gradient_snr.main, lambda w: [
@@ -128,13 +128,13 @@ def test_bad_input_gives_one_error_line_and_leaves_nothing(case, workspace, caps
 
 def test_corrupted_private_training_state_is_named(workspace, capsys):
     state = workspace / "run" / "broken_finetune"
-    argv = finetune(workspace / "model", state, "--target", "demo", "--max_train_samples", "40",
+    argv = finetune(workspace / "model", state, "--target", "demo", "--train_fraction", "0.004",
                     "--resume_from_checkpoint", "latest")
     with pytest.raises(SystemExit):
         run_stage(dp_finetune.main, argv)
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "training_state.pt: corrupted or not a checkpoint of this stage" in error
-    assert "weights_only" not in error and (state / "private_training_state").is_dir()  # the user's files stay
+    assert "weights_only" not in error and (workspace / "run" / "broken_finetune.private").is_dir()  # the user's files stay
 
 
 def test_the_command_line_prints_no_traceback(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from dp_finetuning import privacy_ledger
 from dp_finetuning.accounting import Mechanism, compute_epsilons
-from dp_finetuning.dp_training import PRIVATE_STATE_DIR, DPTrainer, sequence_classification_losses
+from dp_finetuning.dp_training import DPTrainer, private_state_dir, sequence_classification_losses
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 NEIGHBOURS = {"D": tiny_dataset(64), "D minus one example": tiny_dataset(64)[1:]}
@@ -47,14 +47,15 @@ def test_a_release_holds_no_dp_randomness_and_cannot_be_replayed(tmp_path):
     for mode, data_name, attempt in (("secret", "D", 1), ("secret", "D", 2), ("deterministic", "D", 1),
                                      ("deterministic", "D", 2), ("deterministic", "D minus one example", 1)):
         dataset = NEIGHBOURS[data_name]
-        trainer = trainer_on(tmp_path, dataset, f"{mode}-{len(dataset)}-{attempt}",
-                             *(("--deterministic_dp",) if mode == "deterministic" else ()))
+        # a deterministic replay is the same run again: the same output directory and settings
+        name = f"{mode}-{len(dataset)}" + (f"-{attempt}" if mode == "secret" else "")
+        trainer = trainer_on(tmp_path, dataset, name, *(("--deterministic_dp",) if mode == "deterministic" else ()))
         runs[mode, data_name, attempt] = (train_and_release(trainer), trainer)
 
     for (mode, data_name, attempt), (_, trainer) in runs.items():
         release = released_bytes(trainer.args.output_dir)
         assert set(release) == {"config.json", "model.safetensors", "privacy.json"}, release.keys()
-        assert not os.path.exists(os.path.join(trainer.args.output_dir, PRIVATE_STATE_DIR))
+        assert not os.path.exists(private_state_dir(trainer.args.output_dir))
         for seed in (trainer.sampling_seed, trainer.noise_seed):
             for encoding in (str(seed).encode(), seed.to_bytes(8, "little"), seed.to_bytes(8, "big")):
                 assert not any(encoding in content for content in release.values()), (mode, seed)
@@ -71,6 +72,13 @@ def test_a_release_holds_no_dp_randomness_and_cannot_be_replayed(tmp_path):
     assert same("deterministic", "D", 1, "D", 2)
     assert not same("deterministic", "D", 1, "D minus one example", 1)
     assert runs["deterministic", "D", 1][1].noise_seed == runs["deterministic", "D", 2][1].noise_seed
+    # ... and no two runs share noise: another output directory, stage or setting derives other seeds
+    seeds = {(t.sampling_seed, t.noise_seed) for t in (
+        runs["deterministic", "D", 1][1], trainer_on(tmp_path, NEIGHBOURS["D"], "elsewhere", "--deterministic_dp"),
+        trainer_on(tmp_path, NEIGHBOURS["D"], "deterministic-64", "--deterministic_dp", "--learning_rate", "0.1"))}
+    other_stage = trainer_on(tmp_path, NEIGHBOURS["D"], "deterministic-64", "--deterministic_dp")
+    other_stage.stage = "another stage"
+    assert len(seeds | {other_stage._new_seeds()}) == 4
 
 
 class Killed(Exception):
@@ -93,7 +101,8 @@ def test_a_killed_run_resumes_from_its_private_state_with_one_ledger_entry(tmp_p
         killed.privatise_gradients = privatise_until_step_three
         with pytest.raises(Killed):
             killed.train()
-        assert os.listdir(tmp_path / name / PRIVATE_STATE_DIR) == ["checkpoint-2"]
+        assert os.listdir(private_state_dir(str(tmp_path / name))) == ["checkpoint-2"]
+        assert not (tmp_path / name).exists()  # the private state is beside the release, never in it
         resumed = trainer_on(tmp_path, tiny_dataset(), name, *mode, *common, "--resume_from_checkpoint", "latest")
         assert resumed.step == 2 and resumed.run_id == killed.run_id
         assert (resumed.sampling_seed, resumed.noise_seed) == (killed.sampling_seed, killed.noise_seed)
@@ -132,4 +141,4 @@ def test_the_ledger_command_prints_the_figure_of_the_composition(tmp_path):
                                capture_output=True, text=True, check=True)
     composed, delta = privacy_ledger.composed_epsilon(tmp_path)
     assert delta == 1e-5
-    assert f"composed epsilon of 2 releases at delta=1e-05: epsilon {composed['epsilon']:.3f}" in completed.stdout
+    assert f"composed epsilon of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}" in completed.stdout
