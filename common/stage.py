@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 
-from common.atomic_io import atomic_path, write_json
+from common.atomic_io import write_json
 
 DEBUG_VARIABLE = "SELECTIVE_PRETRAINING_DEBUG"
 FINGERPRINT_KEY_VARIABLE = "SELECTIVE_PRETRAINING_FINGERPRINT_KEY"
@@ -113,10 +113,16 @@ def fingerprint_key():
         os.path.expanduser("~"), ".cache", "selective_pretraining", "fingerprint.key")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                handle.write(secrets.token_bytes(32))
-            os.chmod(tmp, 0o600)
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        descriptor = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+        try:
+            os.link(tmp, path)  # only the first of several processes creates it; every one then reads that key
+        except FileExistsError:
+            pass
+        finally:
+            os.remove(tmp)
     with open(path, "rb") as handle:
         return handle.read()
 
@@ -158,6 +164,9 @@ class StageOutput:
         self.directory = args.output_dir
         self.work_dir = work_dir  # where a stage that renames its output at the end keeps resumable work
         self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+        if self.settings.get("deterministic_dp"):  # then --seed is the DP randomness: never written in the clear
+            self.settings["seed"] = "keyed " + hmac.new(fingerprint_key(), str(args.seed).encode(),
+                                                        hashlib.sha256).hexdigest()[:16]
         self.inputs = {}
         for name, value in self.settings.items():
             for item in value if isinstance(value, (list, tuple)) else [value]:

@@ -7,9 +7,10 @@ Positives (label 1): the target task's train sentences. Negatives (label 0): --n
 public sentences, a number fixed by the flag and a choice made from public data alone (a seeded
 order of the public corpus), so that adding or removing one private sentence changes the training
 set by at most that sentence. Validation: the target's validation and test sentences against
---od_data_size times as many other random public sentences. Punctuation removed, lowercased; empty
-and repeated positives dropped (a set of texts: one more copy of a text changes nothing), repeated
-public sentences drawn once, a validation positive already in train dropped. Writes
+--od_data_size times as many other random public sentences, whatever the training split holds.
+Punctuation removed, lowercased; empty and repeated positives dropped (a set of texts: one more copy
+of a text changes nothing), repeated public sentences drawn once, a train positive equal to a
+validation text dropped (a rule against the held-out text, record by record). Writes
 filter_train_nonewline.json and filter_val_nonewline.json (JSON Lines, `sentence` and `label`), the
 same as an HF DatasetDict (train, validation), and stats.json. This output holds the private
 sentences and counts of them: it is private data, never a release.
@@ -32,14 +33,15 @@ from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
 
-def distinct_positives(sentences, removed, earlier=frozenset()):
-    """The distinct non-empty texts of `sentences` as written out, less those in `earlier`; counts why in `removed`."""
-    kept, seen = [], set(earlier)
+def distinct_positives(sentences, removed, split, held_out=frozenset()):
+    """The distinct non-empty texts of `sentences` as written out, less those in `held_out`; counts why in
+    `removed` (keys named by `split`). Each text is kept or dropped by itself: a set, less a fixed set."""
+    kept, seen = [], set()
     for text in map(remove_punctuation, sentences):
-        reason = ("empty_positives" if not text else "validation_positives_in_train" if text in earlier
-                  else "duplicate_positives" if text in seen else None)
+        reason = (f"empty_{split}" if not text else f"{split}_in_validation" if text in held_out
+                  else f"duplicate_{split}" if text in seen else None)
         if reason:
-            removed[reason] += 1
+            removed[reason] = removed.get(reason, 0) + 1
             continue
         seen.add(text)
         kept.append(text)
@@ -72,12 +74,14 @@ def public_negatives(public_sentences, wanted, seed, avoid):
 def build(target, public_sentences, num_negatives, validation_ratio, seed):
     """(DatasetDict train/validation with `sentence` and `label`, counts of what was removed and why).
 
-    Train: the distinct positives against `num_negatives` public negatives. Validation: the held-out
-    positives not in train against `validation_ratio` times as many other public negatives."""
-    removed = dict.fromkeys(("empty_positives", "duplicate_positives", "validation_positives_in_train"), 0)
-    positives = {"train": distinct_positives(target["train"]["sentence"], removed)}
+    Validation: the distinct held-out positives (validation and test) against `validation_ratio` times as many
+    public negatives; it never depends on the training split, whose positives its metrics are logged beside.
+    Train: the distinct train positives not in validation against `num_negatives` public negatives."""
+    removed = {}
     held_out = list(target["validation"]["sentence"]) + (list(target["test"]["sentence"]) if "test" in target else [])
-    positives["validation"] = distinct_positives(held_out, removed, frozenset(positives["train"]))
+    positives = {"validation": distinct_positives(held_out, removed, "held_out")}
+    positives["train"] = distinct_positives(target["train"]["sentence"], removed, "positives",
+                                            frozenset(positives["validation"]))
     wanted = {"train": num_negatives, "validation": validation_ratio * len(positives["validation"])}
     negatives = public_negatives(public_sentences, wanted, seed, frozenset(positives["validation"]))
     splits = {}

@@ -34,7 +34,6 @@ from data_selection.domain_classifier import (build_classifier, load_classifier,
                                               score_sentences)
 from data_selection.sources import DataError  # noqa: E402
 from dp_finetuning import privacy_ledger  # noqa: E402
-from dp_finetuning.accounting import default_delta  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
@@ -63,8 +62,6 @@ def train(args, accelerator):
     data = datasets.load_from_disk(args.data_dir)
     train_set, validation = data["train"], data["validation"]
     positives = sum(train_set["label"])
-    if args.delta is None:
-        args.delta = default_delta(positives)
     model, encode = build_classifier(args.backbone, args.model_name_or_path, args.num_buckets, args.embedding_dim)
 
     def collate(examples):
@@ -79,7 +76,8 @@ def train(args, accelerator):
                 "val_auc": _auc(probability, labels)}
 
     trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args,
-                        stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate)
+                        stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate,
+                        private_examples=positives)
     trainer.train()
     tmp = os.path.join(args.output_dir, "classifier.tmp")
     trainer.release(lambda directory: save_classifier(trainer.model, directory, args.backbone,

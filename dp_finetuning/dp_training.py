@@ -21,8 +21,8 @@ the step), which a resumed run reads and which is deleted once the stage has wri
 its release (`--keep_training_state` keeps it, with a warning). The release is what
 `release()` writes: the trained model, `privacy.json` (the mechanism and its
 epsilon) and an entry in the run's privacy ledger; no seed, generator state or
-realised batch size. `--deterministic_dp` derives both seeds from `--seed`, the stage,
-the output directory and the settings instead (debugging, exact reproduction), and the
+realised batch size. `--deterministic_dp` derives both seeds from `--seed`, the stage, the
+mechanism, the settings and the inputs instead (debugging, exact reproduction), and the
 release then says that the guarantee assumes that seed is secret. `--seed` itself
 controls only what is not part of the mechanism.
 
@@ -49,12 +49,14 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from common.atomic_io import replace_directory, write_json
-from common.stage import NOT_SETTINGS, DataError
+from common.stage import NOT_SETTINGS, DataError, fingerprint
 from dp_finetuning import privacy_ledger
 from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
 from dp_finetuning.per_example_grads import NonFiniteGradientError, PerExampleGradients
 
 STATE_FILE = "training_state.pt"
+# How the logical batch is cut into micro-batches and spread over processes: not part of the mechanism
+MICRO_BATCHING = frozenset({"per_device_train_batch_size", "gradient_accumulation_steps"})
 PRIVATE_SUFFIX = ".private"
 ADJACENCY = {"poisson": "add or remove one private example",
              "shuffle": "zero-out: one private example replaced by one that contributes nothing (the shuffle "
@@ -91,9 +93,9 @@ def add_dp_arguments(parser: argparse.ArgumentParser):
                        help="keep the private training state after the release; it holds the DP randomness, so "
                             "whoever holds it can undo the guarantee: never share it")
     group.add_argument("--deterministic_dp", action="store_true",
-                       help="derive the sampling and noise seeds from --seed, the stage, --output_dir and the "
-                            "settings (debugging, exact reproduction); the guarantee then assumes that --seed is "
-                            "secret")
+                       help="derive the sampling and noise seeds from --seed, the stage, the mechanism, the settings "
+                            "and the inputs (debugging, exact reproduction); the guarantee then assumes that --seed "
+                            "is secret (and not a small number)")
     group.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     group.add_argument("--run_dir", default=None,
                        help="directory of the run's privacy ledger (default: the parent of --output_dir)")
@@ -151,7 +153,7 @@ class DPTrainer:
     """
 
     def __init__(self, model, dataset, collate_fn, loss_fn, args, stage, private_data, eval_fn=None,
-                 lengths=None):
+                 lengths=None, private_examples=None):
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.model = model.to(self.accelerator.device)
         if self.accelerator.num_processes > 1:  # every process starts from the main process's weights
@@ -160,6 +162,8 @@ class DPTrainer:
         self.dataset, self.collate_fn, self.loss_fn, self.eval_fn = dataset, collate_fn, loss_fn, eval_fn
         self.args, self.stage, self.private_data = args, stage, private_data
         self.num_examples = len(dataset)
+        # the private examples among them (stage 3 trains on public negatives too): what delta is measured against
+        self.private_examples = private_examples or self.num_examples
         self.lengths = None if lengths is None else torch.as_tensor(lengths)
         if self.lengths is not None and self.lengths.shape != (self.num_examples,):
             raise ValueError(f"lengths: one per example expected ({self.num_examples}), "
@@ -170,7 +174,7 @@ class DPTrainer:
         self.sample_rate = self.logical_batch / self.num_examples
         self.steps_per_epoch = max(1, self.num_examples // self.logical_batch)
         self.total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * self.steps_per_epoch)
-        self.delta = args.delta if args.delta is not None else default_delta(self.num_examples)
+        self.delta = args.delta if args.delta is not None else default_delta(self.private_examples)
         self.run_dir = ledger_dir(args)
         self.state_dir = private_state_dir(args.output_dir)
         resume_path = self._resolve_checkpoint(args.resume_from_checkpoint)
@@ -204,13 +208,20 @@ class DPTrainer:
 
     def _new_seeds(self):
         """(sampling seed, noise seed): secret by default, the same on every process."""
-        if self.args.deterministic_dp:  # distinct for every stage, output and setting: no two releases share noise
-            settings = json.dumps({k: v for k, v in sorted(vars(self.args).items()) if k not in NOT_SETTINGS},
-                                  default=str)
-            run = f"{self.stage}:{os.path.abspath(self.args.output_dir)}:{settings}"
+        if self.args.deterministic_dp:
+            run = json.dumps(self._deterministic_run(), sort_keys=True, default=str)
             return derived_seed(self.args.seed, f"{run}:sampling"), derived_seed(self.args.seed, f"{run}:noise")
         seeds = self._from_main_process([secrets.randbits(63), secrets.randbits(63)])
         return seeds[0], seeds[1]
+
+    def _deterministic_run(self):
+        """What --deterministic_dp derives the seeds from besides --seed: the stage, the mechanism (noise multiplier as
+        calibrated, logical batch, n) and every setting and input (keyed fingerprints of paths), so that two releases
+        share noise only if they are the same run on the same data, and are then equal. Neighbours differ in n."""
+        settings = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS | MICRO_BATCHING}
+        inputs = {v: fingerprint(v) for v in settings.values() if isinstance(v, str) and os.path.exists(v)}
+        return {"stage": self.stage, "settings": settings, "inputs": inputs, "num_examples": self.num_examples,
+                "noise_multiplier": self.noise_multiplier, "logical_batch": self.logical_batch}
 
     def _from_main_process(self, values):
         """`values` as the main process drew them, on every process."""
@@ -232,8 +243,9 @@ class DPTrainer:
             raise DataError(f"--target_epsilon must be positive, got {args.target_epsilon}")
         if not 0 < args.max_grad_norm < math.inf:
             raise DataError(f"--max_grad_norm must be positive and finite, got {args.max_grad_norm}")
-        if args.delta is not None and not 0 < args.delta < 1 / self.num_examples:
-            raise DataError(f"--delta must be in (0, 1/n) = (0, {1 / self.num_examples:.3g}), got {args.delta}")
+        if args.delta is not None and not 0 < args.delta < 1 / self.private_examples:
+            raise DataError(f"--delta must be in (0, 1/n) for n private examples: (0, {1 / self.private_examples:.3g}), "
+                            f"got {args.delta}")
         if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
             raise DataError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.logical_batch > self.num_examples:

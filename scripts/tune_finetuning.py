@@ -145,7 +145,7 @@ def write_tables(output_dir, rows, epsilon, delta, releases):
     lines += ["| " + " | ".join("n/a" if row[c] is None else f"{row[c]:.4f}" if isinstance(row[c], float)
                                 and c != "seconds" else str(row[c]) for c in COLUMNS) + " |" for row in rows]
     lines.append(f"\n{len(rows)} trials, {sum(r['seconds'] for r in rows) / 60:.1f} minutes; every DP release in "
-                 f"{output_dir} together ({releases}, trials of earlier grids and the releases they share counted "
+                 f"this directory together ({releases}: the trials of earlier grids too, the releases they share "
                  f"once): epsilon {epsilon:.3f} at delta {delta:.3g}. "
                  "Validation accuracy after the last epoch orders the rows; the choice reads the validation split "
                  "without noise.")

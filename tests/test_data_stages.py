@@ -159,17 +159,18 @@ def test_stage2_removes_duplicates_and_empty_texts():
                                 "doc_id": ["p/0"] * len(public_texts)})
     target = DatasetDict({"train": Dataset.from_dict({"sentence": ["A great film!", "a great film", "?", "Dull."]}),
                           "validation": Dataset.from_dict({"sentence": ["Fine.", "Dull", "fine"]})})
-    data, removed = build_classifier_data.build(target, public, 55, 5, seed=0)
+    data, removed = build_classifier_data.build(target, public, 50, 5, seed=0)
     texts = {name: list(split["sentence"]) for name, split in data.items()}
     labelled = {name: [(t, y) for t, y in zip(texts[name], data[name]["label"])] for name in texts}
-    assert sorted(t for t, label in labelled["train"] if label) == ["a great film", "dull"]
-    assert [t for t, label in labelled["validation"] if label] == ["fine"]
+    # the held-out positives whatever the training split holds; a train positive equal to one is dropped
+    assert [t for t, label in labelled["train"] if label] == ["a great film"]
+    assert sorted(t for t, label in labelled["validation"] if label) == ["dull", "fine"]
     negatives = [t for name in texts for t, label in labelled[name] if not label]
-    assert len(negatives) == len(set(negatives)) == 55 + 5 and "" not in negatives
+    assert len(negatives) == len(set(negatives)) == 50 + 5 * 2 and "" not in negatives
     assert negatives.count("learn more") == 1
     assert ("fine", 0) not in labelled["validation"]  # a held-out positive is no held-out negative
-    assert removed["empty_positives"] == 1 and removed["duplicate_positives"] == 2  # "a great film", "fine"
-    assert removed["validation_positives_in_train"] == 1  # "Dull"
+    assert removed == {"empty_positives": 1, "duplicate_positives": 1, "positives_in_validation": 1,
+                       "duplicate_held_out": 1}
 
 
 def test_demo_target_task_counts():
@@ -197,7 +198,6 @@ def test_demo_public_corpus_sources_and_no_target_sentence(demo_sentences):
     assert stats["sentences"] > 100_000
     public = {sources.remove_punctuation(s) for s in datasets.load_from_disk(str(demo_sentences))["text"]}
     assert not public & split_sentences.target_sentences("demo", sources.DEFAULT_CACHE_DIR)
-    assert stats["target_sentences_removed"] > 0
 
 
 def test_stage2_on_the_demo(tmp_path, demo_sentences):
@@ -207,7 +207,8 @@ def test_stage2_on_the_demo(tmp_path, demo_sentences):
     removed = json.loads((tmp_path / "cls" / "stats.json").read_text())["removed"]
     positives = sum(r["label"] for r in train)
     # the snippets are distinct as written but not all once punctuation is removed
-    assert positives == 10623 - removed["duplicate_positives"] - removed["empty_positives"] > 10550
+    assert positives == 10623 - sum(removed.get(k, 0) for k in ("duplicate_positives", "empty_positives",
+                                                               "positives_in_validation")) > 10550
     assert len(train) == positives + 100_000 and len(validation) == 6 * sum(r["label"] for r in validation)
     negatives = [r["sentence"] for r in train + validation if not r["label"]]
     assert len(set(negatives)) == len(negatives) and "" not in negatives
@@ -272,11 +273,15 @@ def test_sentences_without_punctuation_are_cut_and_exclusion_is_normalised(tmp_p
     tokenizer, _ = split_sentences.load_punkt(["A first sentence. A second one."])
     pieces = split_sentences.split_text(tokenizer, " ".join(f"w{i}" for i in range(100)))
     assert [len(p.split()) for p in pieces] == [34, 34, 32]
-    target = tmp_path / "target.jsonl"
-    target.write_text("".join(json.dumps({"sentence": f"Great film number {i}!", "label": 1}) + "\n"
-                              for i in range(10)))
+    target = tmp_path / "target"
+    target.mkdir()
+    for split in ("train", "test"):
+        (target / f"{split}.jsonl").write_text("".join(json.dumps({"sentence": f"Great {split} film {i}!"}) + "\n"
+                                                       for i in range(10)))
+    (target / "validation.jsonl").write_text(json.dumps({"sentence": "Fine."}) + "\n")
     excluded = split_sentences.target_sentences(str(target), "")
-    assert sources.remove_punctuation("  GREAT   film number 3 !! ") in excluded
+    assert sources.remove_punctuation("  GREAT   test film 3 !! ") in excluded
+    assert not any("train" in text for text in excluded)  # the training split is never read
 
 
 def test_seed_varies_sampling_but_not_the_target_split(tmp_path):

@@ -3,6 +3,7 @@ private example added or removed, the mechanism's input differs by at most that 
 adjacency). Each test builds the two neighbouring data sets itself."""
 
 import collections
+import hashlib
 import json
 
 import pytest
@@ -49,21 +50,27 @@ def public_sentences(tmp_path_factory):
 def test_stage2_on_neighbouring_targets_differs_by_at_most_the_one_example(tmp_path, public_sentences, flags):
     train = [f"a private review {i}" for i in range(60)] + ["a private review 7"]  # one repeated
     outputs = {}
-    for name, texts in (("D", train), ("D plus one", train + ["one more private review"]),
-                        ("D minus one", train[:10] + train[11:]), ("D plus a repeat", train + ["a private review 8"])):
+    neighbours = (("D", train), ("D plus one", train + ["one more private review"]),
+                  ("D minus one", train[:10] + train[11:]), ("D plus a repeat", train + ["a private review 8"]),
+                  ("D plus a held-out text", train + ["Held out review 2!"]))
+    validation = {}
+    for name, texts in neighbours:
         target = write_target(tmp_path / f"target {name}", texts)
         out = tmp_path / f"cls {name}"
         build_classifier_data.main(["--sentences_dir", str(public_sentences), "--target", str(target),
                                     "--num_negatives", "116", "--od_data_size", "1", "--output_dir", str(out), *flags])
         outputs[name] = Dataset.from_json(str(out / "filter_train_nonewline.json"))
+        validation[name] = records(Dataset.from_json(str(out / "filter_val_nonewline.json")), ("sentence", "label"))
     base = records(outputs["D"], ("sentence", "label"))
-    for name in ("D", "D plus one", "D minus one", "D plus a repeat"):
+    for name, _ in neighbours:
         assert changed(base, records(outputs[name], ("sentence", "label"))) <= 1, name
         assert len(outputs[name]) - sum(outputs[name]["label"]) == 116  # whatever the positives
+        assert validation[name] == validation["D"], name  # the held-out side never depends on the training split
+    assert records(outputs["D plus a repeat"], ("sentence", "label")) == base  # a repeat changes nothing
+    assert records(outputs["D plus a held-out text"], ("sentence", "label")) == base  # nor does a held-out text
     # every public sentence is a negative (116 in train, 5 in validation), the copy of a private one too: the
     # negatives never read the private text
-    validation = Dataset.from_json(str(tmp_path / "cls D" / "filter_val_nonewline.json"))
-    assert ("a private review 3", 0) in base + records(validation, ("sentence", "label"))
+    assert ("a private review 3", 0) in base + validation["D"]
 
 
 def test_stage2_prints_no_count_of_the_private_data(tmp_path, public_sentences, capsys):
@@ -226,3 +233,7 @@ def test_a_stage_signature_never_tells_the_size_of_a_private_file(tmp_path):
         assert str(target.stat().st_size) not in fingerprint
         signatures.append(fingerprint)
     assert signatures[0] != signatures[1]  # a changed input is still seen as changed
+    # keyed: without the user's secret key, the fingerprint of a file of known time cannot be searched over sizes
+    status = target.stat()
+    unkeyed = {hashlib.sha256(f"{size} {status.st_mtime_ns}".encode()).hexdigest()[:16] for size in range(10_000)}
+    assert signatures[1].split()[1] not in unkeyed

@@ -47,9 +47,8 @@ def test_a_release_holds_no_dp_randomness_and_cannot_be_replayed(tmp_path):
     for mode, data_name, attempt in (("secret", "D", 1), ("secret", "D", 2), ("deterministic", "D", 1),
                                      ("deterministic", "D", 2), ("deterministic", "D minus one example", 1)):
         dataset = NEIGHBOURS[data_name]
-        # a deterministic replay is the same run again: the same output directory and settings
-        name = f"{mode}-{len(dataset)}" + (f"-{attempt}" if mode == "secret" else "")
-        trainer = trainer_on(tmp_path, dataset, name, *(("--deterministic_dp",) if mode == "deterministic" else ()))
+        trainer = trainer_on(tmp_path, dataset, f"{mode}-{len(dataset)}-{attempt}",
+                             *(("--deterministic_dp",) if mode == "deterministic" else ()))
         runs[mode, data_name, attempt] = (train_and_release(trainer), trainer)
 
     for (mode, data_name, attempt), (_, trainer) in runs.items():
@@ -72,13 +71,18 @@ def test_a_release_holds_no_dp_randomness_and_cannot_be_replayed(tmp_path):
     assert same("deterministic", "D", 1, "D", 2)
     assert not same("deterministic", "D", 1, "D minus one example", 1)
     assert runs["deterministic", "D", 1][1].noise_seed == runs["deterministic", "D", 2][1].noise_seed
-    # ... and no two runs share noise: another output directory, stage or setting derives other seeds
-    seeds = {(t.sampling_seed, t.noise_seed) for t in (
-        runs["deterministic", "D", 1][1], trainer_on(tmp_path, NEIGHBOURS["D"], "elsewhere", "--deterministic_dp"),
-        trainer_on(tmp_path, NEIGHBOURS["D"], "deterministic-64", "--deterministic_dp", "--learning_rate", "0.1"))}
-    other_stage = trainer_on(tmp_path, NEIGHBOURS["D"], "deterministic-64", "--deterministic_dp")
+    # ... and two runs share noise only if they are the same run on the same data (and then release the same model):
+    # the neighbouring data, another setting, noise multiplier or stage derive other seeds
+    def seeds(trainer):
+        return trainer.sampling_seed, trainer.noise_seed
+    same_run = seeds(runs["deterministic", "D", 1][1])
+    assert seeds(trainer_on(tmp_path, NEIGHBOURS["D"], "elsewhere", "--deterministic_dp")) == same_run
+    others = {seeds(runs["deterministic", "D minus one example", 1][1]),
+              seeds(trainer_on(tmp_path, NEIGHBOURS["D"], "x", "--deterministic_dp", "--learning_rate", "0.1")),
+              seeds(trainer_on(tmp_path, NEIGHBOURS["D"], "x", "--deterministic_dp", "--noise_multiplier", "2"))}
+    other_stage = trainer_on(tmp_path, NEIGHBOURS["D"], "x", "--deterministic_dp")
     other_stage.stage = "another stage"
-    assert len(seeds | {other_stage._new_seeds()}) == 4
+    assert len(others | {other_stage._new_seeds(), same_run}) == 5
 
 
 class Killed(Exception):
