@@ -11,7 +11,9 @@ Neighbouring data sets: the epsilon is for adding or removing one private exampl
 (Poisson sampling), or for replacing one example by one that contributes nothing
 (zero-out; the shuffle sampling's accounting). The model trains in eval mode, so no
 dropout mask (public randomness tied to batch positions) makes one example move the
-others' gradients; a non-finite per-example loss or norm stops the run before any step.
+others' gradients; a non-finite per-example loss or norm stops the run at the step that
+draws it, before that step's update (nothing is released; the error names the row, and is
+outside the guarantee like any failure the operator sees).
 
 What is released and what stays private. The DP guarantee holds only if the
 mechanism's randomness is secret, so the sampling seed and the noise seed are drawn
