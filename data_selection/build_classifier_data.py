@@ -17,6 +17,7 @@ sentences and counts of them: it is private data, never a release.
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -96,6 +97,18 @@ def write_json_lines(dataset, path):
     dataset.to_json(path, lines=True, force_ascii=False)
 
 
+def check_exclusion_split(args):
+    """Refuse public sentences whose stage 1 removed this target's held-out text under another split: that split's
+    held-out text is this one's training text, read by stage 1 without DP."""
+    with open(os.path.join(args.sentences_dir, "stats.json")) as handle:
+        exclusion = json.load(handle).get("excluded_target")
+    split_here = args.target in ("demo", "chat") or os.path.isfile(args.target)  # a target without its own splits
+    if exclusion and split_here and exclusion["target"] == args.target and exclusion["split_seed"] != args.split_seed:
+        raise DataError(f"--split_seed {args.split_seed}: --sentences_dir {args.sentences_dir} excluded the held-out "
+                        f"text of --target {args.target} split with --split_seed {exclusion['split_seed']}, which "
+                        "holds training text of this split; use the same --split_seed for both stages")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences_dir", required=True, help="stage 1's output")
@@ -124,6 +137,7 @@ def main(argv=None):
     check_fraction("--train_fraction", args.train_fraction)
     if not os.path.exists(os.path.join(args.sentences_dir, "stats.json")):
         raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
+    check_exclusion_split(args)
     public = datasets.load_from_disk(args.sentences_dir)
     target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.split_seed)
     if args.train_fraction is not None:

@@ -103,7 +103,7 @@ def target_sentences(spec, cache_dir, split_seed=0):
     return excluded
 
 
-def compute_stats(sentences, documents, replaced_bytes, excluded_count, punkt):
+def compute_stats(sentences, documents, replaced_bytes, excluded_count, punkt, exclusion):
     per_source = {}
     for source in sorted(set(documents["source"])):
         per_source[source] = {"documents": 0, "sentences": 0, "words": 0}
@@ -115,7 +115,7 @@ def compute_stats(sentences, documents, replaced_bytes, excluded_count, punkt):
             per_source[source]["words"] += len(text.split())
     totals = {key: sum(s[key] for s in per_source.values()) for key in ("documents", "sentences", "words")}
     return {**totals, "per_source": per_source, "undecodable_bytes_replaced": replaced_bytes,
-            "target_sentences_removed": excluded_count, "punkt": punkt}
+            "target_sentences_removed": excluded_count, "excluded_target": exclusion, "punkt": punkt}
 
 
 def split_corpus(documents, tokenizer, work_dir, num_shards, num_proc, excluded=frozenset()):
@@ -189,7 +189,8 @@ def main(argv=None):
     removed = sum(sentences["is_target"])
     sentences = sentences.filter(lambda flags: [not f for f in flags], input_columns="is_target", batched=True,
                                  batch_size=10_000).remove_columns("is_target")
-    stats = compute_stats(sentences, documents, replaced, removed, punkt)
+    exclusion = {"target": exclude, "split_seed": args.split_seed} if exclude else None
+    stats = compute_stats(sentences, documents, replaced, removed, punkt, exclusion)
     final_dir = os.path.join(work_dir, "final")
     sentences.save_to_disk(final_dir)
     output.claim(final_dir)

@@ -237,3 +237,17 @@ def test_a_stage_signature_never_tells_the_size_of_a_private_file(tmp_path):
     status = target.stat()
     unkeyed = {hashlib.sha256(f"{size} {status.st_mtime_ns}".encode()).hexdigest()[:16] for size in range(10_000)}
     assert signatures[1].split()[1] not in unkeyed
+
+
+def test_stage2_refuses_sentences_that_excluded_another_split_of_its_target(tmp_path):
+    from data_selection import split_sentences
+    target = tmp_path / "messages.csv"
+    target.write_text("sentence\n" + "".join(f"message number {i}\n" for i in range(50)))
+    (tmp_path / "corpus.txt").write_text("".join(f"Public sentence {i}.\n" for i in range(50)))
+    split_sentences.main(["--corpus", str(tmp_path / "corpus.txt"), "--exclude_target", str(target),
+                          "--split_seed", "1", "--output_dir", str(tmp_path / "sentences"), "--num_proc", "1"])
+    argv = ["--sentences_dir", str(tmp_path / "sentences"), "--target", str(target), "--num_negatives", "10",
+            "--od_data_size", "1"]
+    with pytest.raises(DataError, match="--split_seed 0: .* split with --split_seed 1"):
+        build_classifier_data.main([*argv, "--output_dir", str(tmp_path / "a")])
+    build_classifier_data.main([*argv, "--split_seed", "1", "--output_dir", str(tmp_path / "b")])
