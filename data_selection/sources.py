@@ -391,13 +391,19 @@ def load_local(path, text_column, label_column=None):
         if not records:
             raise DataError(f"{path}: the file holds no records")
         columns = records[0].keys() if isinstance(records[0], dict) else []
+        if path.endswith(".csv") and label_column in columns:  # CSV holds strings: integer labels are read as such
+            values = [r.get(label_column) for r in records]
+            if all(isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v) for v in values):
+                for record, value in zip(records, values):
+                    record[label_column] = int(value)
         dataset = Dataset.from_dict({c: [r.get(c) for r in records] for c in columns})
     else:
         raise DataError(f"{path}: unknown file type; expected one of {', '.join(LOCAL_SUFFIXES)} or a saved "
                         "dataset directory")
-    for column in (text_column, label_column):
+    for column, flag in ((text_column, "--text_column"), (label_column, "--label_column")):
         if column is not None and column not in dataset.column_names:
-            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(dataset.column_names)})")
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(dataset.column_names)}); {flag} "
+                            "names the column to read")
     if len(dataset) == 0:
         raise DataError(f"{path}: the dataset is empty")
     return dataset, replaced
@@ -416,9 +422,11 @@ def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
             part = load_dataset(repository, config, split="train").select_columns([column])
             part = _tag(part, column, spec)
             count = 0
+        elif os.path.isdir(spec) and not _is_saved_dataset(spec):
+            part, count = _local_corpus_directory(spec, text_column)
         elif os.path.exists(spec):
             part, count = load_local(spec, text_column)
-            part = _tag(part.select_columns([text_column]), text_column, os.path.basename(spec.rstrip("/")))
+            part = _tag(part, text_column, os.path.basename(spec.rstrip("/")))
         else:
             raise DataError(f"--corpus {spec!r}: not 'demo', 'demo-small', a known hub dataset ({', '.join(HUB_PUBLIC)}) "
                             "or an existing file or directory")
@@ -431,10 +439,45 @@ def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
 
 
 def _tag(dataset, text_column, source):
+    """Documents `text`, `source`, `doc_id`; the source is the dataset's own `source` column where it has one."""
     def add(batch, indices):
-        return {"text": [t if t is not None else "" for t in batch[text_column]], "source": [source] * len(indices),
-                "doc_id": [f"{source}/{i}" for i in indices]}
+        sources = batch["source"] if "source" in batch else [source] * len(indices)
+        return {"text": [t if t is not None else "" for t in batch[text_column]],
+                "source": [str(s) if s is not None else source for s in sources],
+                "doc_id": [f"{s}/{i}" for s, i in zip(sources, indices)]}
     return dataset.map(add, batched=True, with_indices=True, remove_columns=dataset.column_names)
+
+
+def _is_saved_dataset(path):
+    return any(os.path.exists(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json"))
+
+
+def _local_corpus_directory(path, text_column):
+    """(documents, replaced bytes) of a folder of documents: each .txt file is one document, each .jsonl/.json/.csv/
+    .parquet file holds one per record; the source is the first sub-folder under `path`, else the file's name
+    (a record's own `source` column wins)."""
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                   if name.endswith(LOCAL_SUFFIXES))
+    if not files:
+        raise DataError(f"--corpus {path}: a directory with no {', '.join(LOCAL_SUFFIXES)} files (nor a dataset "
+                        "saved with save_to_disk)")
+    parts, replaced, texts = [], 0, {"text": [], "source": [], "doc_id": []}
+    for file in files:
+        relative = os.path.relpath(file, path).split(os.sep)
+        source = relative[0]  # the sub-folder, or the file's own name
+        if file.endswith(".txt"):
+            with open(file, "rb") as handle:
+                text, count = decode(handle.read())
+            texts["text"].append(text)
+            texts["source"].append(source)
+            texts["doc_id"].append("/".join(relative))
+        else:
+            dataset, count = load_local(file, text_column)
+            parts.append(_tag(dataset, text_column, source))
+        replaced += count
+    if texts["text"]:
+        parts.append(Dataset.from_dict(texts))
+    return (datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]), replaced
 
 
 SPLIT_SEED_HELP = ("seed of the target's train/validation/test split where the target has none of its own (demo, chat, "
@@ -541,9 +584,10 @@ def _rename(task, text_column, label_column, origin):
     for name, split in task.items():
         where = origin[name] if isinstance(origin, dict) else f"{origin} ({name} split)"
         columns = [text_column] + ([label_column] if label_column is not None else [])
-        for column in columns:
+        for column, flag in zip(columns, ("--text_column", "--label_column")):
             if column not in split.column_names:
-                raise DataError(f"{where}: no column {column!r} (columns: {', '.join(split.column_names)})")
+                raise DataError(f"{where}: no column {column!r} (columns: {', '.join(split.column_names)}); {flag} "
+                                "names the column to read")
         if label_column is not None:
             values = split.unique(label_column)
             if any(isinstance(v, bool) or not isinstance(v, int) for v in values):

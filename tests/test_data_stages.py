@@ -301,3 +301,28 @@ def test_seed_varies_sampling_but_not_the_target_split(tmp_path):
     first = stage2("a", "--seed", "1")
     assert stage2("b", "--seed", "2") == first
     assert stage2("c", "--seed", "1", "--split_seed", "3") != first
+
+
+def test_a_folder_of_documents_is_a_corpus_with_sources(tmp_path):
+    (tmp_path / "novels").mkdir()
+    (tmp_path / "novels" / "one.txt").write_text("First line of a novel.\nIts second line.\n")
+    (tmp_path / "novels" / "two.txt").write_text("Another novel.\n")
+    (tmp_path / "manual.txt").write_text("A manual page.\n")
+    (tmp_path / "posts.jsonl").write_text(json.dumps({"text": "A post.", "source": "forum"}) + "\n"
+                                          + json.dumps({"text": "A reply."}) + "\n")
+    corpus, _ = sources.load_public_corpus([str(tmp_path)])
+    documents = sorted(zip(corpus["source"], corpus["text"]))
+    assert documents == [("forum", "A post."), ("manual.txt", "A manual page.\n"),
+                         ("novels", "Another novel.\n"), ("novels", "First line of a novel.\nIts second line.\n"),
+                         ("posts.jsonl", "A reply.")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="a directory with no .txt"):
+        sources.load_public_corpus([str(tmp_path / "empty")])
+
+
+def test_csv_labels_are_integers_and_a_missing_column_names_its_flag(tmp_path):
+    (tmp_path / "labelled.csv").write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(40)))
+    task = sources.load_target_task(str(tmp_path / "labelled.csv"), text_column="text")
+    assert set(task["train"]["label"]) == {0, 1}
+    with pytest.raises(DataError, match="no column 'sentence' .*; --text_column names the column to read"):
+        sources.load_target_task(str(tmp_path / "labelled.csv"))
