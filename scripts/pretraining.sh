@@ -4,6 +4,9 @@
 #   bash scripts/pretraining.sh pretraining_data_40m.ds tiny 3e-4 1000000 32 8 1
 # Environment: OUTPUT_DIR (default: DATA's directory/pretrained_SIZE), MIXED_PRECISION (no | fp16 | bf16).
 set -euo pipefail
+for arg in "$@"; do  # -h, --help: the header above
+  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
+done
 cd "$(dirname "$0")/.."
 if [ $# -lt 7 ]; then
   echo "usage: $0 DATA SIZE LR STEPS PER_GPU_BATCH GPUS ACCUMULATION [extra flags]" >&2

@@ -18,6 +18,9 @@
 # --non_private adds, per variant, fine-tuning without noise (epsilon infinite): the cost of privacy.
 # --linear_probe (classification) adds the non-private frozen-feature diagnostic of every pre-trained model.
 set -euo pipefail
+for arg in "$@"; do  # -h, --help: the header above
+  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
+done
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""

@@ -6,6 +6,9 @@
 # BACKBONE (hashed | transformer), MODEL (transformer backbone: minilm | bert-base-uncased | path),
 # EPOCHS (3), NUM_PROCESSES (1; more runs under accelerate launch).
 set -euo pipefail
+for arg in "$@"; do  # -h, --help: the header above
+  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
+done
 cd "$(dirname "$0")/.."
 if [ $# -lt 5 ]; then
   echo "usage: $0 NOISE_MULTIPLIER CLIP PER_DEVICE_BATCH ACCUMULATION LR [extra flags]" >&2

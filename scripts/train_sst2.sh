@@ -6,6 +6,9 @@
 # Environment: TARGET (demo | glue/sst2 | files; default demo), OUTPUT_DIR (default CHECKPOINT/../finetune_seedSEED),
 # NUM_PROCESSES (1; more runs under accelerate launch).
 set -euo pipefail
+for arg in "$@"; do  # -h, --help: the header above
+  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
+done
 cd "$(dirname "$0")/.."
 if [ $# -lt 8 ]; then
   echo "usage: $0 CHECKPOINT NOISE_MULTIPLIER CLIP PER_GPU_BATCH ACCUMULATION LR EPOCHS SEED [extra flags]" >&2

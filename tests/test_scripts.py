@@ -1,4 +1,5 @@
-"""Every Python script in scripts/ runs from the repository root exactly as the README writes it."""
+"""Every Python script in scripts/ runs from the repository root exactly as the README writes it; every shell
+script prints its usage."""
 
 import glob
 import os
@@ -9,6 +10,19 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+
+
+SHELL_SCRIPTS = ("run_pipeline.sh", "reproduce_table.sh", "train_domain_classifier.sh", "pretraining.sh",
+                 "train_sst2.sh")
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
+def test_shell_scripts_print_their_usage(script, tmp_path):
+    for flag in ("--help", "-h"):  # from another directory too: nothing is set up, nothing runs
+        completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), flag], cwd=tmp_path,
+                                   capture_output=True, text=True, timeout=60)
+        assert completed.returncode == 0 and f"bash scripts/{script}" in completed.stdout, completed.stderr
+        assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
