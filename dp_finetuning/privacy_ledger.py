@@ -137,12 +137,14 @@ def ledgers_under(directory):
                                                               recursive=True))
 
 
-def composition_of_ledgers(run_dirs, private_data):
+def composition_of_ledgers(run_dirs, private_data, noisy_only=False):
     """(epsilons, delta, number of releases) of every counted release on `private_data` in the ledgers of
-    `run_dirs` together, each release once (several ledgers may hold the same one, e.g. the domain classifier)."""
+    `run_dirs` together, each release once (several ledgers may hold the same one, e.g. the domain classifier);
+    `noisy_only` leaves out the releases without noise (whose epsilon is infinite)."""
     entries = {}
     for run_dir in run_dirs:
-        entries.update({e["run_id"]: e for e in counted_entries(run_dir) if e["private_data"] == private_data})
+        entries.update({e["run_id"]: e for e in counted_entries(run_dir) if e["private_data"] == private_data
+                        and (e["noise_multiplier"] > 0 or not noisy_only)})
     if not entries:
         return None, None, 0
     delta = composition_delta(entries.values())

@@ -133,8 +133,14 @@ def run_directory_composition(run_dir):
     lines = []
     for data in data_sets:
         epsilons, delta, count = privacy_ledger.composition_of_ledgers(ledgers, data)
-        lines.append(f"All {count} DP releases on {data} in this run directory together (every variant's models "
-                     f"seen at once): epsilon {fmt(epsilons['epsilon'], '{:.3f}')} at delta {delta:.3g}.")
+        line = (f"All {count} DP releases on {data} in this run directory together (every variant's models seen at "
+                f"once): epsilon {fmt(epsilons['epsilon'], '{:.3f}')} at delta {delta:.3g}")
+        if math.isinf(epsilons["epsilon"]):  # fine-tunings without noise (--non_private): the others alone
+            noisy, noisy_delta, noisy_count = privacy_ledger.composition_of_ledgers(ledgers, data, noisy_only=True)
+            if noisy_count:
+                line += (f" (the run holds fine-tunings without noise; the {noisy_count} with noise alone: epsilon "
+                         f"{noisy['epsilon']:.3f} at delta {noisy_delta:.3g})")
+        lines.append(line + ".")
     return "\n".join(lines)
 
 
