@@ -246,8 +246,8 @@ class DPTrainer:
         if not 0 < args.max_grad_norm < math.inf:
             raise DataError(f"--max_grad_norm must be positive and finite, got {args.max_grad_norm}")
         if args.delta is not None and not 0 < args.delta < 1 / self.private_examples:
-            raise DataError(f"--delta must be in (0, 1/n) for n private examples: (0, {1 / self.private_examples:.3g}), "
-                            f"got {args.delta}")
+            raise DataError(f"--delta must be in (0, 1/n) for n private examples: "
+                            f"(0, {1 / self.private_examples:.3g}), got {args.delta}")
         if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
             raise DataError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.logical_batch > self.num_examples:

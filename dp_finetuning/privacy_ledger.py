@@ -11,9 +11,12 @@ adding one.
 Append-only. Entries are never removed. A release is counted while it, or anything derived
 from it, exists: a `privacy.json` or `dp_releases.json` under the ledger's directory (or under
 the release's own directory) names its run id, or its release directory exists without naming
-another run (a release being written), or the entry does not say where its release is. A release whose model and every output derived from it
-were deleted (`--redo_changed`, the pipeline's `--force`) stays in the history as superseded.
-Writes are atomic and serialised by a lock file, so concurrent stages never lose an entry.
+another run (a release being written), or the entry does not say where its release is. A
+release whose model and every output derived from it were deleted (`--redo_changed`, the
+pipeline's `--force`) stays in the history as superseded; the command also prints the
+composition of every release ever recorded, the figure to cite if a deleted release had been
+shared. Writes are atomic and serialised by a lock file, so concurrent stages never lose an
+entry.
 
 One delta rule everywhere: the composition is taken at the smallest delta among the counted
 entries (`composition_delta`), in this command, in stage 6's results.json and in the

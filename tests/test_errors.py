@@ -134,7 +134,8 @@ def test_corrupted_private_training_state_is_named(workspace, capsys):
         run_stage(dp_finetune.main, argv)
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "training_state.pt: corrupted or not a checkpoint of this stage" in error
-    assert "weights_only" not in error and (workspace / "run" / "broken_finetune.private").is_dir()  # the user's files stay
+    # the user's files stay
+    assert "weights_only" not in error and (workspace / "run" / "broken_finetune.private").is_dir()
 
 
 def test_the_command_line_prints_no_traceback(tmp_path):

@@ -147,4 +147,5 @@ def test_privacy_report_names_the_unit_and_the_adjacency(tmp_path, capsys):
     assert (entry["privacy_unit"], entry["adjacency"]) == ("example", report["adjacency"])
     assert "examples=" not in capsys.readouterr().err  # the realised size of a secret draw is never logged
     # the private training state (the seeds) lies beside the release, never in it
-    assert os.listdir(tmp_path / "run.private") == ["checkpoint-2"] and "checkpoint-2" not in os.listdir(tmp_path / "run")
+    assert os.listdir(tmp_path / "run.private") == ["checkpoint-2"]
+    assert "checkpoint-2" not in os.listdir(tmp_path / "run")
