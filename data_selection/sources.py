@@ -438,13 +438,14 @@ def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
     return corpus, replaced
 
 
-def _tag(dataset, text_column, source):
-    """Documents `text`, `source`, `doc_id`; the source is the dataset's own `source` column where it has one."""
+def _tag(dataset, text_column, source, origin=None):
+    """Documents `text`, `source`, `doc_id`; the source is the dataset's own `source` column where it has one, the
+    document id `origin/row` (origin: the file, default the source), unique whatever the source column says."""
     def add(batch, indices):
         sources = batch["source"] if "source" in batch else [source] * len(indices)
         return {"text": [t if t is not None else "" for t in batch[text_column]],
                 "source": [str(s) if s is not None else source for s in sources],
-                "doc_id": [f"{s}/{i}" for s, i in zip(sources, indices)]}
+                "doc_id": [f"{origin or source}/{i}" for i in indices]}
     return dataset.map(add, batched=True, with_indices=True, remove_columns=dataset.column_names)
 
 
@@ -473,7 +474,7 @@ def _local_corpus_directory(path, text_column):
             texts["doc_id"].append("/".join(relative))
         else:
             dataset, count = load_local(file, text_column)
-            parts.append(_tag(dataset, text_column, source))
+            parts.append(_tag(dataset, text_column, source, "/".join(relative)))
         replaced += count
     if texts["text"]:
         parts.append(Dataset.from_dict(texts))

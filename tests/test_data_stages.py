@@ -315,6 +315,7 @@ def test_a_folder_of_documents_is_a_corpus_with_sources(tmp_path):
     assert documents == [("forum", "A post."), ("manual.txt", "A manual page.\n"),
                          ("novels", "Another novel.\n"), ("novels", "First line of a novel.\nIts second line.\n"),
                          ("posts.jsonl", "A reply.")]
+    assert len(set(corpus["doc_id"])) == len(corpus)  # one id per document, whatever the source column says
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="a directory with no .txt"):
         sources.load_public_corpus([str(tmp_path / "empty")])
