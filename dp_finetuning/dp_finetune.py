@@ -231,6 +231,7 @@ def main(argv=None):
     releases = depends_on + [privacy_ledger.release_of(report)]
     privacy_ledger.write_releases(args.output_dir, releases)
     metrics = [k for k in trainer.history[-1] if k.startswith("val_")]
+    counts = [k for k in metrics if isinstance(trainer.history[-1][k], int)]  # words scored: the same every epoch
     results = {
         "task": args.task, "model_name_or_path": args.model_name_or_path, "random_init": args.random_init,
         "freeze": args.freeze, "lora_r": args.lora_r, "pooling": args.pooling, "target": args.target,
@@ -238,7 +239,7 @@ def main(argv=None):
         # with --deterministic_dp the seed is the DP randomness, so it stays out of the release
         **({} if args.deterministic_dp else {"seed": args.seed}),
         "dp_randomness": report["dp_randomness"],
-        **{f"{k}_per_epoch": [r[k] for r in trainer.history] for k in metrics},
+        **{f"{k}_per_epoch": [r[k] for r in trainer.history] for k in metrics if k not in counts},
         **{k: trainer.history[-1][k] for k in metrics}, **test,
         "epsilon": report["epsilon"]["epsilon"], "epsilons": report["epsilon"], "stage_delta": trainer.delta,
         "composed_epsilon": composed["epsilon"], "composed_epsilons": composed, "delta": delta,
@@ -250,7 +251,7 @@ def main(argv=None):
     write_json(os.path.join(args.output_dir, "results.json"), results)
     trainer.discard_training_state()
     print(", ".join(f"{k} {v:.4f}" for k, v in {**{k: results[k] for k in metrics}, **test}.items()
-                    if v is not None) + f", epsilon {results['epsilon']:.3f}, composed over the run "
+                    if v is not None and not isinstance(v, int)) + f", epsilon {results['epsilon']:.3f}, composed over the run "
           f"{results['composed_epsilon']:.3f}")
 
 

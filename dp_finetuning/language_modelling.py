@@ -5,7 +5,12 @@ as EOS + its tokens + EOS (pre-training separated sentences by EOS, so EOS start
 and the model also learns where a message ends).
 
 Metrics over every predicted token of a split (the message's tokens and its closing EOS):
-  * perplexity: exp(mean next-token cross-entropy);
+  * perplexity: exp(mean next-token cross-entropy), per token of the model's own tokenizer;
+  * word perplexity: exp(the same summed cross-entropy / the number of words), where a message of
+    w whitespace-delimited words counts w + 1 (its end, the closing EOS, is predicted too). The
+    count depends only on the text, so word perplexities of models with different tokenizers
+    compare (each pre-training trains its own BPE: per-token figures do not). Messages cut by
+    --max_length are left out of it (`cut_messages` says how many);
   * next-token accuracy: share of positions whose argmax is the true next token;
   * next-word accuracy, as the paper reports for Enron: at every word boundary of a message
     (before each whitespace-delimited word but the first), greedy decoding from the true
@@ -65,20 +70,30 @@ def word_boundaries(tokens):
 
 @torch.no_grad()
 def evaluate_language_model(model, tokenizer, texts, max_length, batch_size=64):
-    """{perplexity, next_token_accuracy, next_word_accuracy} of `model` on `texts` (module docstring)."""
+    """{perplexity, word_perplexity, next_token_accuracy, next_word_accuracy, words, cut_messages} of `model` on
+    `texts` (module docstring)."""
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     ends_word = torch.tensor([token.startswith(WORD_START) for token in vocabulary])
     ends_word[eos] = True
     loss_sum = tokens_seen = tokens_right = words_seen = words_right = 0
-    encoded = sorted((encode_message(tokenizer, text, max_length) for text in texts), key=len)
+    whole_loss_sum = whole_words = cut_messages = 0  # word perplexity: messages not cut by max_length
+    encoded = sorted(((encode_message(tokenizer, text, max_length), len(text.split()) + 1) for text in texts),
+                     key=lambda pair: len(pair[0]))
     for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start:start + batch_size]
+        chunk = [ids for ids, _ in encoded[start:start + batch_size]]
         batch = {k: v.to(device) for k, v in collate_messages(chunk, tokenizer.pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
-        loss_sum += F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum", ignore_index=-100).item()
+        message_losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
+                                         ignore_index=-100).sum(1).cpu()
+        loss_sum += message_losses.sum().item()
+        for (ids, words), loss in zip(encoded[start:start + batch_size], message_losses.tolist()):
+            if len(ids) > 1 and ids[-1] == eos:  # the closing EOS is there: the whole message was scored
+                whole_loss_sum, whole_words = whole_loss_sum + loss, whole_words + words
+            else:
+                cut_messages += 1
         predicted = logits.argmax(-1).cpu()
         right = predicted == targets.cpu()
         seen = targets.cpu() != -100
@@ -92,5 +107,7 @@ def evaluate_language_model(model, tokenizer, texts, max_length, batch_size=64):
                 words_right += int(bool(right[row, word_start - 1:word_end - 1].all())
                                    and bool(ends_word[predicted[row, word_end - 1]]))
     return {"perplexity": math.exp(loss_sum / max(tokens_seen, 1)),
+            "word_perplexity": math.exp(whole_loss_sum / whole_words) if whole_words else None,
             "next_token_accuracy": tokens_right / max(tokens_seen, 1),
-            "next_word_accuracy": words_right / max(words_seen, 1)}
+            "next_word_accuracy": words_right / max(words_seen, 1),
+            "words": whole_words, "cut_messages": cut_messages}

@@ -10,7 +10,8 @@ decay 0.01, 6% linear warm-up then linear decay). Checkpoints `checkpoint-N` (mo
 training state) every --checkpointing_steps and at the end, `--resume_from_checkpoint` continues
 with the same data order; the final model and tokenizer are saved in --output_dir, with
 `metrics.jsonl` (loss, learning rate, tokens per second), `eval_results.json` (perplexity on the
-held-out split and on the target task's validation sentences: evaluation only) and `loss.png`.
+held-out split; on the target task's validation sentences, per token and per word, as stage 6
+scores messages: evaluation only) and `loss.png`.
 """
 
 import argparse
@@ -33,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
                                     load_local, load_target_task)
 from dp_finetuning import privacy_ledger  # noqa: E402
+from dp_finetuning.language_modelling import evaluate_language_model  # noqa: E402
 from common.atomic_io import atomic_path, replace_directory, write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
@@ -226,13 +228,10 @@ def perplexity(model, blocks, batch_size, device):
     return math.exp(total / max(count, 1))
 
 
-def target_blocks(args, tokenizer):
-    """The target task's validation sentences, one row each, sorted by length so that batches pad little
-    (evaluation only, never training)."""
+def target_texts(args):
+    """The target task's validation sentences (evaluation only, never training)."""
     task = load_target_task(args.eval_target, label_column=None, cache_dir=args.cache_dir, seed=args.split_seed)
-    encoded = tokenizer([s.lower() + EOS for s in task["validation"]["sentence"]], truncation=True,
-                        max_length=args.block_size)["input_ids"]
-    return [{"input_ids": ids} for ids in sorted(encoded, key=len)]
+    return list(task["validation"]["sentence"])
 
 
 def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, step, directory):
@@ -328,9 +327,11 @@ def finish(args, model, tokenizer, held_out, device, num_processes):
     """Final model + tokenizer in output_dir, perplexities, loss curve."""
     results = {"held_out_perplexity": perplexity(model, held_out, args.per_device_train_batch_size, device)
                if len(held_out) else None}
-    if args.eval_target:
-        results["target_validation_perplexity"] = perplexity(model, target_blocks(args, tokenizer),
-                                                             args.per_device_train_batch_size, device)
+    if args.eval_target:  # per token of this model's tokenizer, and per word: comparable across tokenizers
+        model.eval()
+        target = evaluate_language_model(model, tokenizer, target_texts(args), args.block_size,
+                                         args.per_device_train_batch_size)
+        results.update({f"target_validation_{k}": target[k] for k in ("perplexity", "word_perplexity")})
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     # model and tokenizer depend on the DP releases that chose their data (none for a random selection)

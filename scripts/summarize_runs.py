@@ -4,9 +4,11 @@
 
 Prints one table per run and writes it to RUN_DIR/summary.md. The metrics follow the task:
 accuracy for classification; perplexity and next-word accuracy for next-word prediction (lm).
+Perplexities are shown per word (comparable across the variants, each of which trains its own
+tokenizer) and per token (of each variant's own tokenizer).
 With --output_dir, also aggregates the runs over seeds (mean and sample standard deviation per
 model size, pre-training budget and variant) into table.md, table.csv, runs.csv (one row per
-run and variant) and a plot of the main test metric against pre-training words.
+run and variant) and a plot of the main test metric against pre-training words (per-word perplexity for lm).
 """
 
 import argparse
@@ -30,21 +32,26 @@ DP_VARIANTS = (("selective pre-training", "", "selected", "finetune"),
 NON_PRIVATE = ", non-private fine-tuning"
 VARIANTS = DP_VARIANTS + tuple((name + NON_PRIVATE, sub, selection, "non_private/finetune")
                                for name, sub, selection, _ in DP_VARIANTS)
-# task -> (column, label, format) of the fine-tuning metrics shown; the last is the plotted one
+# task -> (column, label, format) of the fine-tuning metrics shown, the headline first; and the plotted one
 TASK_METRICS = {
     "classification": (("val_accuracy", "val accuracy", "{:.4f}"), ("test_accuracy", "test accuracy", "{:.4f}")),
-    "lm": (("test_perplexity", "test perplexity", "{:.1f}"),
+    "lm": (("test_word_perplexity", "test perplexity per word", "{:.1f}"),
+           ("test_perplexity", "test perplexity per token", "{:.1f}"),
            ("test_next_token_accuracy", "test next-token accuracy", "{:.4f}"),
            ("test_next_word_accuracy", "test next-word accuracy", "{:.4f}")),
 }
+PLOTTED = {"classification": "test_accuracy", "lm": "test_word_perplexity"}
+# the pre-trained model's perplexity on the target's validation sentences (before any private data is used)
+TARGET_METRICS = (("target_word_perplexity", "target perplexity per word"),
+                  ("target_perplexity", "target perplexity per token"))
 # the non-private diagnostic of each pre-trained model (run_pipeline.sh --linear_probe), and the majority class
 PROBE_METRICS = ("probe_last_token", "probe_mean_pooled")
 MAJORITY = ("val_majority_share", "test_majority_share")
 RUN_FIELDS = ("run_dir", "task", "seed", "model_size", "budget_words", "variant", "finetuning", "pretraining_words",
-              "pretraining_tokens", "target_perplexity",
+              "pretraining_tokens", "target_word_perplexity", "target_perplexity",
               *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
               "total_epsilon", "delta", "dp_releases", "train_examples", *PROBE_METRICS, *MAJORITY)
-METRICS = ("target_perplexity", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
+METRICS = ("target_word_perplexity", "target_perplexity", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
            "total_epsilon", *PROBE_METRICS, *MAJORITY)
 
 
@@ -90,9 +97,10 @@ def summary_rows(run_dir):
             "finetuning": finetuning_of(results),
             "pretraining_words": report["selected_words"] if report else 0,
             "pretraining_tokens": (pretrained or {}).get("tokens_seen") if selection else 0,
+            "target_word_perplexity": pretrained.get("target_validation_word_perplexity") if pretrained else None,
             "target_perplexity": pretrained.get("target_validation_perplexity") if pretrained else None,
             **{metric: (results or {}).get(metric) for metric in METRICS if metric not in
-               ("target_perplexity", "total_epsilon", *PROBE_METRICS)},
+               ("target_word_perplexity", "target_perplexity", "total_epsilon", *PROBE_METRICS)},
             "probe_last_token": probe.get("val_accuracy_last_token"),
             "probe_mean_pooled": probe.get("val_accuracy_mean_pooled"),
             "total_epsilon": results["composed_epsilon"] if results else None,
@@ -115,11 +123,12 @@ def task_of(rows):
 def run_table(rows):
     """Markdown table of one run's variants."""
     metrics = TASK_METRICS[task_of(rows)]
-    lines = ["| variant | pre-training words | target perplexity | " + " | ".join(label for _, label, _ in metrics)
-             + " | total epsilon | delta | DP releases the model depends on |",
-             "|---" * (len(metrics) + 6) + "|"]
+    lines = ["| variant | pre-training words | " + " | ".join(label for _, label in TARGET_METRICS) + " | "
+             + " | ".join(label for _, label, _ in metrics) + " | total epsilon | delta | DP releases the model depends on |",
+             "|---" * (len(metrics) + len(TARGET_METRICS) + 5) + "|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['pretraining_words']:,} | {fmt(r['target_perplexity'], '{:.1f}')} | "
+        lines.append(f"| {r['variant']} | {r['pretraining_words']:,} | "
+                     + " | ".join(fmt(r[metric], '{:.1f}') for metric, _ in TARGET_METRICS) + " | "
                      + " | ".join(fmt(r[metric], pattern) for metric, _, pattern in metrics)
                      + f" | {fmt(r['total_epsilon'], '{:.3f}')} | {fmt(r['delta'], '{:.3g}')} | {r['dp_releases']} |")
     return "\n".join(lines) + "\n"
@@ -228,13 +237,15 @@ def write_markdown(path, table, task):
     metrics += [(metric, label, "{:.4f}") for metric, label in (
         ("probe_last_token", "probe, last token (not private)"), ("probe_mean_pooled", "probe, mean-pooled (not private)"),
         ("test_majority_share", "test majority share")) if any(e[f"{metric}_mean"] is not None for e in table)]
-    lines = ["| model | budget (words) | " + ("tokens seen | " if curve else "") + "variant | fine-tuned | seeds | target perplexity | "
+    lines = ["| model | budget (words) | " + ("tokens seen | " if curve else "") + "variant | fine-tuned | seeds | "
+             + " | ".join(label for _, label in TARGET_METRICS) + " | "
              + " | ".join(label for _, label, _ in metrics) + " | total epsilon |",
-             "|---" * (len(metrics) + 7 + curve) + "|"]
+             "|---" * (len(metrics) + len(TARGET_METRICS) + 6 + curve) + "|"]
     for e in table:
         lines.append(f"| {e['model_size']} | {fmt(e['budget_words'], '{:,}')} | "
                      + (f"{fmt(e['pretraining_tokens'], '{:,}')} | " if curve else "")
-                     + f"{e['variant']} | {e['finetuning']} | {e['seeds']} | {mean_std(e, 'target_perplexity', '{:.1f}')} | "
+                     + f"{e['variant']} | {e['finetuning']} | {e['seeds']} | "
+                     + " | ".join(mean_std(e, metric, '{:.1f}') for metric, _ in TARGET_METRICS) + " | "
                      + " | ".join(mean_std(e, metric, pattern) for metric, _, pattern in metrics)
                      + f" | {mean_std(e, 'total_epsilon', '{:.3f}')} |")
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
@@ -273,7 +284,7 @@ def plot_metric_vs_tokens(path, table, task):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = TASK_METRICS[task][-1][0]
+    metric = PLOTTED[task]
     if task == "classification" and all(e["test_accuracy_mean"] is None for e in table):
         metric = "val_accuracy"
     x_field = "pretraining_tokens" if is_learning_curve(table) else "pretraining_words"
@@ -306,7 +317,7 @@ def plot_metric_vs_tokens(path, table, task):
     axes.minorticks_off()
     unit = "tokens seen" if x_field == "pretraining_tokens" else "words"
     axes.set_xlabel(f"pre-training {unit} (log scale; series shifted apart)")
-    axes.set_ylabel(metric.replace("_", " ") + " (mean ± std over seeds)")
+    axes.set_ylabel(metric.replace("_", " ") + (" (lower is better; " if task == "lm" else " (") + "mean ± std over seeds)")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     figure.tight_layout()
@@ -316,14 +327,14 @@ def plot_metric_vs_tokens(path, table, task):
 
 
 def write_table(output_dir, rows):
-    """table.md, table.csv, runs.csv and the plot (accuracy_vs_tokens.png, or next_word_accuracy_vs_tokens.png)."""
+    """table.md, table.csv, runs.csv and the plot (accuracy_vs_tokens.png, or word_perplexity_vs_tokens.png)."""
     table, task = aggregate(rows), task_of(rows)
     os.makedirs(output_dir, exist_ok=True)
     write_markdown(os.path.join(output_dir, "table.md"), table, task)
     write_csv(os.path.join(output_dir, "table.csv"), table, list(table[0]) if table else ["model_size"])
     write_csv(os.path.join(output_dir, "runs.csv"), rows, RUN_FIELDS)
     if table:
-        name = "accuracy_vs_tokens.png" if task == "classification" else "next_word_accuracy_vs_tokens.png"
+        name = "accuracy_vs_tokens.png" if task == "classification" else "word_perplexity_vs_tokens.png"
         plot_metric_vs_tokens(os.path.join(output_dir, name), table, task)
     return table
 

@@ -64,6 +64,28 @@ def test_metrics_against_hand_computed_values(tokenizer):
     assert metrics["next_word_accuracy"] == pytest.approx(1 / 2)    # "b" right, "c" wrong
 
 
+def test_word_perplexity_divides_by_words_and_leaves_cut_messages_out(tokenizer):
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("a", "\u0120b", "c")}
+    eos = tokenizer.eos_token_id
+    assert encode_message(tokenizer, "a bc", 16) == [eos, ids["a"], ids["\u0120b"], ids["c"], eos]  # 2 words, 4 tokens
+    torch.manual_seed(0)
+    probabilities = torch.rand(len(tokenizer), len(tokenizer)) + 0.01
+    probabilities /= probabilities.sum(1, keepdim=True)
+    long_message = " ".join(["a b"] * 10)  # cut at max_length 8
+    metrics = evaluate_language_model(Bigram(probabilities.log()), tokenizer, ["a b", "a bc", long_message],
+                                      max_length=8)
+    p = probabilities
+    scored = [(eos, ids["a"]), (ids["a"], ids["\u0120b"]), (ids["\u0120b"], eos),
+              (eos, ids["a"]), (ids["a"], ids["\u0120b"]), (ids["\u0120b"], ids["c"]), (ids["c"], eos)]
+    nll = -sum(math.log(p[i, j].item()) for i, j in scored)
+    assert metrics["word_perplexity"] == pytest.approx(math.exp(nll / (3 + 3)), rel=1e-5)  # words + end of message
+    assert metrics["words"] == 6 and metrics["cut_messages"] == 1
+    cut = encode_message(tokenizer, long_message, 8)
+    assert len(cut) == 7 and cut[-1] != eos  # EOS + 6 tokens, no closing EOS
+    nll_cut = -sum(math.log(p[i, j].item()) for i, j in zip(cut[:-1], cut[1:]))
+    assert metrics["perplexity"] == pytest.approx(math.exp((nll + nll_cut) / (7 + 6)), rel=1e-5)  # all tokens
+
+
 def test_a_word_is_right_only_if_the_prediction_then_ends_it(tokenizer):
     ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("a", "\u0120b", "c")}
     eos = tokenizer.eos_token_id

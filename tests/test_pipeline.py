@@ -77,7 +77,7 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     for variant in ("selective pre-training", "random pre-training", "no pre-training"):
         assert f"| nano | {budget:,} | {variant} | all | 1 |" in table
     assert (base / "results" / "runs.csv").read_text().count("\n") == 4
-    assert (base / "results" / "next_word_accuracy_vs_tokens.png").stat().st_size > 1000
+    assert (base / "results" / "word_perplexity_vs_tokens.png").stat().st_size > 1000
 
 
 def test_completed_stages_are_skipped(smoke_run):

@@ -29,7 +29,8 @@ def fake_run(run_dir, seed, accuracies, budget=1000):
             write(base / "selected" / "selection_report.json",
                   {"budget_words": budget, "selected_words": budget + 7 + seed})
             write(base / "pretrained" / "eval_results.json",
-                  {"model_size": "nano", "target_validation_perplexity": 500.0 + 10 * seed + 50 * bool(sub)})
+                  {"model_size": "nano", "target_validation_perplexity": 500.0 + 10 * seed + 50 * bool(sub),
+                   "target_validation_word_perplexity": 900.0 + 20 * seed + 50 * bool(sub)})
 
 
 def test_table_over_seeds_has_the_mean_and_sample_std(tmp_path):
@@ -50,11 +51,14 @@ def test_table_over_seeds_has_the_mean_and_sample_std(tmp_path):
     assert float(table["no pre-training"]["pretraining_words"]) == 0
     assert float(table["random pre-training"]["pretraining_words"]) == 1008
     assert float(table["selective pre-training"]["target_perplexity_mean"]) == pytest.approx(510.0)
+    assert float(table["selective pre-training"]["target_word_perplexity_mean"]) == pytest.approx(920.0)
+    assert float(table["selective pre-training"]["target_word_perplexity_std"]) == pytest.approx(20.0)
     assert table["no pre-training"]["target_perplexity_mean"] == ""
 
     markdown = (tmp_path / "results" / "table.md").read_text()
-    assert "| nano | 1,000 | selective pre-training | all, last token | 3 | 510.0 ± 10.0 | 0.7200 ± 0.0265 | 0.7100 ± 0.0265 |" \
-        in markdown
+    assert "| seeds | target perplexity per word | target perplexity per token | val accuracy |" in markdown
+    assert "| nano | 1,000 | selective pre-training | all, last token | 3 | 920.0 ± 20.0 | 510.0 ± 10.0 | 0.7200 ± 0.0265 " \
+        "| 0.7100 ± 0.0265 |" in markdown
     with open(tmp_path / "results" / "runs.csv") as handle:
         runs = list(csv.DictReader(handle))
     assert len(runs) == 9 and {r["seed"] for r in runs} == {"0", "1", "2"}
@@ -66,9 +70,9 @@ def test_an_unfinished_run_is_reported_but_not_averaged(tmp_path, capsys):
     (tmp_path / "started" / "selected").mkdir(parents=True)
     summarize_runs.main([str(tmp_path / "done"), str(tmp_path / "started"), "--output_dir", str(tmp_path / "out")])
     output = capsys.readouterr().out
-    assert "| selective pre-training | 0 | n/a | n/a | n/a | n/a | n/a |  |" in output
-    assert "| selective pre-training | 1,007 | 500.0 | 0.7100 | 0.7000 | 3.990 | 1e-05 | domain_classifier + finetune |" \
-        in output
+    assert "| selective pre-training | 0 | n/a | n/a | n/a | n/a | n/a | n/a |  |" in output
+    assert "| selective pre-training | 1,007 | 900.0 | 500.0 | 0.7100 | 0.7000 | 3.990 | 1e-05 | domain_classifier + " \
+        "finetune |" in output
     with open(tmp_path / "out" / "table.csv") as handle:
         assert all(row["seeds"] == "1" for row in csv.DictReader(handle))
 
@@ -86,17 +90,19 @@ def test_language_modelling_runs_show_perplexity_and_next_word_accuracy(tmp_path
         run_dir = tmp_path / f"run{seed}"
         for sub, perplexity in zip(("", "baselines/random", "baselines/scratch"), perplexities):
             write((run_dir / sub if sub else run_dir) / "finetune" / "results.json", {
-                "task": "lm", "seed": seed, "test_perplexity": perplexity, "test_next_token_accuracy": 0.3,
+                "task": "lm", "seed": seed, "test_perplexity": perplexity, "test_word_perplexity": 2 * perplexity,
+                "test_next_token_accuracy": 0.3,
                 "test_next_word_accuracy": 10 / perplexity, "composed_epsilon": 4.0, "delta": 1e-5,
                 "ledger_stages": ["finetune"], "dp_releases": ["finetune"], "train_examples": 2000})
     summarize_runs.main([str(tmp_path / "run0"), str(tmp_path / "run1"), "--output_dir", str(tmp_path / "out")])
     summary = (tmp_path / "run0" / "summary.md").read_text()
-    assert "| variant | pre-training words | target perplexity | test perplexity | test next-token accuracy |" in summary
-    assert "| selective pre-training | 0 | n/a | 80.0 | 0.3000 | 0.1250 | 4.000 |" in summary
+    assert "| variant | pre-training words | target perplexity per word | target perplexity per token | test perplexity " \
+        "per word | test perplexity per token | test next-token accuracy |" in summary
+    assert "| selective pre-training | 0 | n/a | n/a | 160.0 | 80.0 | 0.3000 | 0.1250 | 4.000 |" in summary
     assert "2,000 private training examples" in summary and summary.split("\n", 2)[2] in capsys.readouterr().out
     table = (tmp_path / "out" / "table.md").read_text()
-    assert "| no pre-training | all | 2 | n/a | 145.0 ± 7.1 |" in table
-    assert (tmp_path / "out" / "next_word_accuracy_vs_tokens.png").exists()
+    assert "| no pre-training | all | 2 | n/a | n/a | 290.0 ± 14.1 | 145.0 ± 7.1 |" in table
+    assert (tmp_path / "out" / "word_perplexity_vs_tokens.png").exists()
 
 
 def test_a_learning_curve_is_grouped_by_tokens_seen_and_counts_no_pre_training_once_per_seed(tmp_path):
@@ -134,7 +140,8 @@ def test_a_learning_curve_is_grouped_by_tokens_seen_and_counts_no_pre_training_o
     markdown = (tmp_path / "curve" / "table.md").read_text()
     assert "| model | budget (words) | tokens seen | variant | fine-tuned |" in markdown
     assert "probe, last token (not private)" in markdown and "test majority share" in markdown
-    assert "| nano | 1,000 | 8,000,000 | selective pre-training | all, last token | 2 | 505.0 ± 7.1 | 0.6650 ± 0.0071 | 0.6550 ± 0.0071 |" \
+    assert "| nano | 1,000 | 8,000,000 | selective pre-training | all, last token | 2 | 910.0 ± 14.1 | 505.0 ± 7.1 | " \
+        "0.6650 ± 0.0071 | 0.6550 ± 0.0071 |" \
         in markdown
     assert (tmp_path / "curve" / "accuracy_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
     assert summarize_runs.is_learning_curve(summarize_runs.aggregate(summarize_runs.summary_rows(run_dirs[0]))) is False
