@@ -29,7 +29,7 @@ from datasets import Dataset, DatasetDict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
                                     add_train_fraction_argument, check_fraction, load_target_task,
-                                    private_data_id, remove_punctuation, stable_sample)
+                                    TEXT_COLUMN_HELP, private_data_id, remove_punctuation, stable_sample)
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
@@ -113,7 +113,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences_dir", required=True, help="stage 1's output")
     parser.add_argument("--target", default="demo", help="'demo', 'chat', 'glue/sst2', or local files")
-    parser.add_argument("--text_column", default="sentence")
+    parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP)
     parser.add_argument("--num_negatives", type=int, default=100_000,
                         help="public negatives in the training set: a fixed number, never derived from the private "
                              "data (the paper: 5 x 67,349 SST-2 sentences = 336,745)")

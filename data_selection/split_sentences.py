@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
-                                    load_public_corpus, load_target_task, remove_punctuation)
+                                    TEXT_COLUMN_HELP, load_public_corpus, load_target_task, remove_punctuation)
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
 
@@ -88,10 +88,10 @@ def _split_batch(batch, tokenizer, excluded):
 HELD_OUT_SPLITS = ("validation", "test")
 
 
-def target_sentences(spec, cache_dir, split_seed=0):
+def target_sentences(spec, cache_dir, split_seed=0, text_column=None):
     """Every text and sentence of the target task's held-out splits (validation, test), normalised
     (`remove_punctuation`). The training split, the private data of the DP stages, is never read."""
-    task = load_target_task(spec, label_column=None, cache_dir=cache_dir, seed=split_seed)
+    task = load_target_task(spec, text_column, label_column=None, cache_dir=cache_dir, seed=split_seed)
     tokenizer = PunktSentenceTokenizer(PunktParameters())
     tokenizer._params.abbrev_types.update(COMMON_ABBREVIATIONS)
     excluded = set()
@@ -151,7 +151,9 @@ def main(argv=None):
     parser.add_argument("--corpus", nargs="+", default=["demo"],
                         help="'demo' (about 15M words), 'demo-small' (2.9M), hub names (wikipedia bookcorpus), or "
                              "local files/directories")
-    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP)
+    parser.add_argument("--target_text_column", default=None, help="--exclude_target's text column (local files); "
+                        "default 'text', else 'sentence'")
     parser.add_argument("--exclude_target", default=None,
                         help="drop public sentences equal, once normalised (lowercase, no punctuation, single "
                              "spaces), to a text or sentence of this target task's validation or test split, so "
@@ -176,7 +178,8 @@ def main(argv=None):
     if args.max_documents is not None and args.max_documents < len(documents):
         documents = documents.shuffle(seed=0).select(range(args.max_documents)).flatten_indices()
     exclude = args.exclude_target or ("demo" if args.corpus in (["demo"], ["demo-small"]) else None)
-    excluded = frozenset(target_sentences(exclude, args.cache_dir, args.split_seed)) if exclude else frozenset()
+    excluded = (frozenset(target_sentences(exclude, args.cache_dir, args.split_seed, args.target_text_column))
+                if exclude else frozenset())
     tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else
                                   documents.select(range(100_000))["text"])
     output.claim(work_dir)

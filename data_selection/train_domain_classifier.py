@@ -8,7 +8,8 @@
 Training uses the shared DP loop (Poisson sampling, exact clipping, noise, an entry in
 the run's privacy ledger). The private data are the target sentences (the positives), so
 delta defaults to 1 / (10 x positives). The release, the classifier with its
-`privacy.json`, goes to `<output_dir>/classifier`; the private training state (beside the
+`privacy.json` and `validation.json` (accuracy and AUC on held-out data after every epoch), goes to
+`<output_dir>/classifier`; the private training state (beside the
 output, in `<output_dir>.private`, resumed with --resume_from_checkpoint) is deleted once it
 is written. Scores (in-domain probability and logit margin) to
 `<output_dir>/scores/shard-NNNNN.npz`, one shard at a time, so a killed run resumes at the
@@ -40,6 +41,7 @@ from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_trai
                                       sequence_classification_losses)
 
 SCORES_COMPLETE = "complete.json"
+VALIDATION_FILE = "validation.json"  # in the release: validation accuracy and AUC after every epoch
 
 
 def parse_args(argv=None):
@@ -80,8 +82,16 @@ def train(args, accelerator):
                         private_examples=positives)
     trainer.train()
     tmp = os.path.join(args.output_dir, "classifier.tmp")
-    trainer.release(lambda directory: save_classifier(trainer.model, directory, args.backbone,
-                                                      args.model_name_or_path), tmp)
+
+    def save(directory):
+        save_classifier(trainer.model, directory, args.backbone, args.model_name_or_path)
+        per_epoch = [{**{k: v for k, v in r.items() if k != "epsilon"}, "epsilon": r["epsilon"]["epsilon"]}
+                     for r in trainer.history]
+        write_json(os.path.join(directory, VALIDATION_FILE), {
+            "held_out": "the target's validation texts (label 1) against public sentences (label 0), at most "
+                        f"{len(held_out):,} of them: evaluation only, outside the DP guarantee as every held-out split",
+            **{k: v for k, v in per_epoch[-1].items() if k.startswith("val_")}, "per_epoch": per_epoch})
+    trainer.release(save, tmp)
     if accelerator.is_main_process:
         shutil.rmtree(os.path.join(args.output_dir, "classifier"), ignore_errors=True)
         os.replace(tmp, os.path.join(args.output_dir, "classifier"))

@@ -44,7 +44,7 @@ from transformers.utils import logging as transformers_logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
                                     add_train_fraction_argument, check_fraction, load_target_task, majority_share,
-                                    private_data_id, stable_sample)
+                                    private_data_id, stable_sample, TEXT_COLUMN_HELP)
 from dp_finetuning import privacy_ledger  # noqa: E402
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     parser.add_argument("--random_init", action="store_true",
                         help="random weights (no pre-training); the checkpoint's config and tokenizer are kept")
     parser.add_argument("--target", default="demo", help="'demo', 'chat' (--task lm), 'glue/sst2' or local files")
-    parser.add_argument("--text_column", default="sentence")
+    parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP)
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--freeze", choices=FREEZE_CHOICES, default="none",
@@ -236,6 +236,9 @@ def main(argv=None):
         "task": args.task, "model_name_or_path": args.model_name_or_path, "random_init": args.random_init,
         "freeze": args.freeze, "lora_r": args.lora_r, "pooling": args.pooling, "target": args.target,
         "train_examples": len(train_set),
+        # the held-out examples evaluated (next-word prediction: at most --max_eval_samples of each split)
+        "eval_examples": {split: min(len(task[split]), args.max_eval_samples if lm and args.max_eval_samples else
+                                     len(task[split])) for split in ("validation", "test") if split in task},
         # with --deterministic_dp the seed is the DP randomness, so it stays out of the release
         **({} if args.deterministic_dp else {"seed": args.seed}),
         "dp_randomness": report["dp_randomness"],

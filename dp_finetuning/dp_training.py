@@ -60,6 +60,7 @@ STATE_FILE = "training_state.pt"
 # How the logical batch is cut into micro-batches and spread over processes: not part of the mechanism
 MICRO_BATCHING = frozenset({"per_device_train_batch_size", "gradient_accumulation_steps"})
 PRIVATE_SUFFIX = ".private"
+FEW_STEPS = 20  # fewer noisy steps than this: the run says how to get more (small private sets)
 ADJACENCY = {"poisson": "add or remove one private example",
              "shuffle": "zero-out: one private example replaced by one that contributes nothing (the shuffle "
                         "sampling's accounting, one Gaussian per epoch at sensitivity C)"}
@@ -334,6 +335,10 @@ class DPTrainer:
                    f"(q={self.sample_rate:.4g}, {self.args.sampling}), {self.total_steps} steps, noise multiplier "
                    f"{self.noise_multiplier:.4g}, clip {self.args.max_grad_norm}, delta {self.delta:.3g}"
                    + ("" if self.step == 0 else f"; resumed at step {self.step}"))
+        if self.total_steps < FEW_STEPS and self.noise_multiplier > 0:
+            self.print(f"note: {self.total_steps} noisy steps are few for {self.num_examples:,} examples; more come from "
+                       "more epochs (--num_train_epochs) or a smaller logical batch (--per_device_train_batch_size x "
+                       "--gradient_accumulation_steps): docs/own_data.md, small private sets")
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
                         disable=not self.accelerator.is_main_process)
         while self.step < self.total_steps:

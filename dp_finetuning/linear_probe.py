@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.atomic_io import write_json  # noqa: E402
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage  # noqa: E402
 from data_selection.sources import (DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task,  # noqa: E402
-                                    majority_share)
+                                    majority_share, TEXT_COLUMN_HELP)
 
 
 @torch.no_grad()
@@ -80,7 +80,7 @@ def add_model_and_target_arguments(parser, model_help, max_length):
     parser.add_argument("--model_name_or_path", required=True, help=model_help)
     parser.add_argument("--random_init", action="store_true", help="fresh weights of the same config")
     parser.add_argument("--target", default="demo", help="a classification target: 'demo', 'glue/sst2' or local files")
-    parser.add_argument("--text_column", default="sentence")
+    parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP)
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--max_length", type=int, default=max_length)
 

@@ -119,6 +119,8 @@ def parse_args(argv=None):
     parser.add_argument("--validation_split_percentage", type=float, default=5)
     parser.add_argument("--eval_target", default=None,
                         help="target task whose validation sentences are evaluated (demo, glue/sst2, files)")
+    parser.add_argument("--target_text_column", default=None, help="--eval_target's text column (local files); "
+                        "default 'text', else 'sentence'")
     parser.add_argument("--checkpointing_steps", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N directory, or 'latest'")
     parser.add_argument("--logging_steps", type=int, default=10)
@@ -230,7 +232,8 @@ def perplexity(model, blocks, batch_size, device):
 
 def target_texts(args):
     """The target task's validation sentences (evaluation only, never training)."""
-    task = load_target_task(args.eval_target, label_column=None, cache_dir=args.cache_dir, seed=args.split_seed)
+    task = load_target_task(args.eval_target, args.target_text_column, label_column=None, cache_dir=args.cache_dir,
+                            seed=args.split_seed)
     return list(task["validation"]["sentence"])
 
 

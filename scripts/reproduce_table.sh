@@ -3,7 +3,8 @@
 # fine-tuning after selective pre-training, after random pre-training of the same budget, and
 # without pre-training, over several seeds, token budgets and model sizes.
 #
-#   bash scripts/reproduce_table.sh [--task lm|classification] [--target T] [--preset demo|cpu|smoke|paper]
+#   bash scripts/reproduce_table.sh [--task lm|classification] [--target T] [--corpus C [C ...]]
+#        [--text_column NAME] [--label_column NAME] [--preset demo|cpu|smoke|paper]
 #        [--seeds "0 1 2"] [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
 #        [--pretrain_tokens "1 4 16"] [--runs_dir DIR] [--output_dir results/TASK] [--non_private]
 #        [--linear_probe] [--redo_changed] [--dry_run]
@@ -17,6 +18,8 @@
 # seeds), table.csv, runs.csv (one row per run and variant) and accuracy_vs_tokens.png.
 # --non_private adds, per variant, fine-tuning without noise (epsilon infinite): the cost of privacy.
 # --linear_probe (classification) adds the non-private frozen-feature diagnostic of every pre-trained model.
+# --corpus, --target, --text_column and --label_column take your own data, as in run_pipeline.sh; the preset
+# (scripts/presets/<name>.sh) gives every other hyper-parameter.
 set -euo pipefail
 for arg in "$@"; do  # -h, --help: the header above
   case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
@@ -24,13 +27,17 @@ done
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""
-PRETRAIN_TOKENS=""
+PRETRAIN_TOKENS="" USER_CORPUS=()
 DRY_RUN=() EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
     --task) TASK=$2; shift 2 ;;
     --target) TARGET=(--target "$2"); shift 2 ;;
+    --corpus) shift  # one or more values, up to the next flag
+      while [ $# -gt 0 ] && [[ "$1" != --* ]]; do USER_CORPUS+=("$1"); shift; done
+      [ ${#USER_CORPUS[@]} -gt 0 ] || { echo "reproduce_table.sh: --corpus needs files, directories or corpus names" >&2; exit 2; } ;;
+    --text_column|--label_column|--train_fraction) EXTRA+=("$1" "$2"); shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
     --num_tokens) NUM_TOKENS=$2; shift 2 ;;
     --model_sizes) MODEL_SIZES=$2; shift 2 ;;
@@ -43,15 +50,13 @@ while [ $# -gt 0 ]; do
     *) echo "reproduce_table.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-case "$PRESET" in  # the presets' own budget and model size (scripts/run_pipeline.sh)
-  smoke) NUM_TOKENS=${NUM_TOKENS:-0.2} MODEL_SIZES=${MODEL_SIZES:-nano} ;;
-  demo|cpu) NUM_TOKENS=${NUM_TOKENS:-0.1} MODEL_SIZES=${MODEL_SIZES:-micro} ;;
-  paper) NUM_TOKENS=${NUM_TOKENS:-40} MODEL_SIZES=${MODEL_SIZES:-tiny} ;;
-  *) echo "reproduce_table.sh: unknown preset '$PRESET' (smoke, demo, cpu, paper)" >&2; exit 2 ;;
-esac
-if [ -z "$TASK" ]; then  # as run_pipeline.sh: the cpu preset is for classification
-  if [ "$PRESET" = cpu ]; then TASK=classification; else TASK=lm; fi
-fi
+case "$PRESET" in ''|*[!a-z0-9_-]*) PRESET_FILE="" ;; *) PRESET_FILE="scripts/presets/$PRESET.sh" ;; esac
+[ -n "$PRESET_FILE" ] && [ -f "$PRESET_FILE" ] || {
+  echo "reproduce_table.sh: unknown preset '$PRESET' ($(cd scripts/presets && ls -- *.sh | sed 's/\.sh$//' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2; }
+source "$PRESET_FILE"  # its budget, model size, task and corpus, as run_pipeline.sh reads them
+NUM_TOKENS=${NUM_TOKENS:-$PRESET_NUM_TOKENS} MODEL_SIZES=${MODEL_SIZES:-$PRESET_MODEL_SIZE} TASK=${TASK:-$DEFAULT_TASK}
+# every run names the corpus, so that the shared stage 1 output is checked against it, never reused unseen
+if [ ${#USER_CORPUS[@]} -gt 0 ]; then CORPUS=("${USER_CORPUS[@]}"); fi
 for seed in $SEEDS; do
   case "$seed" in ''|*[!0-9]*) echo "reproduce_table.sh: --seeds takes integers, got '$seed'" >&2; exit 2 ;; esac
 done
@@ -71,7 +76,7 @@ for size in $MODEL_SIZES; do
         echo "=== model $size, budget $tokens, pre-training $length, seed $seed -> $run_dir"
         bash scripts/run_pipeline.sh --preset "$PRESET" --task "$TASK" "${TARGET[@]}" --run_dir "$run_dir" \
           --seed "$seed" --num_tokens "$tokens" --model_size "$size" "${LENGTH[@]}" --total_epsilon "$TOTAL_EPSILON" \
-          --sentences_dir "$RUNS_DIR/sentences" "${EXTRA[@]}" "${DRY_RUN[@]}"
+          --sentences_dir "$RUNS_DIR/sentences" --corpus "${CORPUS[@]}" "${EXTRA[@]}" "${DRY_RUN[@]}"
         run_dirs+=("$run_dir")
       done
     done

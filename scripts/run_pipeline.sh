@@ -2,30 +2,39 @@
 # The whole pipeline, stages 1 to 6: DP fine-tuning after selective pre-training, after random
 # pre-training of the same budget, and without pre-training, at one total privacy budget.
 #
-#   bash scripts/run_pipeline.sh [--task lm|classification] [--target T] [--preset smoke|demo|cpu|paper]
+#   bash scripts/run_pipeline.sh [--task lm|classification] [--target T] [--corpus C [C ...]]
+#                                [--text_column NAME] [--label_column NAME] [--preset smoke|demo|cpu|paper]
 #                                [--run_dir DIR] [--seed N] [--total_epsilon E] [--num_tokens M]
-#                                [--model_size S] [--pretrain_tokens M] [--sentences_dir DIR] [--until STAGE]
+#                                [--model_size S] [--pretrain_tokens M] [--train_fraction F]
+#                                [--sentences_dir DIR] [--until STAGE]
 #                                [--non_private] [--linear_probe] [--force] [--redo_changed] [--dry_run]
 #
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
-# overrides the task's target (local files work for both). Presets: demo (default; the offline demo
-# data, about 12 minutes on 2 CPU cores), cpu (classification by default: the demo data with 16M tokens of
-# pre-training per variant, the learning curve's largest length; each pre-training about 30 minutes on 2 cores, about
-# 75 minutes per seed in all), smoke
-# (a few minutes; what the tests run), paper (the reference hyper-parameters on hub data, for GPUs; with
-# --task lm it needs --target).
+# overrides the task's target, --corpus the preset's public corpus: your own data, local files or
+# directories (docs/own_data.md). --text_column names the text column of both (default 'text', else
+# 'sentence'), --label_column the target's 0/1 labels (classification; default 'label'); your data is
+# checked before stage 1 (scripts/check_data.py). Presets, every stage's hyper-parameters in one file each
+# (scripts/presets/<name>.sh): demo (default; the offline demo data, about 12 minutes on 2 CPU cores), cpu
+# (classification by default: the demo data with 16M tokens of pre-training per variant, the learning
+# curve's largest length; about 75 minutes per seed on 2 cores), smoke (a few minutes; what the tests
+# run), paper (the reference hyper-parameters on hub data, for GPUs; with --task lm it needs --target).
 # A stage whose complete output exists is skipped, so a killed run resumes where it stopped;
-# --force deletes the run directory's outputs first (its privacy ledgers stay: what was released stays recorded). A stage whose output was made with other settings or
-# inputs stops the run with one line naming them; --redo_changed redoes it and what depends on it.
+# --force deletes the run directory's outputs first (its privacy ledgers stay: what was released stays
+# recorded). A stage whose output was made with other settings or inputs stops the run with one line
+# naming them; --redo_changed redoes it and what depends on it.
 # --non_private also fine-tunes every variant without noise (clipping only, epsilon infinite), into
 # <variant>/non_private/finetune with a ledger of its own: the ceiling that shows the cost of privacy (for
 # classification in the demo and cpu presets, every parameter trained in batches of 32, where DP trains the head
 # alone). --num_tokens (stage 4's budget: a fraction of the corpus's words below 1, millions of words from 1),
-# --model_size and --pretrain_tokens (stage 5's length in millions of tokens seen) override the preset;
+# --model_size and --pretrain_tokens (stage 5's length in millions of tokens seen) override the preset, and
+# --train_fraction the share of the target's training examples that stages 2 and 6 use (the presets subsample
+# chat and demo to CPU scale; another target is used whole by default);
 # --linear_probe (classification) adds a non-private diagnostic of each pre-trained model's frozen features
-# (dp_finetuning/linear_probe.py); --sentences_dir reads (or writes) stage 1's output
-# there instead of in the run directory, so that several runs share it. Layout of the run directory:
+# (dp_finetuning/linear_probe.py). --sentences_dir reads (or writes) stage 1's output there instead of in
+# the run directory, so that several runs share it; given without --corpus, a complete stage 1 output there
+# is used as it is (split_sentences.py run by hand on your corpus), with --corpus it is checked against it.
+# Layout of the run directory:
 #   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
 #   privacy_ledger.json holds the domain classifier and the fine-tuning)
 #   baselines/random/{selected,pretrained,finetune}/ and baselines/scratch/finetune/ (their own ledgers; the
@@ -37,10 +46,17 @@ done
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
-SENTENCES="" NON_PRIVATE=0 REDO=() PRETRAIN_TOKENS="" LINEAR_PROBE=0
+SENTENCES="" NON_PRIVATE=0 REDO=() PRETRAIN_TOKENS="" LINEAR_PROBE=0 USER_CORPUS=() TEXT=() LABEL=()
+TRAIN_FRACTION=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
+    --corpus) shift  # one or more values, up to the next flag
+      while [ $# -gt 0 ] && [[ "$1" != --* ]]; do USER_CORPUS+=("$1"); shift; done
+      [ ${#USER_CORPUS[@]} -gt 0 ] || { echo "run_pipeline.sh: --corpus needs files, directories or corpus names" >&2; exit 2; } ;;
+    --text_column) TEXT=(--text_column "$2"); shift 2 ;;
+    --train_fraction) TRAIN_FRACTION=$2; shift 2 ;;
+    --label_column) LABEL=(--label_column "$2"); shift 2 ;;
     --task) TASK=$2; shift 2 ;;
     --target) TARGET=$2; shift 2 ;;
     --run_dir) RUN_DIR=$2; shift 2 ;;
@@ -61,79 +77,49 @@ while [ $# -gt 0 ]; do
 done
 
 NUM_PROCESSES=${NUM_PROCESSES:-1}
-if [ -z "$TASK" ]; then
-  if [ "$PRESET" = cpu ]; then TASK=classification; else TASK=lm; fi
-fi
+# The preset: every stage's hyper-parameters (scripts/presets/<preset>.sh; --non_private adds
+# CEILING_CLASSIFICATION's flags, which override FINETUNE_CLASSIFICATION's, to the noiseless classification runs).
+case "$PRESET" in ''|*[!a-z0-9_-]*) PRESET_FILE="" ;; *) PRESET_FILE="scripts/presets/$PRESET.sh" ;; esac
+[ -n "$PRESET_FILE" ] && [ -f "$PRESET_FILE" ] || {
+  echo "run_pipeline.sh: unknown preset '$PRESET' ($(cd scripts/presets && ls -- *.sh | sed 's/\.sh$//' | paste -sd, | sed 's/,/, /g'))" >&2; exit 2; }
+PRESET_PRETRAIN_TOKENS=""
+source "$PRESET_FILE"
+TASK=${TASK:-$DEFAULT_TASK} PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-$PRESET_PRETRAIN_TOKENS}
 case "$TASK" in
   lm|classification) ;;
   *) echo "run_pipeline.sh: unknown task '$TASK' (lm, classification)" >&2; exit 2 ;;
 esac
-# The presets: stage 1 corpus, stage 2 classifier data, stage 3 classifier, stage 4 budget, stage 5 pre-training,
-# stage 6 fine-tuning (FINETUNE_LM or FINETUNE_CLASSIFICATION by --task; --non_private adds CEILING_CLASSIFICATION's
-# flags, which override those, to the noiseless classification runs).
-CEILING_CLASSIFICATION=()
-case "$PRESET" in
-  smoke)
-    CORPUS=(--corpus demo-small --max_documents 800)
-    CLASSIFIER_DATA_LM=(--num_negatives 3000 --od_data_size 1 --train_fraction 0.013 --max_eval_samples 500)
-    CLASSIFIER_DATA_CLASSIFICATION=(--num_negatives 3000 --od_data_size 1 --train_fraction 0.28 --max_eval_samples 500)
-    CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 2
-                --learning_rate 0.1 --num_train_epochs 2)
-    BUDGET=(--num_tokens "${NUM_TOKENS:-0.2}" --document_weight 0.7)
-    PRETRAIN=(--model_size "${MODEL_SIZE:-nano}" --vocab_size 2000 --block_size 64 --per_device_train_batch_size 16
-              --learning_rate 1e-3 --max_train_steps 20 --logging_steps 2 --checkpointing_steps 10)
-    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
-                             --num_train_epochs 1 --max_length 48 --freeze embeddings --train_fraction 0.2)
-    FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
-                 --num_train_epochs 1 --max_length 32 --train_fraction 0.009 --max_eval_samples 200)
-    TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
-  demo|cpu)  # cpu: the demo with 16M tokens of pre-training (the learning curve's largest length)
-    CORPUS=(--corpus demo)
-    # stage 2: a fixed number of public negatives (never derived from the private count); about 5 per positive
-    CLASSIFIER_DATA_LM=(--num_negatives 100000 --train_fraction 0.09 --max_eval_samples 2000)
-    CLASSIFIER_DATA_CLASSIFICATION=(--num_negatives 50000 --max_eval_samples 2000)
-    CLASSIFIER=(--target_epsilon 1 --per_device_train_batch_size 512 --gradient_accumulation_steps 16
-                --learning_rate 0.1 --num_train_epochs 6)
-    BUDGET=(--num_tokens "${NUM_TOKENS:-0.1}" --document_weight 0.7)
-    PRETRAIN=(--model_size "${MODEL_SIZE:-micro}" --vocab_size 4096 --block_size 128 --per_device_train_batch_size 32
-              --learning_rate 1e-3 --max_train_steps 300 --checkpointing_steps 100)
-    if [ "$PRESET" = cpu ]; then PRETRAIN_TOKENS=${PRETRAIN_TOKENS:-16}; fi
-    # DP: only the head (and final LayerNorm), on the mean-pooled features: the README's recipe search. The
-    # non-private ceiling trains every parameter on the last token in batches of 32 (about 1,000 steps), the best
-    # of the recipes tried without noise (results/classification_tuning/tuning_ceiling_random16M_seed0.md).
-    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 1e-1
-                             --num_train_epochs 10 --max_length 64 --freeze body --pooling mean)
-    CEILING_CLASSIFICATION=(--freeze none --pooling last --per_device_train_batch_size 32 --gradient_accumulation_steps 1
-                            --learning_rate 3e-4 --num_train_epochs 3)
-    FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
-                 --num_train_epochs 3 --max_length 48 --train_fraction 0.05 --max_eval_samples 2000)
-    TARGETS=(chat demo) DEFAULT_EPSILON=4 ;;
-  paper)
-    CORPUS=(--corpus wikipedia bookcorpus)
-    CLASSIFIER_DATA_LM=(--num_negatives 336745) CLASSIFIER_DATA_CLASSIFICATION=(--num_negatives 336745)  # 5 x 67,349
-    CLASSIFIER=(--backbone transformer --model_name_or_path bert-base-uncased --noise_multiplier 1.4
-                --per_device_train_batch_size 64 --gradient_accumulation_steps 32 --learning_rate 1e-3
-                --num_train_epochs 3)
-    BUDGET=(--num_tokens "${NUM_TOKENS:-40}")
-    PRETRAIN=(--model_size "${MODEL_SIZE:-tiny}" --block_size 128 --per_device_train_batch_size 32 --learning_rate 3e-4
-              --max_train_steps 1000000 --checkpointing_steps 10000)
-    FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
-                             --num_train_epochs 30)
-    FINETUNE_LM=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
-                 --num_train_epochs 30 --max_length 128)
-    TARGETS=("" glue/sst2) DEFAULT_EPSILON=4 ;;
-  *) echo "run_pipeline.sh: unknown preset '$PRESET' (smoke, demo, cpu, paper)" >&2; exit 2 ;;
-esac
+BUDGET=(--num_tokens "${NUM_TOKENS:-$PRESET_NUM_TOKENS}" "${BUDGET[@]}")
+PRETRAIN=(--model_size "${MODEL_SIZE:-$PRESET_MODEL_SIZE}" "${PRETRAIN[@]}")
 if [ "$TASK" = lm ]; then
-  TARGET=${TARGET:-${TARGETS[0]}} FINETUNE=(--task lm "${FINETUNE_LM[@]}") CEILING=()
+  TARGET=${TARGET:-${TARGETS[0]}} FINETUNE=(--task lm "${FINETUNE_LM[@]}" "${TEXT[@]}") CEILING=()
   CLASSIFIER_DATA=("${CLASSIFIER_DATA_LM[@]}")
 else
-  TARGET=${TARGET:-${TARGETS[1]}} FINETUNE=("${FINETUNE_CLASSIFICATION[@]}") CEILING=("${CEILING_CLASSIFICATION[@]}")
+  TARGET=${TARGET:-${TARGETS[1]}} FINETUNE=("${FINETUNE_CLASSIFICATION[@]}" "${TEXT[@]}" "${LABEL[@]}") CEILING=("${CEILING_CLASSIFICATION[@]}")
   CLASSIFIER_DATA=("${CLASSIFIER_DATA_CLASSIFICATION[@]}")
 fi
 if [ -z "$TARGET" ]; then
   echo "run_pipeline.sh: --preset $PRESET --task $TASK needs --target (a hub dataset or local files of messages)" >&2
   exit 2
+fi
+without_train_fraction() {  # ARRAY_NAME: the array less its --train_fraction F
+  local -n flags=$1
+  local kept=() i=0
+  while [ $i -lt ${#flags[@]} ]; do
+    if [ "${flags[$i]}" = --train_fraction ]; then i=$((i + 2)); else kept+=("${flags[$i]}"); i=$((i + 1)); fi
+  done
+  flags=("${kept[@]}")
+}
+# The presets' --train_fraction subsamples their own targets (chat, demo) to CPU scale: another target is used
+# whole, unless --train_fraction says otherwise (stages 2 and 6 alike).
+if [ -n "$TRAIN_FRACTION" ] || [[ " ${TARGETS[*]} " != *" $TARGET "* ]]; then
+  without_train_fraction CLASSIFIER_DATA
+  without_train_fraction FINETUNE
+fi
+if [ -n "$TRAIN_FRACTION" ]; then
+  awk -v x="$TRAIN_FRACTION" 'BEGIN { exit !(x ~ /^[0-9]*\.?[0-9]+$/ && x > 0 && x <= 1) }' || {
+    echo "run_pipeline.sh: --train_fraction takes a number in (0, 1], got '$TRAIN_FRACTION'" >&2; exit 2; }
+  CLASSIFIER_DATA+=(--train_fraction "$TRAIN_FRACTION") FINETUNE+=(--train_fraction "$TRAIN_FRACTION")
 fi
 RUN_DIR=${RUN_DIR:-runs/${PRESET}_$TASK}
 case "$UNTIL" in [1-6]) ;; *) echo "run_pipeline.sh: --until takes a stage number from 1 to 6, got '$UNTIL'" >&2; exit 2 ;; esac
@@ -158,6 +144,16 @@ esac
 if [ -n "$SENTENCES" ] && [ -e "$SENTENCES" ] && [ ! -d "$SENTENCES" ]; then
   echo "run_pipeline.sh: --sentences_dir $SENTENCES: not a directory" >&2; exit 2
 fi
+for spec in "${USER_CORPUS[@]}"; do
+  case "$spec" in demo|demo-small|wikipedia|bookcorpus) ;;
+    *) [ -e "$spec" ] || { echo "run_pipeline.sh: --corpus $spec: no such file or directory (nor 'demo', 'demo-small', 'wikipedia', 'bookcorpus')" >&2; exit 2; } ;;
+  esac
+done
+# stage 1's output given without --corpus: reused as it is, whatever corpus it was made from
+REUSE_SENTENCES=0
+if [ -n "$SENTENCES" ] && [ ${#USER_CORPUS[@]} = 0 ] && [ -f "$SENTENCES/stats.json" ]; then REUSE_SENTENCES=1; fi
+if [ ${#USER_CORPUS[@]} -gt 0 ]; then CORPUS=("${USER_CORPUS[@]}"); fi
+CORPUS=(--corpus "${CORPUS[@]}" "${CORPUS_FLAGS[@]}" "${TEXT[@]}")
 for i in "${!CLASSIFIER[@]}"; do
   if [ "${CLASSIFIER[$i]}" = --target_epsilon ] && ! awk -v t="$TOTAL_EPSILON" -v c="${CLASSIFIER[$((i + 1))]}" 'BEGIN { exit !(t > c) }'; then
     echo "run_pipeline.sh: --total_epsilon $TOTAL_EPSILON leaves nothing for fine-tuning: the domain classifier alone spends ${CLASSIFIER[$((i + 1))]}" >&2
@@ -179,6 +175,8 @@ launch() {  # several processes for the stages that use them
 
 if [ "$DRY_RUN" = 0 ]; then
   source scripts/setup_venv.sh
+  # your own data: its columns, labels and splits, before any stage runs
+  python scripts/check_data.py --task "$TASK" --target "$TARGET" --corpus "${USER_CORPUS[@]}" "${TEXT[@]}" "${LABEL[@]}"
   if [ "$FORCE" = 1 ] && [ -d "$RUN_DIR" ]; then
     # everything but the privacy ledgers: their releases stay in the history (as superseded once deleted)
     find "$RUN_DIR" -mindepth 1 ! -type d ! -name privacy_ledger.json ! -name privacy_ledger.json.lock -delete
@@ -190,9 +188,13 @@ start=$(date +%s)
 R=$RUN_DIR B=$RUN_DIR/baselines S=${SENTENCES:-$RUN_DIR/sentences}
 
 stage 1 "sentences"
-run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$S" "${REDO[@]}"
+if [ "$REUSE_SENTENCES" = 1 ]; then
+  echo "reusing $S, stage 1's output as it is (made from: $(tr -d ' \n' < "$S/stage_signature.json" 2>/dev/null | grep -o '"corpus":\[[^]]*\]' || echo 'unrecorded'); --corpus checks it against one)"
+else
+  run python data_selection/split_sentences.py "${CORPUS[@]}" --output_dir "$S" "${REDO[@]}"
+fi
 stage 2 "domain-classifier data"
-run python data_selection/build_classifier_data.py --sentences_dir "$S" --target "$TARGET" \
+run python data_selection/build_classifier_data.py --sentences_dir "$S" --target "$TARGET" "${TEXT[@]}" \
   "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED" "${REDO[@]}"
 stage 3 "DP domain classifier and scores"
 launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$S" \
@@ -205,11 +207,12 @@ run python data_selection/sampling_with_logits.py --sentences_dir "$S" --random 
 stage 5 "pre-training"
 for variant in "$R" "$B/random"; do
   launch pretraining/pretrain_gpt2.py --dataset_path "$variant/selected" "${PRETRAIN[@]}" --eval_target "$TARGET" \
+    ${TEXT[@]+--target_text_column "${TEXT[1]}"} \
     --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}"
 done
 if [ "$LINEAR_PROBE" = 1 ]; then
   echo "== stage 5 diagnostic, not private: logistic regression on frozen features (--linear_probe)"
-  PROBE=(--target "$TARGET" --seed "$SEED" "${REDO[@]}")
+  PROBE=(--target "$TARGET" "${TEXT[@]}" "${LABEL[@]}" --seed "$SEED" "${REDO[@]}")
   run python dp_finetuning/linear_probe.py --model_name_or_path "$R/pretrained" "${PROBE[@]}" --output_dir "$R/linear_probe"
   run python dp_finetuning/linear_probe.py --model_name_or_path "$B/random/pretrained" "${PROBE[@]}" \
     --output_dir "$B/random/linear_probe"

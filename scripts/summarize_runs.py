@@ -153,14 +153,46 @@ def run_directory_composition(run_dir):
     return "\n".join(lines)
 
 
+def split_sizes_line(run_dir, rows):
+    """The private examples fine-tuned on and the held-out examples evaluated, from the selective run's results."""
+    examples = {r["train_examples"] for r in rows if r["train_examples"]}
+    if not examples:
+        return ""
+    evaluated = (read_json(os.path.join(run_dir, "finetune", "results.json")) or {}).get("eval_examples", {})
+    held_out = " and ".join(f"{count:,} {split}" for split, count in evaluated.items())
+    return (f"DP fine-tuning on {', '.join(f'{n:,}' for n in sorted(examples))} private training examples (see "
+            "--train_fraction)" + (f", evaluated on {held_out} examples" if held_out else "") + ".")
+
+
+def classifier_line(run_dir):
+    validation = read_json(os.path.join(run_dir, "domain_classifier", "classifier", "validation.json"))
+    if not validation:
+        return ""
+    return (f"DP domain classifier on held-out data: validation AUC {validation['val_auc']:.3f}, accuracy "
+            f"{validation['val_accuracy']:.3f} (domain_classifier/classifier/validation.json).")
+
+
+def source_table(run_dir):
+    """Each source's share of the corpus's words and of the selective and random selections, largest ratio first."""
+    selective = read_json(os.path.join(run_dir, "selected", "selection_report.json"))
+    if not selective:
+        return ""
+    random_share = (read_json(os.path.join(run_dir, "baselines", "random", "selected", "selection_report.json"))
+                    or {}).get("selection_source_share", {})
+    corpus, chosen = selective["corpus_source_share"], selective["selection_source_share"]
+    lines = ["| source | corpus share | selective share | random share | selective / corpus |", "|---|---|---|---|---|"]
+    for source in sorted(corpus, key=lambda k: -selective["share_ratio"].get(k, 0)):
+        lines.append(f"| {source} | {corpus[source]:.3f} | {chosen.get(source, 0):.3f} | "
+                     f"{fmt(random_share.get(source), '{:.3f}')} | {selective['share_ratio'].get(source, 0):.2f} |")
+    return "Words selected per source (selected/selection_report.json):\n\n" + "\n".join(lines)
+
+
 def print_run(run_dir, rows):
     """Print one run's table and write it to RUN_DIR/summary.md."""
     table = run_table(rows)
-    examples = {r["train_examples"] for r in rows if r["train_examples"]}
-    note = (f"\nDP fine-tuning on {', '.join(f'{n:,}' for n in sorted(examples))} private training examples "
-            "(see --train_fraction).\n") if examples else ""
-    composition = run_directory_composition(run_dir)
-    note += f"\n{composition}\n" if composition else ""
+    parts = [split_sizes_line(run_dir, rows), classifier_line(run_dir), run_directory_composition(run_dir),
+             source_table(run_dir)]
+    note = "".join(f"\n{part}\n" for part in parts if part)
     print(f"\n## {run_dir}\n\n{table}{note}")
     with atomic_path(os.path.join(run_dir, "summary.md")) as tmp, open(tmp, "w") as handle:
         handle.write(f"# {run_dir}\n\n{table}{note}")

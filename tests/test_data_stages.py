@@ -323,7 +323,24 @@ def test_a_folder_of_documents_is_a_corpus_with_sources(tmp_path):
 
 def test_csv_labels_are_integers_and_a_missing_column_names_its_flag(tmp_path):
     (tmp_path / "labelled.csv").write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(40)))
-    task = sources.load_target_task(str(tmp_path / "labelled.csv"), text_column="text")
-    assert set(task["train"]["label"]) == {0, 1}
-    with pytest.raises(DataError, match="no column 'sentence' .*; --text_column names the column to read"):
-        sources.load_target_task(str(tmp_path / "labelled.csv"))
+    task = sources.load_target_task(str(tmp_path / "labelled.csv"))  # `text` is the default text column
+    assert set(task["train"]["label"]) == {0, 1} and sum(map(len, task.values())) == 40
+    with pytest.raises(DataError, match="no column 'review' .*; --text_column names the column to read"):
+        sources.load_target_task(str(tmp_path / "labelled.csv"), text_column="review")
+
+
+def test_the_default_text_column_is_text_else_sentence_for_targets_and_corpora(tmp_path):
+    (tmp_path / "both.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "sentence": f"sentence {i}"}) + "\n"
+                                                 for i in range(30)))
+    (tmp_path / "glue.jsonl").write_text("".join(json.dumps({"sentence": f"sentence {i}"}) + "\n" for i in range(30)))
+    (tmp_path / "neither.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
+    both = sources.load_target_task(str(tmp_path / "both.jsonl"), label_column=None)
+    assert all(s.startswith("text ") for split in both.values() for s in split["sentence"])
+    glue = sources.load_target_task(str(tmp_path / "glue.jsonl"), label_column=None)
+    assert sum(map(len, glue.values())) == 30
+    corpus, _ = sources.load_public_corpus([str(tmp_path / "glue.jsonl"), str(tmp_path / "both.jsonl")])
+    assert sorted(corpus["text"])[:2] == ["sentence 0", "sentence 1"] and "text 0" in corpus["text"]
+    for load in (lambda p: sources.load_target_task(p, label_column=None), lambda p: sources.load_public_corpus([p])):
+        with pytest.raises(DataError, match=r"neither.jsonl: no column 'text' \(nor 'sentence'\) \(columns: body\); "
+                                            "--text_column names the column to read"):
+            load(str(tmp_path / "neither.jsonl"))

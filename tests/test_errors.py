@@ -53,7 +53,7 @@ def workspace(tmp_path_factory):
                 json.dumps({"sentence": f"a film {i}", "label": labels[i % 2]}) + "\n" for i in range(20)))
     (base / "nocolumn").mkdir()
     for split in ("train", "validation"):
-        (base / "nocolumn" / f"{split}.jsonl").write_text('{"text": "a film", "label": 1}\n')
+        (base / "nocolumn" / f"{split}.jsonl").write_text('{"body": "a film", "label": 1}\n')
     (base / "empty.txt").write_text("")
     return base
 
@@ -95,7 +95,8 @@ CASES = {
     "stage 6, float labels": (dp_finetune.main, lambda w: finetune(
         w / "model", w / "run" / "o11", "--target", str(w / "floats")), "run/o11", "0.3"),
     "stage 6, missing column": (dp_finetune.main, lambda w: finetune(
-        w / "model", w / "run" / "o12", "--target", str(w / "nocolumn")), "run/o12", "no column 'sentence'"),
+        w / "model", w / "run" / "o12", "--target", str(w / "nocolumn")), "run/o12",
+        "no column 'text' (nor 'sentence') (columns: body, label); --text_column names"),
     "stage 6, epsilon already spent": (dp_finetune.main, lambda w: [
         "--model_name_or_path", str(w / "model"), "--output_dir", str(w / "spent" / "finetune"), "--target", "demo",
         "--target_epsilon", "0.5", "--target_epsilon_scope", "run", "--per_device_train_batch_size", "64",

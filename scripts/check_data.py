@@ -1,0 +1,49 @@
+"""Check your own data before the pipeline's first stage: the target's splits and columns, and the local parts
+of the public corpus, so that a wrong column or an empty folder stops the run in one line before any work.
+
+    python scripts/check_data.py --task lm --target messages.csv --corpus my_corpus/ [--text_column text]
+
+Named data (demo, chat, glue/sst2, wikipedia, bookcorpus) is left to the stages. Prints one line per data set:
+the target's split sizes (the counts the summary also reports) and the corpus's documents per source.
+"""
+
+import argparse
+import collections
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common.stage import run_stage  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, HUB_PUBLIC, HUB_TARGET, TEXT_COLUMN_HELP,  # noqa: E402
+                                    load_public_corpus, load_target_task)
+
+NAMED_TARGETS = ("demo", "chat", *HUB_TARGET)
+NAMED_CORPORA = ("demo", "demo-small", *HUB_PUBLIC)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=("lm", "classification"), default="lm")
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--corpus", nargs="*", default=[])
+    parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP + " (the target's and the corpus's)")
+    parser.add_argument("--label_column", default="label", help="classification: the 0/1 labels of local files")
+    parser.add_argument("--split_seed", type=int, default=0)
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    args = parser.parse_args(argv)
+    if args.target not in NAMED_TARGETS:
+        label_column = args.label_column if args.task == "classification" else None
+        task = load_target_task(args.target, args.text_column, label_column, args.cache_dir, args.split_seed)
+        sizes = ", ".join(f"{name} {len(split):,}" for name, split in task.items())
+        print(f"--target {args.target}: {sizes} examples")
+    local = [spec for spec in args.corpus if spec not in NAMED_CORPORA]
+    if local:
+        corpus, _ = load_public_corpus(local, args.text_column, args.cache_dir)
+        per_source = collections.Counter(corpus["source"]).most_common()
+        shown = ", ".join(f"{source} {count:,}" for source, count in per_source[:8])
+        more = f" and {len(per_source) - 8} more sources" if len(per_source) > 8 else ""
+        print(f"--corpus {' '.join(local)}: {len(corpus):,} documents ({shown}{more})")
+
+
+if __name__ == "__main__":
+    run_stage(main, timed=False)
