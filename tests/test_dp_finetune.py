@@ -326,6 +326,7 @@ def test_recipe_search_refuses_a_bad_grid_in_one_line(tmp_path, pretrained, grid
     assert not (tmp_path / "search").exists()
 
 
+@pytest.mark.slow
 def test_stage_six_under_two_processes_releases_once(tmp_path, pretrained, target):
     """torchrun with two processes: the stage finishes on both (they leave the process group together) and the
     run's ledger holds one release."""

@@ -147,6 +147,7 @@ def run_worker(tmp_path, processes, mode, name, dp_argv):
     return torch.load(result)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path):
     """Same seed, same logical batch: the same examples, so without noise the same update."""
     common = ["--noise_multiplier", "0", "--max_train_steps", "3", "--max_grad_norm", "0.1",
@@ -157,12 +158,14 @@ def test_two_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_processes_add_the_noise_once(tmp_path):
     noise = run_worker(tmp_path, 2, "noise", "noise", ["--noise_multiplier", "1.5", "--max_grad_norm", "2",
                                                         "--per_device_train_batch_size", "4"])
     assert noise.std().item() == pytest.approx(1.5 * 2, rel=0.03)
 
 
+@pytest.mark.slow
 def test_two_processes_share_the_secret_seeds(tmp_path):
     seeds = run_worker(tmp_path, 2, "seeds", "seeds", ["--noise_multiplier", "1", "--per_device_train_batch_size", "4"])
     assert seeds[0] == seeds[1] and seeds[0][0] != seeds[0][1]

@@ -44,6 +44,7 @@ def pipeline(*args):
                           capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, target", [("lm", "messages.csv"), ("classification", "reviews.csv")])
 def test_own_corpus_folder_and_csv_target_end_to_end(own_data, task, target):
     run_dir = own_data / f"run_{task}"

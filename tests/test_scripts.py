@@ -13,7 +13,7 @@ SCRIPTS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(
 
 
 SHELL_SCRIPTS = ("run_pipeline.sh", "reproduce_table.sh", "train_domain_classifier.sh", "pretraining.sh",
-                 "train_sst2.sh")
+                 "train_sst2.sh", "test.sh")
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
