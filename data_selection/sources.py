@@ -359,11 +359,15 @@ def demo_public_documents(cache_dir=DEFAULT_CACHE_DIR, small=False):
 # --- local files ----------------------------------------------------------------------------
 
 def text_column_of(columns, text_column, where):
-    """The column to read the text from: the one named, else the first of TEXT_COLUMNS there is."""
-    wanted = [text_column] if text_column is not None else TEXT_COLUMNS
-    for name in wanted:
-        if name in columns:
-            return name
+    """The column to read the text from: the one named, else `text` or `sentence`, whichever the data has; with both
+    and no name, neither is chosen (a choice that one record could flip would move every other record's text)."""
+    if text_column is None:
+        found = [name for name in TEXT_COLUMNS if name in columns]
+        if len(found) > 1:
+            raise DataError(f"{where}: both a 'text' and a 'sentence' column; --text_column names the one to read")
+        text_column = found[0] if found else None
+    if text_column is not None and text_column in columns:
+        return text_column
     named = repr(text_column) if text_column is not None else "'text' (nor 'sentence')"
     raise DataError(f"{where}: no column {named} (columns: {', '.join(columns)}); --text_column names the column "
                     "to read")
@@ -405,7 +409,9 @@ def load_local(path, text_column, label_column=None):
         records, replaced = _local_records(path, text_column)
         if not records:
             raise DataError(f"{path}: the file holds no records")
-        columns = records[0].keys() if isinstance(records[0], dict) else []
+        if not all(isinstance(record, dict) for record in records):
+            raise DataError(f"{path}: every record must be an object of named fields")
+        columns = list(dict.fromkeys(key for record in records for key in record))  # every record's, not the first's
         if path.endswith(".csv") and label_column in columns:  # CSV holds strings: integer labels are read as such
             values = [r.get(label_column) for r in records]
             if all(isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v) for v in values):

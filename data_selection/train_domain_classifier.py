@@ -88,7 +88,7 @@ def train(args, accelerator):
         per_epoch = [{**{k: v for k, v in r.items() if k != "epsilon"}, "epsilon": r["epsilon"]["epsilon"]}
                      for r in trainer.history]
         write_json(os.path.join(directory, VALIDATION_FILE), {
-            "held_out": "the target's validation texts (label 1) against public sentences (label 0), at most "
+            "held_out": "the target's validation and test texts (label 1) against public sentences (label 0), at most "
                         f"{len(held_out):,} of them: evaluation only, outside the DP guarantee as every held-out split",
             **{k: v for k, v in per_epoch[-1].items() if k.startswith("val_")}, "per_epoch": per_epoch})
     trainer.release(save, tmp)

@@ -3,8 +3,9 @@ of the public corpus, so that a wrong column or an empty folder stops the run in
 
     python scripts/check_data.py --task lm --target messages.csv --corpus my_corpus/ [--text_column text]
 
-Named data (demo, chat, glue/sst2, wikipedia, bookcorpus) is left to the stages. Prints one line per data set:
-the target's split sizes (the counts the summary also reports) and the corpus's documents per source.
+Named data (demo, chat, glue/sst2, wikipedia, bookcorpus) is left to the stages. A corpus path that holds the
+target (or lies inside it) is refused: the private data would be pre-trained on without noise. Prints one line
+per data set, for the data's owner: the target's split sizes and the corpus's documents per source.
 """
 
 import argparse
@@ -13,12 +14,24 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.stage import run_stage  # noqa: E402
+from common.stage import DataError, run_stage  # noqa: E402
 from data_selection.sources import (DEFAULT_CACHE_DIR, HUB_PUBLIC, HUB_TARGET, TEXT_COLUMN_HELP,  # noqa: E402
                                     load_public_corpus, load_target_task)
 
 NAMED_TARGETS = ("demo", "chat", *HUB_TARGET)
 NAMED_CORPORA = ("demo", "demo-small", *HUB_PUBLIC)
+
+
+def refuse_target_in_corpus(target, corpus):
+    """The private data must not be pre-trained on: no local corpus path may hold the target or lie inside it."""
+    if not os.path.exists(target):
+        return
+    private = os.path.realpath(target)
+    for spec in corpus:
+        public = os.path.realpath(spec)
+        if os.path.exists(spec) and (os.path.commonpath([private, public]) in (private, public)):
+            raise DataError(f"--corpus {spec} and --target {target} overlap: the private data would be pre-trained "
+                            "on without noise; keep the target outside the corpus")
 
 
 def main(argv=None):
@@ -31,6 +44,7 @@ def main(argv=None):
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     args = parser.parse_args(argv)
+    refuse_target_in_corpus(args.target, args.corpus)
     if args.target not in NAMED_TARGETS:
         label_column = args.label_column if args.task == "classification" else None
         task = load_target_task(args.target, args.text_column, label_column, args.cache_dir, args.split_seed)

@@ -4,8 +4,8 @@ continuation.
     python scripts/predict.py --model_name_or_path runs/demo_lm/finetune --prompt "are you coming" --prompt "i think"
 
 Prompts are lowercased and start after EOS, as stage 6 trained on messages. Everything printed is computed
-from the released model alone: post-processing of a DP release costs no privacy beyond the epsilon in its
-privacy.json, and it shows no private example (a model without noise, epsilon infinite, is no DP release).
+from the released model alone: post-processing of the DP releases it depends on, at no privacy cost beyond
+their composed epsilon (printed first, from results.json; a model fine-tuned without noise is no DP release).
 """
 
 import argparse
@@ -61,17 +61,31 @@ def continuation(model, tokenizer, ids, max_new_tokens):
     return tokenizer.decode(generated)
 
 
-def privacy_line(model_dir):
-    path = os.path.join(model_dir, "privacy.json")
+def read_json(directory, name):
+    path = os.path.join(directory, name)
     if not os.path.exists(path):
-        return "no privacy.json: not a DP release of this project (a pre-trained model sees public data only)"
+        return None
     with open(path) as handle:
-        report = json.load(handle)
-    epsilon = report["epsilon"]["epsilon"]
-    if math.isinf(epsilon):
+        return json.load(handle)
+
+
+def privacy_line(model_dir):
+    """What the model's outputs are post-processing of: its DP releases and their composed epsilon."""
+    report, results = read_json(model_dir, "privacy.json"), read_json(model_dir, "results.json") or {}
+    depends_on = [r["stage"] for r in (read_json(model_dir, "dp_releases.json") or {}).get("dp_releases", [])]
+    if report is None:
+        if depends_on:
+            return (f"not a DP release itself, but derived from the DP release(s) {' + '.join(depends_on)} (their "
+                    "privacy.json): what follows is post-processing of them, at no further privacy cost")
+        return "no privacy.json and no DP release behind it: a model of public data only"
+    if math.isinf(report["epsilon"]["epsilon"]):
         return "epsilon infinite: fine-tuned without noise, NOT a DP release; its outputs may reveal private data"
-    return (f"a DP release (epsilon {epsilon:.3f} for this stage, {report.get('privacy_unit', 'example')} level): "
-            "what follows is post-processing of it, at no further privacy cost")
+    composed = results.get("composed_epsilon", report["epsilon"]["epsilon"])
+    delta = results.get("delta", report["delta"])
+    releases = " + ".join(results.get("dp_releases", depends_on) or [report["stage"]])
+    return (f"a DP release: epsilon {composed:.3f} at delta {delta:.3g} for {report.get('adjacency', 'one example')}, "
+            f"composed over the DP releases the model depends on ({releases}); this stage alone "
+            f"{report['epsilon']['epsilon']:.3f}. What follows is post-processing, at no further privacy cost")
 
 
 def main(argv=None):

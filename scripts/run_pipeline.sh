@@ -112,12 +112,14 @@ without_train_fraction() {  # ARRAY_NAME: the array less its --train_fraction F
 }
 # The presets' --train_fraction subsamples their own targets (chat, demo) to CPU scale: another target is used
 # whole, unless --train_fraction says otherwise (stages 2 and 6 alike).
-if [ -n "$TRAIN_FRACTION" ] || [[ " ${TARGETS[*]} " != *" $TARGET "* ]]; then
+OWN_TARGET=1
+for name in "${TARGETS[@]}"; do if [ "$name" = "$TARGET" ]; then OWN_TARGET=0; fi; done
+if [ -n "$TRAIN_FRACTION" ] || [ "$OWN_TARGET" = 1 ]; then
   without_train_fraction CLASSIFIER_DATA
   without_train_fraction FINETUNE
 fi
 if [ -n "$TRAIN_FRACTION" ]; then
-  awk -v x="$TRAIN_FRACTION" 'BEGIN { exit !(x ~ /^[0-9]*\.?[0-9]+$/ && x > 0 && x <= 1) }' || {
+  awk -v x="$TRAIN_FRACTION" 'BEGIN { exit !(x ~ /^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$/ && x + 0 > 0 && x + 0 <= 1) }' || {
     echo "run_pipeline.sh: --train_fraction takes a number in (0, 1], got '$TRAIN_FRACTION'" >&2; exit 2; }
   CLASSIFIER_DATA+=(--train_fraction "$TRAIN_FRACTION") FINETUNE+=(--train_fraction "$TRAIN_FRACTION")
 fi

@@ -330,17 +330,24 @@ def test_csv_labels_are_integers_and_a_missing_column_names_its_flag(tmp_path):
 
 
 def test_the_default_text_column_is_text_else_sentence_for_targets_and_corpora(tmp_path):
-    (tmp_path / "both.jsonl").write_text("".join(json.dumps({"text": f"text {i}", "sentence": f"sentence {i}"}) + "\n"
-                                                 for i in range(30)))
-    (tmp_path / "glue.jsonl").write_text("".join(json.dumps({"sentence": f"sentence {i}"}) + "\n" for i in range(30)))
-    (tmp_path / "neither.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-    both = sources.load_target_task(str(tmp_path / "both.jsonl"), label_column=None)
-    assert all(s.startswith("text ") for split in both.values() for s in split["sentence"])
-    glue = sources.load_target_task(str(tmp_path / "glue.jsonl"), label_column=None)
-    assert sum(map(len, glue.values())) == 30
-    corpus, _ = sources.load_public_corpus([str(tmp_path / "glue.jsonl"), str(tmp_path / "both.jsonl")])
-    assert sorted(corpus["text"])[:2] == ["sentence 0", "sentence 1"] and "text 0" in corpus["text"]
+    def write(name, records):
+        (tmp_path / name).write_text("".join(json.dumps(record) + "\n" for record in records))
+        return str(tmp_path / name)
+    texts = write("texts.jsonl", [{"text": f"text {i}"} for i in range(30)])
+    glue = write("glue.jsonl", [{"sentence": f"sentence {i}"} for i in range(30)])
+    assert sum(map(len, sources.load_target_task(texts, label_column=None).values())) == 30
+    assert sum(map(len, sources.load_target_task(glue, label_column=None).values())) == 30
+    corpus, _ = sources.load_public_corpus([glue, texts])
+    assert {"sentence 0", "text 0"} <= set(corpus["text"])
+    # a neighbour with one more record whose only field is `sentence`: every record's fields count, so no choice
+    # flips for the others (both columns: refused; the record alone would lack a text)
+    neighbour = write("neighbour.jsonl", [{"sentence": "one more"}] + [{"text": f"text {i}"} for i in range(30)])
+    with pytest.raises(DataError, match="both a 'text' and a 'sentence' column; --text_column names the one to read"):
+        sources.load_target_task(neighbour, label_column=None)
+    with pytest.raises(DataError, match="has no text in column 'text'"):
+        sources.load_target_task(neighbour, text_column="text", label_column=None)
+    neither = write("neither.jsonl", [{"body": "x"}])
     for load in (lambda p: sources.load_target_task(p, label_column=None), lambda p: sources.load_public_corpus([p])):
         with pytest.raises(DataError, match=r"neither.jsonl: no column 'text' \(nor 'sentence'\) \(columns: body\); "
                                             "--text_column names the column to read"):
-            load(str(tmp_path / "neither.jsonl"))
+            load(neither)

@@ -73,6 +73,8 @@ def test_own_corpus_folder_and_csv_target_end_to_end(own_data, task, target):
      "--corpus {base}/empty: a directory with no .txt"),
     (lambda base: None, ["--task", "classification", "--target", "{base}/messages.csv"],
      "no column 'label'"),
+    (lambda base: None, ["--target", "{base}/messages.csv", "--corpus", "{base}"],
+     "--corpus {base} and --target {base}/messages.csv overlap: the private data would be pre-trained on"),
 ])
 def test_bad_own_data_stops_in_one_line_before_stage_1(own_data, tmp_path, make, flags, message):
     base = tmp_path

@@ -54,10 +54,17 @@ def test_the_continuation_is_greedy_decoding(model_dir):
 def test_the_output_names_what_the_model_is(model_dir, capsys):
     predict.main(["--model_name_or_path", str(model_dir), "--prompt", "are you", "--top_k", "2"])
     output = capsys.readouterr().out
-    assert output.startswith("no privacy.json: not a DP release") and "next words: " in output
+    assert output.startswith("no privacy.json and no DP release behind it") and "next words: " in output
+    (model_dir / "dp_releases.json").write_text(json.dumps({"dp_releases": [{"stage": "domain_classifier"}]}))
+    predict.main(["--model_name_or_path", str(model_dir), "--prompt", "are you"])
+    assert "derived from the DP release(s) domain_classifier" in capsys.readouterr().out
     (model_dir / "privacy.json").write_text(json.dumps({"epsilon": {"epsilon": float("inf")}}))
     predict.main(["--model_name_or_path", str(model_dir), "--prompt", "are you"])
     assert "NOT a DP release" in capsys.readouterr().out
-    (model_dir / "privacy.json").write_text(json.dumps({"epsilon": {"epsilon": 2.5}, "privacy_unit": "example"}))
+    (model_dir / "privacy.json").write_text(json.dumps({"stage": "finetune", "epsilon": {"epsilon": 2.5},
+                                                         "delta": 1e-5, "adjacency": "add or remove one example"}))
+    (model_dir / "results.json").write_text(json.dumps({"composed_epsilon": 3.5, "delta": 1e-5,
+                                                         "dp_releases": ["domain_classifier", "finetune"]}))
     predict.main(["--model_name_or_path", str(model_dir), "--prompt", "are you"])
-    assert "a DP release (epsilon 2.500 for this stage, example level)" in capsys.readouterr().out
+    assert ("a DP release: epsilon 3.500 at delta 1e-05 for add or remove one example, composed over the DP releases "
+            "the model depends on (domain_classifier + finetune); this stage alone 2.500") in capsys.readouterr().out
