@@ -175,7 +175,7 @@ def classifier_line(run_dir):
 def source_table(run_dir):
     """Each source's share of the corpus's words and of the selective and random selections, largest ratio first."""
     selective = read_json(os.path.join(run_dir, "selected", "selection_report.json"))
-    if not selective:
+    if not selective or "corpus_source_share" not in selective:
         return ""
     random_share = (read_json(os.path.join(run_dir, "baselines", "random", "selected", "selection_report.json"))
                     or {}).get("selection_source_share", {})

@@ -190,6 +190,7 @@ def _duplicates_removed(category):
     return removed
 
 
+@pytest.mark.slow
 def test_demo_public_corpus_sources_and_no_target_sentence(demo_sentences):
     stats = json.loads((demo_sentences / "stats.json").read_text())
     assert set(stats["per_source"]) == {"wikipedia", "news", "movie_plots", "speeches", "books_and_tales"}
@@ -200,6 +201,7 @@ def test_demo_public_corpus_sources_and_no_target_sentence(demo_sentences):
     assert not public & split_sentences.target_sentences("demo", sources.DEFAULT_CACHE_DIR)
 
 
+@pytest.mark.slow
 def test_stage2_on_the_demo(tmp_path, demo_sentences):
     build_classifier_data.main(["--sentences_dir", str(demo_sentences), "--output_dir", str(tmp_path / "cls")])
     train = [json.loads(line) for line in (tmp_path / "cls" / "filter_train_nonewline.json").open()]

@@ -138,6 +138,7 @@ def test_bad_inputs_fail_before_any_work(tmp_path, pretrained, target):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_reference_command_maps_its_positional_arguments(tmp_path, pretrained):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (tmp_path / "target").mkdir()
@@ -179,6 +180,7 @@ def test_a_model_that_depends_on_an_uncounted_release_is_refused(tmp_path, pretr
         os.listdir(tmp_path / "run" / "finetune"))
 
 
+@pytest.mark.slow
 def test_seeds_into_one_run_directory_compose_at_one_delta(tmp_path, pretrained, target):
     privacy_ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-4, str(target))
     results = []
@@ -267,6 +269,7 @@ def test_gradient_snr_matches_brute_force_per_example_gradients(tmp_path, pretra
         assert float(noise) == pytest.approx(2 * 0.5 * count ** 0.5 / 8, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_recipe_search_runs_each_point_once_and_counts_the_classifier(tmp_path, pretrained, target):
     """Two grids sharing a point make two trials, best first by validation accuracy; each trial's ledger holds the
     classifier the model depends on; a rerun skips finished trials; the search's epsilon composes both trials

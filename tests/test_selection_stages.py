@@ -42,6 +42,7 @@ def stage3_argv(root, *extra):
             "--num_train_epochs", "8", "--score_shard_size", "30", *extra]
 
 
+@pytest.mark.slow
 def test_private_fast_classifier_separates_two_domains(two_domains):
     train_domain_classifier.main(stage3_argv(two_domains))
     output = two_domains / "run" / "domain_classifier"
@@ -140,6 +141,7 @@ def test_document_weight_blends_the_document_mean():
     assert np.allclose(sampling_with_logits.document_smoothed(logit, doc_ids, 0.5), [2.5, -0.5, 0.25, 0.75])
 
 
+@pytest.mark.slow
 def test_demo_selection_finds_the_movie_plots_at_epsilon_one(tmp_path, demo_sentences):
     """Stage 3 at epsilon 1 on the demo data: plot sentences' share of a 20% selection is >= 3x their share."""
     from data_selection import build_classifier_data

@@ -170,3 +170,23 @@ def test_the_plot_puts_no_pre_training_left_of_the_shortest_length_on_a_log_axis
     assert summarize_runs.x_positions({0}) == {0: 1.0}
     assert [summarize_runs.short_count(n) for n in (0, 950, 12_000, 1_003_520, 1_500_000, 16_003_072)] \
         == ["none", "950", "12k", "1M", "1.5M", "16M"]
+
+
+def test_the_summary_shows_split_sizes_the_classifier_and_the_sources(tmp_path):
+    fake_run(tmp_path / "run", 0, RUNS[0][1:])
+    write(tmp_path / "run" / "finetune" / "results.json", {
+        **json.loads((tmp_path / "run" / "finetune" / "results.json").read_text()), "train_examples": 900,
+        "eval_examples": {"validation": 100, "test": 120}})
+    write(tmp_path / "run" / "domain_classifier" / "classifier" / "validation.json", {"val_auc": 0.8123,
+                                                                                       "val_accuracy": 0.75})
+    write(tmp_path / "run" / "selected" / "selection_report.json", {
+        "budget_words": 1000, "selected_words": 1007, "corpus_source_share": {"novels": 0.8, "chat": 0.2},
+        "selection_source_share": {"novels": 0.4, "chat": 0.6}, "share_ratio": {"novels": 0.5, "chat": 3.0}})
+    write(tmp_path / "run" / "baselines" / "random" / "selected" / "selection_report.json", {
+        "budget_words": 1000, "selected_words": 1008, "selection_source_share": {"novels": 0.79, "chat": 0.21}})
+    summarize_runs.main([str(tmp_path / "run")])
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "on 900 private training examples (see --train_fraction), evaluated on 100 validation and 120 test" in summary
+    assert "validation AUC 0.812, accuracy 0.750" in summary
+    rows = [line for line in summary.splitlines() if line.startswith("| chat |") or line.startswith("| novels |")]
+    assert rows == ["| chat | 0.200 | 0.600 | 0.210 | 3.00 |", "| novels | 0.800 | 0.400 | 0.790 | 0.50 |"]
