@@ -101,7 +101,8 @@ def build_classifier(backbone, model_name_or_path=None, num_buckets=2 ** 16, emb
         model, tokenizer = transformer_classifier(model_name_or_path or "minilm")
 
         def encode(sentences):
-            return dict(tokenizer([remove_punctuation(s) for s in sentences], padding=True, truncation=True, max_length=MAX_LENGTH,
+            return dict(tokenizer([remove_punctuation(s) for s in sentences], padding=True, truncation=True,
+                                  max_length=MAX_LENGTH,
                                   return_tensors="pt", return_token_type_ids=False))
         return model, encode
     raise DataError(f"--backbone must be 'hashed' or 'transformer', got {backbone!r}")

@@ -449,7 +449,8 @@ def load_public_corpus(specs, text_column=None, cache_dir=DEFAULT_CACHE_DIR):
             part, count = load_local(spec, text_column)
             part = _tag(part, text_column_of(part.column_names, text_column, spec), os.path.basename(spec.rstrip("/")))
         else:
-            raise DataError(f"--corpus {spec!r}: not 'demo', 'demo-small', a known hub dataset ({', '.join(HUB_PUBLIC)}) "
+            raise DataError(f"--corpus {spec!r}: not 'demo', 'demo-small', a known hub dataset "
+                            f"({', '.join(HUB_PUBLIC)}) "
                             "or an existing file or directory")
         parts.append(part)
         replaced += count

@@ -254,7 +254,8 @@ def main(argv=None):
     write_json(os.path.join(args.output_dir, "results.json"), results)
     trainer.discard_training_state()
     print(", ".join(f"{k} {v:.4f}" for k, v in {**{k: results[k] for k in metrics}, **test}.items()
-                    if v is not None and not isinstance(v, int)) + f", epsilon {results['epsilon']:.3f}, composed over the run "
+                    if v is not None and not isinstance(v, int))
+          + f", epsilon {results['epsilon']:.3f}, composed over the run "
           f"{results['composed_epsilon']:.3f}")
 
 

@@ -280,7 +280,8 @@ class DPTrainer:
             chosen = (torch.rand(self.num_examples, generator=generator) < self.sample_rate).nonzero().flatten()
         else:
             epoch, position = divmod(step, self.steps_per_epoch)
-            order = torch.randperm(self.num_examples, generator=torch.Generator().manual_seed(self.sampling_seed + epoch))
+            generator = torch.Generator().manual_seed(self.sampling_seed + epoch)
+            order = torch.randperm(self.num_examples, generator=generator)
             chosen = order[position * self.logical_batch:(position + 1) * self.logical_batch]
         return chosen[self.accelerator.process_index::self.accelerator.num_processes]
 
@@ -336,7 +337,8 @@ class DPTrainer:
                    f"{self.noise_multiplier:.4g}, clip {self.args.max_grad_norm}, delta {self.delta:.3g}"
                    + ("" if self.step == 0 else f"; resumed at step {self.step}"))
         if self.total_steps < FEW_STEPS and self.noise_multiplier > 0:
-            self.print(f"note: {self.total_steps} noisy steps are few for {self.num_examples:,} examples; more come from "
+            self.print(f"note: {self.total_steps} noisy steps are few for {self.num_examples:,} examples; more come "
+                       "from "
                        "more epochs (--num_train_epochs) or a smaller logical batch (--per_device_train_batch_size x "
                        "--gradient_accumulation_steps): docs/own_data.md, small private sets")
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",

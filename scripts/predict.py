@@ -111,7 +111,8 @@ def main(argv=None):
         ids = [tokenizer.eos_token_id] + tokenizer(prompt.lower().rstrip(), add_special_tokens=False)["input_ids"]
         words = ", ".join(f"{word} ({probability:.3f})" for word, probability in next_words(model, tokenizer, ids,
                                                                                              args.top_k))
-        print(f"{prompt!r}\n  next words: {words}\n  greedy: {prompt}{continuation(model, tokenizer, ids, args.max_new_tokens)}")
+        greedy = continuation(model, tokenizer, ids, args.max_new_tokens)
+        print(f"{prompt!r}\n  next words: {words}\n  greedy: {prompt}{greedy}")
 
 
 if __name__ == "__main__":

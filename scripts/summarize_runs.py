@@ -51,7 +51,8 @@ RUN_FIELDS = ("run_dir", "task", "seed", "model_size", "budget_words", "variant"
               "pretraining_tokens", "target_word_perplexity", "target_perplexity",
               *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
               "total_epsilon", "delta", "dp_releases", "train_examples", *PROBE_METRICS, *MAJORITY)
-METRICS = ("target_word_perplexity", "target_perplexity", *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
+METRICS = ("target_word_perplexity", "target_perplexity",
+           *dict.fromkeys(m for metrics in TASK_METRICS.values() for m, _, _ in metrics),
            "total_epsilon", *PROBE_METRICS, *MAJORITY)
 
 
@@ -124,7 +125,8 @@ def run_table(rows):
     """Markdown table of one run's variants."""
     metrics = TASK_METRICS[task_of(rows)]
     lines = ["| variant | pre-training words | " + " | ".join(label for _, label in TARGET_METRICS) + " | "
-             + " | ".join(label for _, label, _ in metrics) + " | total epsilon | delta | DP releases the model depends on |",
+             + " | ".join(label for _, label, _ in metrics)
+             + " | total epsilon | delta | DP releases the model depends on |",
              "|---" * (len(metrics) + len(TARGET_METRICS) + 5) + "|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['pretraining_words']:,} | "
@@ -267,7 +269,8 @@ def write_markdown(path, table, task):
     # columns shown only where some run has them: tokens seen (a learning curve), the probe and the majority class
     curve = is_learning_curve(table)
     metrics += [(metric, label, "{:.4f}") for metric, label in (
-        ("probe_last_token", "probe, last token (not private)"), ("probe_mean_pooled", "probe, mean-pooled (not private)"),
+        ("probe_last_token", "probe, last token (not private)"),
+        ("probe_mean_pooled", "probe, mean-pooled (not private)"),
         ("test_majority_share", "test majority share")) if any(e[f"{metric}_mean"] is not None for e in table)]
     lines = ["| model | budget (words) | " + ("tokens seen | " if curve else "") + "variant | fine-tuned | seeds | "
              + " | ".join(label for _, label in TARGET_METRICS) + " | "
@@ -349,7 +352,8 @@ def plot_metric_vs_tokens(path, table, task):
     axes.minorticks_off()
     unit = "tokens seen" if x_field == "pretraining_tokens" else "words"
     axes.set_xlabel(f"pre-training {unit} (log scale; series shifted apart)")
-    axes.set_ylabel(metric.replace("_", " ") + (" (lower is better; " if task == "lm" else " (") + "mean ± std over seeds)")
+    better = "lower is better; " if task == "lm" else ""
+    axes.set_ylabel(metric.replace("_", " ") + f" ({better}mean ± std over seeds)")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     figure.tight_layout()

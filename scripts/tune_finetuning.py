@@ -9,7 +9,8 @@ Every point of the grid (the product of the `name=value,value` lists; names are
 given the arguments after `--` too. Several `--grid` options search the union of their products
 (e.g. learning rates that suit full fine-tuning and others for a frozen body); a flag that one grid
 names and another does not keeps dp_finetune.py's default in the other. A finished trial is
-skipped, so a killed search resumes; a rerun with another model or other arguments after `--` is refused. OUTPUT_DIR/tuning.md and tuning.csv list the trials best first by validation accuracy
+skipped, so a killed search resumes; a rerun with another model or other arguments after `--` is
+refused. OUTPUT_DIR/tuning.md and tuning.csv list the trials best first by validation accuracy
 after the last epoch (test metrics are never shown: the choice must not see them), with the best
 epoch's accuracy, the DP steps, the noise multiplier, each trial's composed epsilon and its
 seconds.

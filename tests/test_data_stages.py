@@ -295,8 +295,9 @@ def test_seed_varies_sampling_but_not_the_target_split(tmp_path):
 
     def stage2(name, *flags):
         out = tmp_path / name
-        build_classifier_data.main(["--sentences_dir", str(tmp_path / "public"), "--target", str(tmp_path / "target.txt"),
-                                    "--text_column", "text", "--num_negatives", "20", "--od_data_size", "1", "--output_dir", str(out),
+        build_classifier_data.main(["--sentences_dir", str(tmp_path / "public"),
+                                    "--target", str(tmp_path / "target.txt"), "--text_column", "text",
+                                    "--num_negatives", "20", "--od_data_size", "1", "--output_dir", str(out),
                                     *flags])
         data = datasets.load_from_disk(str(out))
         return {s for s, y in zip(data["validation"]["sentence"], data["validation"]["label"]) if y == 1}

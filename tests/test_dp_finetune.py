@@ -157,7 +157,8 @@ def test_reference_command_maps_its_positional_arguments(tmp_path, pretrained):
 
 
 def test_a_model_that_depends_on_an_uncounted_release_is_refused(tmp_path, pretrained, target):
-    """The no-pre-training baseline must not take a tokenizer chosen by the DP classifier unless its ledger counts it."""
+    """The no-pre-training baseline must not take a tokenizer chosen by the DP classifier unless its ledger counts
+    it."""
     selective = tmp_path / "selective_model"
     shutil.copytree(pretrained, selective)
     classifier = {"stage": "domain_classifier", "run_id": "c0ffee", "private_data": str(target), "ledger": "elsewhere"}
@@ -185,7 +186,8 @@ def test_seeds_into_one_run_directory_compose_at_one_delta(tmp_path, pretrained,
     privacy_ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-4, str(target))
     results = []
     for seed in (0, 1, 2):
-        dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / f"finetune_seed{seed}", "--seed", str(seed),
+        dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / f"finetune_seed{seed}",
+                                       "--seed", str(seed),
                                        "--num_train_epochs", "1"))
         results.append(json.loads((tmp_path / "run" / f"finetune_seed{seed}" / "results.json").read_text()))
     entries = privacy_ledger.load_entries(tmp_path / "run")
@@ -235,7 +237,7 @@ def test_gradient_snr_matches_brute_force_per_example_gradients(tmp_path, pretra
     """Each group's signal is the norm of the mean of the per-example gradients clipped jointly (torch.func, one
     example at a time); its noise is noise_multiplier * C * sqrt(d) / B."""
     from dp_finetuning import gradient_snr
-    from tests.oracle import batch_losses, classification_loss_per_example, norms_and_clipped_sum, per_example_grads
+    from tests.oracle import classification_loss_per_example, norms_and_clipped_sum, per_example_grads
     argv = ["--model_name_or_path", str(pretrained), "--target", str(target), "--max_length", "16", "--num_examples",
             "12", "--noise_multiplier", "2", "--logical_batch_size", "8", "--max_grad_norm", "0.5",
             "--per_device_batch_size", "5", "--freeze", "embeddings"]

@@ -61,7 +61,8 @@ def test_own_corpus_folder_and_csv_target_end_to_end(own_data, task, target):
     assert results["train_examples"] > 600  # the whole training split: the presets' fractions are for their targets
     if task == "lm":
         assert results["test_word_perplexity"] > 1
-        assert json.loads((run_dir / "pretrained" / "eval_results.json").read_text())["target_validation_word_perplexity"] > 1
+        pretrained = json.loads((run_dir / "pretrained" / "eval_results.json").read_text())
+        assert pretrained["target_validation_word_perplexity"] > 1
     else:
         assert 0 <= results["test_accuracy"] <= 1
 

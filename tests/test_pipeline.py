@@ -203,7 +203,8 @@ def test_a_learning_curve_is_one_run_per_length_and_seed_with_the_probe():
     output = script("reproduce_table.sh", "--task", "classification", "--preset", "smoke", "--seeds", "0 1",
                     "--pretrain_tokens", "0.01 0.04", "--linear_probe", "--runs_dir", "runs/curve", "--dry_run")
     run_dirs = re.findall(r"^=== .* -> (\S+)$", output, flags=re.M)
-    assert run_dirs == [f"runs/curve/nano_0.2_{tokens}Mtok_seed{seed}" for tokens in ("0.01", "0.04") for seed in (0, 1)]
+    assert run_dirs == [f"runs/curve/nano_0.2_{tokens}Mtok_seed{seed}"
+                        for tokens in ("0.01", "0.04") for seed in (0, 1)]
     pretrainings = re.findall(r"^\+ python pretraining/pretrain_gpt2.py .*$", output, flags=re.M)
     assert len(pretrainings) == 8 and all("--max_train_tokens 0.0" in line for line in pretrainings)
     assert sum("--max_train_tokens 0.04" in line for line in pretrainings) == 4

@@ -145,4 +145,5 @@ def test_the_ledger_command_prints_the_figure_of_the_composition(tmp_path):
                                capture_output=True, text=True, check=True)
     composed, delta = privacy_ledger.composed_epsilon(tmp_path)
     assert delta == 1e-5
-    assert f"composed epsilon of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}" in completed.stdout
+    expected = f"composed epsilon of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}"
+    assert expected in completed.stdout

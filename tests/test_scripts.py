@@ -42,3 +42,9 @@ def test_engine_benchmark_runs_a_tiny_configuration():
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.count("| this engine |") == 2  # one row per model
+
+
+def test_the_tree_is_lint_clean():
+    completed = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", "."], cwd=ROOT, capture_output=True,
+                               text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
