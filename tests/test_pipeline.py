@@ -170,10 +170,19 @@ def test_classification_is_one_flag_away():
     assert completed.returncode == 2 and "needs --target" in completed.stderr
 
 
-def test_the_cpu_preset_is_classification_with_16m_tokens_of_pre_training():
+def preset_values(preset, name):
+    """A preset's array or variable as bash sees it (scripts/presets/<preset>.sh): what the pipeline must pass on,
+    whatever a user edited there."""
+    completed = subprocess.run(["bash", "-c", f'source scripts/presets/{preset}.sh; printf "%s\\0" "${{{name}[@]}}"'],
+                               capture_output=True, text=True, cwd=ROOT, check=True)
+    return completed.stdout.split("\0")[:-1]
+
+
+def test_the_cpu_preset_is_classification_with_its_length_of_pre_training():
+    length, = preset_values("cpu", "PRESET_PRETRAIN_TOKENS")
     output = pipeline("--preset", "cpu", "--dry_run")
     pretrainings = re.findall(r"^\+ python pretraining/pretrain_gpt2.py .*$", output, flags=re.M)
-    assert len(pretrainings) == 2 and all("--max_train_tokens 16 " in line for line in pretrainings)
+    assert len(pretrainings) == 2 and all(f"--max_train_tokens {length} " in line for line in pretrainings)
     assert "--target demo" in output and "--task lm" not in output and "runs/cpu_classification/" in output
     assert "--max_train_tokens 8 " in pipeline("--preset", "cpu", "--pretrain_tokens", "8", "--dry_run")
     assert "--task lm" in pipeline("--preset", "cpu", "--task", "lm", "--dry_run")
@@ -181,22 +190,26 @@ def test_the_cpu_preset_is_classification_with_16m_tokens_of_pre_training():
     assert "-> runs/table_cpu_classification/micro_0.1_seed0" in table and "--task lm" not in table
 
 
-def test_classification_trains_the_head_with_dp_and_every_parameter_for_the_ceiling():
-    """The demo recipe: DP on the mean-pooled head alone; --non_private's ceiling fine-tunes all, on the last token,
-    in batches of 32."""
+def test_the_ceiling_overrides_the_dp_recipe_with_its_own_flags():
+    """The demo preset's classification: DP runs take FINETUNE_CLASSIFICATION, --non_private's ceilings the same
+    with CEILING_CLASSIFICATION's flags on top (later flags win), whatever the preset file says."""
     from dp_finetuning import dp_finetune
+    dp_recipe = dp_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o"]
+                                       + preset_values("demo", "FINETUNE_CLASSIFICATION"))
+    ceiling = dp_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o"]
+                                     + preset_values("demo", "FINETUNE_CLASSIFICATION")
+                                     + preset_values("demo", "CEILING_CLASSIFICATION"))
     output = pipeline("--preset", "demo", "--task", "classification", "--non_private", "--dry_run")
-    finetunings = [line.split()[3:] for line in output.splitlines()
+    finetunings = [dp_finetune.parse_args(line.split()[3:]) for line in output.splitlines()
                    if line.startswith("+ python dp_finetuning/dp_finetune.py")]
-    assert len(finetunings) == 6
-    for argv in finetunings:
-        args = dp_finetune.parse_args(argv)
-        if args.noise_multiplier == 0:
-            assert (args.freeze, args.pooling, args.learning_rate) == ("none", "last", 3e-4)
-            assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32
-        else:
-            assert (args.freeze, args.pooling, args.target_epsilon) == ("body", "mean", 4)
-    assert sum(dp_finetune.parse_args(argv).noise_multiplier == 0 for argv in finetunings) == 3
+    assert len(finetunings) == 6 and sum(args.noise_multiplier == 0 for args in finetunings) == 3
+    recipe_flags = ("freeze", "pooling", "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "num_train_epochs", "max_length")
+    for args in finetunings:
+        expected = ceiling if args.noise_multiplier == 0 else dp_recipe
+        assert all(getattr(args, flag) == getattr(expected, flag) for flag in recipe_flags)
+        if args.noise_multiplier != 0:
+            assert args.target_epsilon == 4
 
 
 def test_a_learning_curve_is_one_run_per_length_and_seed_with_the_probe():
