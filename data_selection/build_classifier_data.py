@@ -20,18 +20,16 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
                                     add_train_fraction_argument, check_fraction, load_target_task,
                                     TEXT_COLUMN_HELP, private_data_id, remove_punctuation, stable_sample)
-from common.atomic_io import write_json  # noqa: E402
-from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
+from common.atomic_io import write_json
+from common.stage import StageOutput, add_redo_argument, run_stage
 
 
 def distinct_positives(sentences, removed, split, held_out=frozenset()):

@@ -19,17 +19,15 @@ is the paper's ranking by in-domain probability.
 import argparse
 import os
 import shutil
-import sys
 
 import datasets
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DataError  # noqa: E402
-from data_selection.train_domain_classifier import load_scores  # noqa: E402
-from dp_finetuning import privacy_ledger  # noqa: E402
-from common.atomic_io import write_json  # noqa: E402
-from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
+from data_selection.sources import DataError
+from data_selection.train_domain_classifier import load_scores
+from dp_finetuning import privacy_ledger
+from common.atomic_io import write_json
+from common.stage import StageOutput, add_redo_argument, run_stage
 
 
 def word_budget(num_tokens, total_words):

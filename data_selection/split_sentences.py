@@ -17,18 +17,16 @@ import argparse
 import math
 import os
 import shutil
-import sys
 import time
 
 import datasets
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
                                     TEXT_COLUMN_HELP, load_public_corpus, load_target_task, remove_punctuation)
-from common.atomic_io import write_json  # noqa: E402
-from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
+from common.atomic_io import write_json
+from common.stage import StageOutput, add_redo_argument, run_stage
 
 COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "inc",
                         "ltd", "co", "corp", "no", "u.s", "u.k", "gen", "gov", "sen", "rep", "lt", "col", "capt",

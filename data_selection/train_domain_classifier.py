@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import datasets
@@ -30,14 +29,13 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.domain_classifier import (build_classifier, load_classifier, save_classifier,  # noqa: E402
+from data_selection.domain_classifier import (build_classifier, load_classifier, save_classifier,
                                               score_sentences)
-from data_selection.sources import DataError  # noqa: E402
-from dp_finetuning import privacy_ledger  # noqa: E402
-from common.atomic_io import write_json  # noqa: E402
-from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
-from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
+from data_selection.sources import DataError
+from dp_finetuning import privacy_ledger
+from common.atomic_io import write_json
+from common.stage import StageOutput, add_redo_argument, run_stage
+from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,
                                       sequence_classification_losses)
 
 SCORES_COMPLETE = "complete.json"

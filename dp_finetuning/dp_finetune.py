@@ -33,7 +33,6 @@ once they are written.
 import argparse
 import logging
 import os
-import sys
 
 import torch
 from safetensors import SafetensorError
@@ -41,16 +40,15 @@ from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrai
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.utils import logging as transformers_logging
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
                                     add_train_fraction_argument, check_fraction, load_target_task, majority_share,
                                     private_data_id, stable_sample, TEXT_COLUMN_HELP)
-from dp_finetuning import privacy_ledger  # noqa: E402
-from common.atomic_io import write_json  # noqa: E402
-from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
-from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,  # noqa: E402
+from dp_finetuning import privacy_ledger
+from common.atomic_io import write_json
+from common.stage import StageOutput, add_redo_argument, run_stage
+from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,
                                       ledger_dir, sequence_classification_losses)
-from dp_finetuning.language_modelling import (collate_messages, encode_message,  # noqa: E402
+from dp_finetuning.language_modelling import (collate_messages, encode_message,
                                               evaluate_language_model, language_modelling_losses)
 
 FREEZE_CHOICES = ("none", "embeddings", "body")

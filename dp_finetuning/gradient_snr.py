@@ -21,19 +21,17 @@ import argparse
 import math
 import os
 import re
-import sys
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.stage import DataError, run_stage  # noqa: E402
-from data_selection.sources import DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task  # noqa: E402
-from dp_finetuning.dp_finetune import (FREEZE_CHOICES, add_pooling_argument, classification_parts,  # noqa: E402
+from common.stage import DataError, run_stage
+from data_selection.sources import DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task
+from dp_finetuning.dp_finetune import (FREEZE_CHOICES, add_pooling_argument, classification_parts,
                                       load_model)
-from dp_finetuning.dp_training import sequence_classification_losses  # noqa: E402
-from dp_finetuning.linear_probe import add_model_and_target_arguments  # noqa: E402
-from dp_finetuning.per_example_grads import PerExampleGradients  # noqa: E402
+from dp_finetuning.dp_training import sequence_classification_losses
+from dp_finetuning.linear_probe import add_model_and_target_arguments
+from dp_finetuning.per_example_grads import PerExampleGradients
 
 
 def parse_args(argv=None):

@@ -18,16 +18,14 @@ private data.
 
 import argparse
 import os
-import sys
 
 import torch
 from tqdm.auto import tqdm
 from transformers import GPT2Model, PreTrainedTokenizerFast
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.atomic_io import write_json  # noqa: E402
-from common.stage import DataError, StageOutput, add_redo_argument, run_stage  # noqa: E402
-from data_selection.sources import (DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task,  # noqa: E402
+from common.atomic_io import write_json
+from common.stage import DataError, StageOutput, add_redo_argument, run_stage
+from data_selection.sources import (DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task,
                                     majority_share, TEXT_COLUMN_HELP)
 
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 
 import datasets
@@ -30,13 +29,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,  # noqa: E402
+from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
                                     load_local, load_target_task)
-from dp_finetuning import privacy_ledger  # noqa: E402
-from dp_finetuning.language_modelling import evaluate_language_model  # noqa: E402
-from common.atomic_io import atomic_path, replace_directory, write_json  # noqa: E402
-from common.stage import StageOutput, add_redo_argument, run_stage  # noqa: E402
+from dp_finetuning import privacy_ledger
+from dp_finetuning.language_modelling import evaluate_language_model
+from common.atomic_io import atomic_path, replace_directory, write_json
+from common.stage import StageOutput, add_redo_argument, run_stage
 
 # name -> (hidden size, layers, heads, feed-forward size). The paper's sizes (DESIGN.md) use 12 heads;
 # nano and micro train in minutes on 2 CPU cores.

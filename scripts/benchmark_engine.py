@@ -16,9 +16,7 @@ allocation events.
 
 import argparse
 import copy
-import os
 import statistics
-import sys
 import time
 
 import torch
@@ -26,8 +24,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dp_finetuning.per_example_grads import PerExampleGradients  # noqa: E402
+from dp_finetuning.per_example_grads import PerExampleGradients
 
 NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
 

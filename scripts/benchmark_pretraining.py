@@ -7,15 +7,13 @@ forward/backward/optimiser loop on random tokens with the same model and batch, 
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 from transformers import GPT2LMHeadModel
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from pretraining import pretrain_gpt2  # noqa: E402
+from pretraining import pretrain_gpt2
 
 
 def bare_loop(config, batch_size, block_size, steps):

@@ -6,8 +6,6 @@ the same model, in the same run.
 """
 
 import argparse
-import os
-import sys
 import time
 
 import datasets
@@ -15,9 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.domain_classifier import build_classifier, score_sentences  # noqa: E402
-from data_selection.sources import demo_public_documents  # noqa: E402
+from data_selection.domain_classifier import build_classifier, score_sentences
+from data_selection.sources import demo_public_documents
 
 
 def sample_sentences(sentences_dir, count, seed=0):

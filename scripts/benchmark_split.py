@@ -7,13 +7,11 @@ same documents with the same Punkt model, in the same run.
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_selection.sources import DEFAULT_CACHE_DIR, load_public_corpus  # noqa: E402
-from data_selection.split_sentences import load_punkt, split_corpus  # noqa: E402
+from data_selection.sources import DEFAULT_CACHE_DIR, load_public_corpus
+from data_selection.split_sentences import load_punkt, split_corpus
 
 
 def main():

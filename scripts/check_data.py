@@ -11,11 +11,9 @@ per data set, for the data's owner: the target's split sizes and the corpus's do
 import argparse
 import collections
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.stage import DataError, run_stage  # noqa: E402
-from data_selection.sources import (DEFAULT_CACHE_DIR, HUB_PUBLIC, HUB_TARGET, TEXT_COLUMN_HELP,  # noqa: E402
+from common.stage import DataError, run_stage
+from data_selection.sources import (DEFAULT_CACHE_DIR, HUB_PUBLIC, HUB_TARGET, TEXT_COLUMN_HELP,
                                     load_public_corpus, load_target_task)
 
 NAMED_TARGETS = ("demo", "chat", *HUB_TARGET)

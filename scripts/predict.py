@@ -12,14 +12,12 @@ import argparse
 import json
 import math
 import os
-import sys
 
 import torch
 from transformers import AutoConfig, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.stage import DataError, run_stage  # noqa: E402
-from dp_finetuning.language_modelling import WORD_START  # noqa: E402
+from common.stage import DataError, run_stage
+from dp_finetuning.language_modelling import WORD_START
 
 
 def forward(model, ids):

@@ -17,12 +17,10 @@ import json
 import math
 import os
 import statistics
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.atomic_io import atomic_path  # noqa: E402
-from common.stage import DataError, run_stage  # noqa: E402
-from dp_finetuning import privacy_ledger  # noqa: E402
+from common.atomic_io import atomic_path
+from common.stage import DataError, run_stage
+from dp_finetuning import privacy_ledger
 
 # (name, directory in the run, its selection or None, its fine-tuning): the DP variants, then those fine-tuned
 # without noise (run_pipeline.sh --non_private), shown only where they were run

@@ -32,11 +32,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.atomic_io import atomic_path, write_json  # noqa: E402
-from common.stage import DataError, fingerprint, run_stage  # noqa: E402
-from dp_finetuning import privacy_ledger  # noqa: E402
-from dp_finetuning.accounting import Mechanism, compute_epsilons  # noqa: E402
+from common.atomic_io import atomic_path, write_json
+from common.stage import DataError, fingerprint, run_stage
+from dp_finetuning import privacy_ledger
+from dp_finetuning.accounting import Mechanism, compute_epsilons
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_NAME = "trial.json"

@@ -48,3 +48,10 @@ def test_the_tree_is_lint_clean():
     completed = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", "."], cwd=ROOT, capture_output=True,
                                text=True, timeout=120)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
+
+
+def test_no_module_outside_the_tests_edits_the_import_path():
+    """The packages are installed (pip install -e .): stage scripts import them as they are, from any directory."""
+    sources = [path for path in glob.glob(os.path.join(ROOT, "**", "*.py"), recursive=True)
+               if not os.path.relpath(path, ROOT).startswith((".venv", "tests", "runs"))]
+    assert sources and not [path for path in sources if "sys.path.insert" in open(path).read()]
