@@ -350,8 +350,10 @@ def plot_metric_vs_tokens(path, table, task):
     axes.minorticks_off()
     unit = "tokens seen" if x_field == "pretraining_tokens" else "words"
     axes.set_xlabel(f"pre-training {unit} (log scale; series shifted apart)")
+    if task == "lm":  # perplexities span orders of magnitude between the variants
+        axes.set_yscale("log")
     better = "lower is better; " if task == "lm" else ""
-    axes.set_ylabel(metric.replace("_", " ") + f" ({better}mean ± std over seeds)")
+    axes.set_ylabel(metric.replace("_", " ") + f"\n({better}mean ± std over seeds)")
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.grid(alpha=0.3)
     figure.tight_layout()
