@@ -85,3 +85,18 @@ def test_bad_own_data_stops_in_one_line_before_stage_1(own_data, tmp_path, make,
     errors = [line for line in completed.stderr.splitlines() if line.strip()]
     assert completed.returncode == 2 and len(errors) == 1 and message.format(base=base) in errors[0], completed.stderr
     assert "== stage 1" not in completed.stdout and not (base / "run").exists()
+
+
+def test_a_stage_1_output_given_without_a_corpus_is_reused_as_it_is(tmp_path):
+    sentences = tmp_path / "my_sentences"
+    sentences.mkdir()
+    (sentences / "stats.json").write_text("{}")
+    (sentences / "stage_signature.json").write_text(json.dumps({"settings": {"corpus": ["my_corpus/"]}}))
+    completed = pipeline("--sentences_dir", str(sentences), "--run_dir", str(tmp_path / "run"), "--dry_run")
+    assert completed.returncode == 0, completed.stderr
+    assert f'reusing {sentences}, stage 1\'s output as it is (made from: "corpus":["my_corpus/"]' in completed.stdout
+    assert "split_sentences.py" not in completed.stdout
+    assert f"--sentences_dir {sentences} " in completed.stdout  # stage 2 reads it
+    checked = pipeline("--sentences_dir", str(sentences), "--corpus", "demo-small", "--run_dir", str(tmp_path / "run"),
+                       "--dry_run")
+    assert f"split_sentences.py --corpus demo-small --max_documents 800 --output_dir {sentences}" in checked.stdout
