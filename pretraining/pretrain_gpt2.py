@@ -36,7 +36,7 @@ from dp_finetuning.language_modelling import evaluate_language_model
 from common.atomic_io import atomic_path, replace_directory, write_json
 from common.stage import StageOutput, add_redo_argument, run_stage
 
-# name -> (hidden size, layers, heads, feed-forward size). The paper's sizes (DESIGN.md) use 12 heads;
+# name -> (hidden size, layers, heads, feed-forward size). The paper's reference sizes (Yu et al.) use 12 heads;
 # nano and micro train in minutes on 2 CPU cores.
 MODEL_SIZES = {
     "nano": (64, 2, 4, 256),

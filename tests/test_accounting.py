@@ -13,7 +13,7 @@ from dp_finetuning import privacy_ledger
 
 SST2 = 2048 / 67349
 
-# DESIGN.md section 4: (sigma, q, steps, delta) -> (RDP, PRV estimate)
+# accountant reference values, Poisson sampling: (sigma, q, steps, delta) -> (RDP, PRV estimate)
 REFERENCE = [
     ((1.0, 0.01, 1000, 1e-5), (2.101, 1.828)),
     ((1.4, SST2, 987, 1e-5), (3.782, 3.459)),

@@ -1,5 +1,5 @@
 """Every step between the private data and a DP mechanism keeps neighbours neighbours: built on D and on D with one
-private example added or removed, the mechanism's input differs by at most that example (DESIGN: add/remove
+private example added or removed, the mechanism's input differs by at most that example (add/remove
 adjacency). Each test builds the two neighbouring data sets itself."""
 
 import collections
