@@ -61,6 +61,7 @@ def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained,
     assert (tmp_path / "run" / "finetune" / "privacy.json").exists()
 
 
+@pytest.mark.slow
 def test_random_init_and_freezing(tmp_path, pretrained, target):
     args = dp_finetune.parse_args(finetune_argv(pretrained, target, tmp_path / "x", "--freeze", "body"))
     model, _ = dp_finetune.load_model(args)
@@ -116,6 +117,7 @@ def test_mean_pooling_reads_the_mean_over_each_sentence_and_its_gradients_are_ex
             assert torch.allclose(param.grad.double(), clipped_sum[name], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.slow
 def test_mean_pooled_release_is_evaluated_as_trained(tmp_path, pretrained, target):
     dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / "pooled", "--pooling", "mean",
                                    "--freeze", "body", "--learning_rate", "3e-2"))

@@ -150,6 +150,7 @@ def test_chat_target_splits_by_conversation(tmp_path):
         load_target_task("chat", cache_dir=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_stage6_language_modelling_end_to_end(tmp_path):
     from pretraining import pretrain_gpt2
     from datasets import Dataset

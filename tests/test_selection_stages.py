@@ -104,6 +104,7 @@ def test_random_selection_is_seeded():
     assert len(first) == 100 and first.tolist() == again.tolist() and first.tolist() != other.tolist()
 
 
+@pytest.mark.slow
 def test_stage4_writes_dataset_report_and_plot(two_domains):
     train_domain_classifier.main(stage3_argv(two_domains))
     scores_dir = str(two_domains / "run" / "domain_classifier" / "scores")
