@@ -59,7 +59,7 @@ OUTPUT_OPTIONS = ("return_dict", "output_attentions", "output_hidden_states", "u
 class GPT2MeanPooledClassifier(GPT2ForSequenceClassification):
     """`GPT2ForSequenceClassification` whose head reads the mean of the final hidden states over each
     sentence's tokens (its attention mask) rather than the last token's: a small model's mean keeps
-    sentiment that its last token loses (the README's recipe search)."""
+    sentiment that its last token loses (the recipe search in docs/results.md)."""
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         # PEFT passes every argument of the stock forward; only the output options may be set

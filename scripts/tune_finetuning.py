@@ -19,7 +19,7 @@ Privacy. Each trial is a DP release on the private data. Its ledger (the trial d
 receives the entries of the DP releases the model depends on (the domain classifier that chose its
 data), so each trial's epsilon covers them, as in the pipeline. The choice among trials reads the
 validation split without noise: like any hyper-parameter search on private data it is outside the
-guarantee (see the README), and all trials together spend more than one: tuning.md prints the
+guarantee (docs/privacy.md), and all trials together spend more than one: tuning.md prints the
 composition of every release in OUTPUT_DIR, the trials of earlier grids included.
 """
 

@@ -10,7 +10,7 @@ PRESET_NUM_TOKENS=0.1 BUDGET=(--document_weight 0.7)
 PRESET_MODEL_SIZE=micro
 PRETRAIN=(--vocab_size 4096 --block_size 128 --per_device_train_batch_size 32 --learning_rate 1e-3
           --max_train_steps 300 --checkpointing_steps 100)
-# DP: only the head (and final LayerNorm), on the mean-pooled features: the README's recipe search. The
+# DP: only the head (and final LayerNorm), on the mean-pooled features: the recipe search in docs/results.md. The
 # non-private ceiling trains every parameter on the last token in batches of 32 (about 1,000 steps), the best
 # of the recipes tried without noise (results/classification_tuning/tuning_ceiling_random16M_seed0.md).
 FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 1e-1
