@@ -15,7 +15,7 @@ release never tells the size of a private file). A rerun with the
 same signature skips a complete output or resumes a partial one; with another signature it
 stops with one line naming what differs, unless `--redo_changed` is given, which deletes the
 old output and makes it afresh (a DP release deleted so stays in the run's privacy ledger,
-counted while any output derived from it exists: `dp_finetuning/privacy_ledger.py`). The pipeline
+counted while any output derived from it exists: `common/dp/ledger.py`). The pipeline
 passes `--redo_changed` to every stage, so a changed
 setting redoes its stage and, through the fingerprints, every stage downstream of it.
 """

@@ -25,11 +25,12 @@ import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
-                                    add_train_fraction_argument, check_fraction, load_target_task,
-                                    TEXT_COLUMN_HELP, private_data_id, remove_punctuation, stable_sample)
 from common.atomic_io import write_json
-from common.stage import StageOutput, add_redo_argument, run_stage
+from common.data import TEXT_COLUMN_HELP, load_target_task, private_data_id
+from common.demo_data import DEFAULT_CACHE_DIR
+from common.splits import add_split_seed_argument, add_train_fraction_argument, check_fraction, stable_sample
+from common.stage import DataError, StageOutput, add_redo_argument, run_stage
+from common.text import remove_punctuation
 
 
 def distinct_positives(sentences, removed, split, held_out=frozenset()):

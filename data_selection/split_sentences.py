@@ -23,10 +23,12 @@ import datasets
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 from tqdm.auto import tqdm
 
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
-                                    TEXT_COLUMN_HELP, load_public_corpus, load_target_task, remove_punctuation)
 from common.atomic_io import write_json
-from common.stage import StageOutput, add_redo_argument, run_stage
+from common.data import TEXT_COLUMN_HELP, load_public_corpus, load_target_task
+from common.demo_data import DEFAULT_CACHE_DIR
+from common.splits import add_split_seed_argument
+from common.stage import DataError, StageOutput, add_redo_argument, run_stage
+from common.text import remove_punctuation
 
 COMMON_ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "st", "jr", "sr", "vs", "etc", "e.g", "i.e", "inc",
                         "ltd", "co", "corp", "no", "u.s", "u.k", "gen", "gov", "sen", "rep", "lt", "col", "capt",

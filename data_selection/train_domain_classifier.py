@@ -29,16 +29,18 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data_selection.domain_classifier import (build_classifier, load_classifier, save_classifier,
-                                              score_sentences)
-from data_selection.sources import DataError
-from dp_finetuning import privacy_ledger
 from common.atomic_io import write_json
-from common.stage import StageOutput, add_redo_argument, run_stage
-from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,
-                                      sequence_classification_losses)
+from common.dp import ledger
+from common.dp.training import DPTrainer, add_dp_arguments, discard_training_state, sequence_classification_losses
+from common.stage import DataError, StageOutput, add_redo_argument, run_stage
+from data_selection.domain_classifier import (
+    SCORES_COMPLETE,
+    build_classifier,
+    load_classifier,
+    save_classifier,
+    score_sentences,
+)
 
-SCORES_COMPLETE = "complete.json"
 VALIDATION_FILE = "validation.json"  # in the release: validation accuracy and AUC after every epoch
 
 
@@ -145,26 +147,9 @@ def score(args, accelerator):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(args.output_dir, "classifier", "privacy.json")) as handle:
-            privacy_ledger.write_releases(scores_dir, [privacy_ledger.release_of(json.load(handle))])
+            ledger.write_releases(scores_dir, [ledger.release_of(json.load(handle))])
         write_json(os.path.join(scores_dir, SCORES_COMPLETE), {"sentences": len(sentences), "shards": num_shards,
                                                                 "shard_size": args.score_shard_size})
-
-
-def load_scores(scores_dir, expected_count):
-    """(probability, logit) of a finished scoring run; checks the count and that no score is NaN."""
-    complete = os.path.join(scores_dir, SCORES_COMPLETE)
-    if not os.path.exists(complete):
-        raise DataError(f"--scores_dir {scores_dir}: scoring is not finished (no {SCORES_COMPLETE})")
-    with open(complete) as handle:
-        num_shards = json.load(handle)["shards"]
-    parts = [np.load(os.path.join(scores_dir, f"shard-{i:05d}.npz")) for i in range(num_shards)]
-    probability = np.concatenate([p["probability"] for p in parts])
-    logit = np.concatenate([p["logit"] for p in parts])
-    if len(probability) != expected_count:
-        raise DataError(f"--scores_dir {scores_dir}: {len(probability):,} scores for {expected_count:,} sentences")
-    if np.isnan(probability).any():
-        raise DataError(f"--scores_dir {scores_dir}: {int(np.isnan(probability).sum())} scores are NaN")
-    return probability, logit
 
 
 def main(argv=None):

@@ -11,7 +11,7 @@ Classification: `GPT2ForSequenceClassification`, validation accuracy after every
 accuracy at the end. Language modelling: `GPT2LMHeadModel` (the embedding tied to the LM head,
 both trained by default), one example per message; validation perplexity and next-token and
 next-word accuracy after every epoch, the same on test at the end
-(`dp_finetuning/language_modelling.py` defines them).
+(`common/language_modelling.py` defines them).
 
 --model_name_or_path is a stage 5 checkpoint (model and tokenizer); with --random_init the
 weights are drawn afresh (the no-pre-training baseline) and only the tokenizer and config are
@@ -31,46 +31,17 @@ once they are written.
 """
 
 import argparse
-import logging
 import os
 
-import torch
-from safetensors import SafetensorError
-from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
-from transformers.modeling_outputs import SequenceClassifierOutput
-from transformers.utils import logging as transformers_logging
-
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
-                                    add_train_fraction_argument, check_fraction, load_target_task, majority_share,
-                                    private_data_id, stable_sample, TEXT_COLUMN_HELP)
-from dp_finetuning import privacy_ledger
 from common.atomic_io import write_json
-from common.stage import StageOutput, add_redo_argument, run_stage
-from dp_finetuning.dp_training import (DPTrainer, add_dp_arguments, discard_training_state,
-                                      ledger_dir, sequence_classification_losses)
-from dp_finetuning.language_modelling import (collate_messages, encode_message,
-                                              evaluate_language_model, language_modelling_losses)
-
-FREEZE_CHOICES = ("none", "embeddings", "body")
-POOLING_CHOICES = ("last", "mean")
-OUTPUT_OPTIONS = ("return_dict", "output_attentions", "output_hidden_states", "use_cache")
-
-
-class GPT2MeanPooledClassifier(GPT2ForSequenceClassification):
-    """`GPT2ForSequenceClassification` whose head reads the mean of the final hidden states over each
-    sentence's tokens (its attention mask) rather than the last token's: a small model's mean keeps
-    sentiment that its last token loses (the recipe search in docs/results.md)."""
-
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        # PEFT passes every argument of the stock forward; only the output options may be set
-        unsupported = sorted(k for k, v in kwargs.items() if v is not None and k not in OUTPUT_OPTIONS)
-        if unsupported:
-            raise ValueError(f"GPT2MeanPooledClassifier takes input_ids and attention_mask only, got {unsupported}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return SequenceClassifierOutput(logits=self.score((hidden * mask).sum(1) / mask.sum(1)))
+from common.data import TEXT_COLUMN_HELP, load_target_task, majority_share, private_data_id
+from common.demo_data import DEFAULT_CACHE_DIR
+from common.dp import ledger
+from common.dp.training import DPTrainer, add_dp_arguments, discard_training_state, ledger_dir
+from common.models import FREEZE_CHOICES, add_pooling_argument, load_finetuning_model
+from common.splits import add_split_seed_argument, add_train_fraction_argument, check_fraction, stable_sample
+from common.stage import DataError, StageOutput, add_redo_argument, run_stage
+from dp_finetuning.tasks import classification_parts, language_modelling_parts
 
 
 def parse_args(argv=None):
@@ -104,84 +75,6 @@ def parse_args(argv=None):
     return args
 
 
-def add_pooling_argument(parser):
-    parser.add_argument("--pooling", choices=POOLING_CHOICES, default="last",
-                        help="classification: the head reads the last non-padding token (GPT2ForSequenceClassification)"
-                             " or the mean over the sentence's tokens (GPT2MeanPooledClassifier)")
-
-
-def load_model(args):
-    """(model, tokenizer) from a stage 5 directory; errors name what is missing."""
-    path = args.model_name_or_path
-    for required in ("config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(path, required)):
-            raise DataError(f"--model_name_or_path {path}: no {required}; expected a stage 5 output (model and "
-                            "tokenizer)")
-    if not args.random_init and not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise DataError(f"--model_name_or_path {path}: no model.safetensors (use --random_init for no pre-training)")
-    torch.manual_seed(args.seed)
-    classifier = GPT2MeanPooledClassifier if args.pooling == "mean" else GPT2ForSequenceClassification
-    model_class, extra = (GPT2LMHeadModel, {}) if args.task == "lm" else (classifier, {"num_labels": 2})
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        if args.random_init:
-            model = model_class(model_class.config_class.from_pretrained(path, **extra))
-        else:
-            model, loading = load_pretrained(model_class, path, extra)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
-        raise DataError(f"--model_name_or_path {path}: corrupted or not a stage 5 output "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-    if not args.random_init:
-        # a new classification head is expected (the pre-trained model had an LM head); anything else is not
-        unexpected_missing = [key for key in loading["missing_keys"] if not key.startswith("score.")]
-        if unexpected_missing:
-            raise DataError(f"--model_name_or_path {path}: weights missing from model.safetensors: "
-                            f"{', '.join(sorted(unexpected_missing)[:5])}")
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenizer.padding_side = "right"
-    model.config.pad_token_id = tokenizer.pad_token_id
-    if args.lora_r:
-        from peft import LoraConfig, get_peft_model
-        model = get_peft_model(model, LoraConfig(
-            r=args.lora_r, lora_alpha=2 * args.lora_r, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"],
-            task_type="CAUSAL_LM" if args.task == "lm" else "SEQ_CLS"))
-    elif args.freeze != "none":
-        frozen = model.transformer.wte, model.transformer.wpe
-        if args.freeze == "body":
-            frozen = frozen + (model.transformer.h,)
-        for module in frozen:
-            module.requires_grad_(False)
-    return model, tokenizer
-
-
-class _WithoutLoadReport(logging.Filter):
-    def filter(self, record):
-        return "LOAD REPORT" not in record.getMessage()
-
-
-def load_pretrained(model_class, path, extra):
-    """(model, loading info) without transformers' load report, which the caller checks instead."""
-    logger, report_filter = transformers_logging.get_logger("transformers.modeling_utils"), _WithoutLoadReport()
-    logger.addFilter(report_filter)
-    try:
-        return model_class.from_pretrained(path, output_loading_info=True, **extra)
-    finally:
-        logger.removeFilter(report_filter)
-
-
-@torch.no_grad()
-def accuracy(model, tokenizer, split, max_length, batch_size=128):
-    device = next(model.parameters()).device
-    correct = 0
-    for start in range(0, len(split), batch_size):
-        rows = split[start:start + batch_size]
-        batch = tokenizer([s.lower() for s in rows["sentence"]], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt").to(device)
-        predictions = model(**batch).logits.argmax(-1).cpu()
-        correct += int((predictions == torch.tensor(rows["label"])).sum())
-    return correct / len(split)
-
-
 def main(argv=None):
     args = parse_args(argv)
     output = StageOutput(args, "results.json")
@@ -191,12 +84,13 @@ def main(argv=None):
     if output.complete():
         discard_training_state(args.output_dir, args.keep_training_state)
         return
-    model, tokenizer = load_model(args)
-    depends_on = privacy_ledger.read_releases(args.model_name_or_path)
+    model, tokenizer = load_finetuning_model(args.model_name_or_path, args.task, args.pooling, args.random_init,
+                                             args.seed, args.freeze, args.lora_r)
+    depends_on = ledger.read_releases(args.model_name_or_path)
     try:
         # without noise the epsilon is infinite whatever else the ledger holds: nothing can be left out
         if args.noise_multiplier != 0:
-            privacy_ledger.check_counted(depends_on, ledger_dir(args), private_data_id(args.target))
+            ledger.check_counted(depends_on, ledger_dir(args), private_data_id(args.target))
     except ValueError as error:
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
     lm = args.task == "lm"
@@ -206,9 +100,10 @@ def main(argv=None):
     if args.train_fraction is not None:
         train_set = stable_sample(train_set, args.train_fraction, args.seed)
     if lm:
-        collate, losses, evaluate, lengths = language_modelling_parts(args, tokenizer, train_set, task)
+        collate, losses, evaluate, lengths = language_modelling_parts(tokenizer, args.max_length, train_set, task,
+                                                                      args.max_eval_samples, args.seed)
     else:
-        collate, losses, evaluate, lengths = classification_parts(args, tokenizer, train_set, task)
+        collate, losses, evaluate, lengths = classification_parts(tokenizer, args.max_length, train_set, task)
     trainer = DPTrainer(model, train_set, collate, losses, args, stage="finetune",
                         private_data=private_data_id(args.target),
                         eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
@@ -225,9 +120,9 @@ def main(argv=None):
         return
     trainer.model.eval()
     test = {f"test_{k}": v for k, v in evaluate(trainer.model, "test").items()} if "test" in task else {}
-    composed, delta = privacy_ledger.composed_epsilon(trainer.run_dir)
-    releases = depends_on + [privacy_ledger.release_of(report)]
-    privacy_ledger.write_releases(args.output_dir, releases)
+    composed, delta = ledger.composed_epsilon(trainer.run_dir)
+    releases = depends_on + [ledger.release_of(report)]
+    ledger.write_releases(args.output_dir, releases)
     metrics = [k for k in trainer.history[-1] if k.startswith("val_")]
     counts = [k for k in metrics if isinstance(trainer.history[-1][k], int)]  # words scored: the same every epoch
     results = {
@@ -244,7 +139,7 @@ def main(argv=None):
         **{k: trainer.history[-1][k] for k in metrics}, **test,
         "epsilon": report["epsilon"]["epsilon"], "epsilons": report["epsilon"], "stage_delta": trainer.delta,
         "composed_epsilon": composed["epsilon"], "composed_epsilons": composed, "delta": delta,
-        "ledger_stages": [e["stage"] for e in privacy_ledger.load_entries(trainer.run_dir)],
+        "ledger_stages": [e["stage"] for e in ledger.load_entries(trainer.run_dir)],
         "dp_releases": [r["stage"] for r in releases],
         **({} if lm else {f"{prefix}_majority_share": majority_share(task[split]["label"])
                           for prefix, split in (("val", "validation"), ("test", "test")) if split in task}),
@@ -255,46 +150,6 @@ def main(argv=None):
                     if v is not None and not isinstance(v, int))
           + f", epsilon {results['epsilon']:.3f}, composed over the run "
           f"{results['composed_epsilon']:.3f}")
-
-
-def classification_parts(args, tokenizer, train_set, task):
-    """(collate, per-example losses, evaluate(model, split name), lengths) of sequence classification."""
-    def collate(examples):
-        # lowercased, as the public text the model was pre-trained on
-        batch = tokenizer([e["sentence"].lower() for e in examples], padding=True, truncation=True,
-                          max_length=args.max_length, return_tensors="pt")
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                "labels": torch.tensor([e["label"] for e in examples])}
-
-    def evaluate(model, split):
-        if -1 in set(task[split]["label"]):  # an unlabelled test set (GLUE)
-            return {"accuracy": None}
-        return {"accuracy": accuracy(model, tokenizer, task[split], args.max_length)}
-
-    lengths = [min(len(ids), args.max_length)
-               for ids in tokenizer([s.lower() for s in train_set["sentence"]])["input_ids"]]
-    return collate, sequence_classification_losses, evaluate, lengths
-
-
-def language_modelling_parts(args, tokenizer, train_set, task):
-    """(collate, per-example losses, evaluate(model, split name), lengths) of next-word prediction."""
-    held_out = {}
-    for split in ("validation", "test"):
-        if split in task:
-            texts = task[split]
-            if args.max_eval_samples is not None and args.max_eval_samples < len(texts):
-                texts = texts.shuffle(seed=args.seed).select(range(args.max_eval_samples))
-            held_out[split] = list(texts["sentence"])
-
-    def collate(examples):
-        return collate_messages([encode_message(tokenizer, e["sentence"], args.max_length) for e in examples],
-                                tokenizer.pad_token_id)
-
-    def evaluate(model, split):
-        return evaluate_language_model(model, tokenizer, held_out[split], args.max_length)
-
-    lengths = [len(encode_message(tokenizer, text, args.max_length)) for text in train_set["sentence"]]
-    return collate, language_modelling_losses, evaluate, lengths
 
 
 if __name__ == "__main__":

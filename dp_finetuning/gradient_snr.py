@@ -25,13 +25,14 @@ import re
 import torch
 from tqdm.auto import tqdm
 
+from common.data import load_target_task
+from common.demo_data import DEFAULT_CACHE_DIR
+from common.dp.per_example_grads import PerExampleGradients
+from common.dp.training import sequence_classification_losses
+from common.models import FREEZE_CHOICES, add_model_and_target_arguments, add_pooling_argument, load_finetuning_model
+from common.splits import add_split_seed_argument, seeded_subset
 from common.stage import DataError, run_stage
-from data_selection.sources import DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task
-from dp_finetuning.dp_finetune import (FREEZE_CHOICES, add_pooling_argument, classification_parts,
-                                      load_model)
-from dp_finetuning.dp_training import sequence_classification_losses
-from dp_finetuning.linear_probe import add_model_and_target_arguments
-from dp_finetuning.per_example_grads import PerExampleGradients
+from dp_finetuning.tasks import classification_parts
 
 
 def parse_args(argv=None):
@@ -98,12 +99,11 @@ def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.model_name_or_path):
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: no such directory")
-    model, tokenizer = load_model(argparse.Namespace(**vars(args), task="classification", lora_r=0))
+    model, tokenizer = load_finetuning_model(args.model_name_or_path, "classification", args.pooling, args.random_init,
+                                             args.seed, args.freeze)
     task = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.split_seed)
-    train_set = task["train"]
-    if args.num_examples < len(train_set):
-        train_set = train_set.shuffle(seed=args.seed).select(range(args.num_examples))
-    collate, _, _, _ = classification_parts(args, tokenizer, train_set, task)
+    train_set = seeded_subset(task["train"], args.num_examples, args.seed)
+    collate, _, _, _ = classification_parts(tokenizer, args.max_length, train_set, task)
     means, norms = mean_clipped_gradient(model, train_set, collate, args.max_grad_norm, args.per_device_batch_size)
     print(f"NOT PRIVATE. {len(train_set)} examples of {args.target} at {args.model_name_or_path}: per-example gradient "
           f"norm median {norms.median():.3g}, {float((norms > args.max_grad_norm).float().mean()):.0%} clipped at "

@@ -21,12 +21,14 @@ import os
 
 import torch
 from tqdm.auto import tqdm
-from transformers import GPT2Model, PreTrainedTokenizerFast
+from transformers import GPT2Model
 
 from common.atomic_io import write_json
+from common.data import load_target_task, majority_share
+from common.demo_data import DEFAULT_CACHE_DIR
+from common.models import add_model_and_target_arguments, load_stage5
+from common.splits import add_split_seed_argument, seeded_subset
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage
-from data_selection.sources import (DEFAULT_CACHE_DIR, add_split_seed_argument, load_target_task,
-                                    majority_share, TEXT_COLUMN_HELP)
 
 
 @torch.no_grad()
@@ -73,16 +75,6 @@ def probe(train_features, train_labels, eval_features, eval_labels, l2):
     return float((predictions == eval_labels.bool()).double().mean())
 
 
-def add_model_and_target_arguments(parser, model_help, max_length):
-    """The flags of a diagnostic that reads a model on a classification target (this one, gradient_snr.py)."""
-    parser.add_argument("--model_name_or_path", required=True, help=model_help)
-    parser.add_argument("--random_init", action="store_true", help="fresh weights of the same config")
-    parser.add_argument("--target", default="demo", help="a classification target: 'demo', 'glue/sst2' or local files")
-    parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP)
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--max_length", type=int, default=max_length)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_and_target_arguments(parser, "a stage 5 output directory", max_length=64)
@@ -105,20 +97,10 @@ def main(argv=None):
     if args.l2 < 0:
         raise DataError(f"--l2 must be non-negative, got {args.l2}")
     torch.manual_seed(args.seed)
-    try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.model_name_or_path)
-        model = (GPT2Model(GPT2Model.config_class.from_pretrained(args.model_name_or_path)) if args.random_init
-                 else GPT2Model.from_pretrained(args.model_name_or_path))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise DataError(f"--model_name_or_path {args.model_name_or_path}: corrupted or not a stage 5 output "
-                        f"({type(error).__name__}: {str(error).splitlines()[0][:200]})") from None
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    tokenizer.padding_side = "right"
+    model, tokenizer = load_stage5(args.model_name_or_path, GPT2Model, args.random_init)
     model.eval()
     task = load_target_task(args.target, args.text_column, args.label_column, args.cache_dir, args.split_seed)
-    train = task["train"]
-    if args.max_train_samples is not None and args.max_train_samples < len(train):
-        train = train.shuffle(seed=args.seed).select(range(args.max_train_samples))
+    train = seeded_subset(task["train"], args.max_train_samples, args.seed)
     train_labels, eval_labels = torch.tensor(train["label"]), torch.tensor(task["validation"]["label"])
     train_last, train_mean = sentence_features(model, tokenizer, train["sentence"], args.max_length)
     eval_last, eval_mean = sentence_features(model, tokenizer, task["validation"]["sentence"], args.max_length)

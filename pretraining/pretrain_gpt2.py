@@ -29,12 +29,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from data_selection.sources import (DEFAULT_CACHE_DIR, DataError, add_split_seed_argument,
-                                    load_local, load_target_task)
-from dp_finetuning import privacy_ledger
-from dp_finetuning.language_modelling import evaluate_language_model
 from common.atomic_io import atomic_path, replace_directory, write_json
-from common.stage import StageOutput, add_redo_argument, run_stage
+from common.data import load_local, load_target_task
+from common.demo_data import DEFAULT_CACHE_DIR
+from common.dp import ledger
+from common.language_modelling import evaluate_language_model
+from common.splits import add_split_seed_argument
+from common.stage import DataError, StageOutput, add_redo_argument, run_stage
 
 # name -> (hidden size, layers, heads, feed-forward size). The paper's reference sizes (Yu et al.) use 12 heads;
 # nano and micro train in minutes on 2 CPU cores.
@@ -336,7 +337,7 @@ def finish(args, model, tokenizer, held_out, device, num_processes):
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     # model and tokenizer depend on the DP releases that chose their data (none for a random selection)
-    privacy_ledger.write_releases(args.output_dir, privacy_ledger.read_releases(args.dataset_path))
+    ledger.write_releases(args.output_dir, ledger.read_releases(args.dataset_path))
     write_json(os.path.join(args.output_dir, "eval_results.json"), {
         **results, "model_size": args.model_size, "steps": args.max_train_steps,
         "tokens_seen": args.max_train_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps

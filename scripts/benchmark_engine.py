@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from dp_finetuning.per_example_grads import PerExampleGradients
+from common.dp.per_example_grads import PerExampleGradients
 
 NOISE_MULTIPLIER, MAX_GRAD_NORM = 1.0, 1.0
 

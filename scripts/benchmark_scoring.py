@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from common.demo_data import demo_public_documents
 from data_selection.domain_classifier import build_classifier, score_sentences
-from data_selection.sources import demo_public_documents
 
 
 def sample_sentences(sentences_dir, count, seed=0):

@@ -10,7 +10,8 @@ import os
 import tempfile
 import time
 
-from data_selection.sources import DEFAULT_CACHE_DIR, load_public_corpus
+from common.data import load_public_corpus
+from common.demo_data import DEFAULT_CACHE_DIR
 from data_selection.split_sentences import load_punkt, split_corpus
 
 

@@ -12,9 +12,9 @@ import argparse
 import collections
 import os
 
+from common.data import HUB_PUBLIC, HUB_TARGET, TEXT_COLUMN_HELP, load_public_corpus, load_target_task
+from common.demo_data import DEFAULT_CACHE_DIR
 from common.stage import DataError, run_stage
-from data_selection.sources import (DEFAULT_CACHE_DIR, HUB_PUBLIC, HUB_TARGET, TEXT_COLUMN_HELP,
-                                    load_public_corpus, load_target_task)
 
 NAMED_TARGETS = ("demo", "chat", *HUB_TARGET)
 NAMED_CORPORA = ("demo", "demo-small", *HUB_PUBLIC)

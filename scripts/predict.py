@@ -16,8 +16,8 @@ import os
 import torch
 from transformers import AutoConfig, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from common.language_modelling import WORD_START
 from common.stage import DataError, run_stage
-from dp_finetuning.language_modelling import WORD_START
 
 
 def forward(model, ids):

@@ -36,7 +36,7 @@
 # is used as it is (split_sentences.py run by hand on your corpus), with --corpus it is checked against it.
 # Layout of the run directory:
 #   sentences/ classifier_data/ domain_classifier/ selected/ pretrained/ finetune/   (selective; its
-#   privacy_ledger.json holds the domain classifier and the fine-tuning)
+#   ledger.json holds the domain classifier and the fine-tuning)
 #   baselines/random/{selected,pretrained,finetune}/ and baselines/scratch/finetune/ (their own ledgers; the
 #   no-pre-training baseline takes the random selection's tokenizer and config, learnt from public data only)
 set -euo pipefail
@@ -181,7 +181,7 @@ if [ "$DRY_RUN" = 0 ]; then
   python scripts/check_data.py --task "$TASK" --target "$TARGET" --corpus "${USER_CORPUS[@]}" "${TEXT[@]}" "${LABEL[@]}"
   if [ "$FORCE" = 1 ] && [ -d "$RUN_DIR" ]; then
     # everything but the privacy ledgers: their releases stay in the history (as superseded once deleted)
-    find "$RUN_DIR" -mindepth 1 ! -type d ! -name privacy_ledger.json ! -name privacy_ledger.json.lock -delete
+    find "$RUN_DIR" -mindepth 1 ! -type d ! -name ledger.json ! -name ledger.json.lock -delete
     find "$RUN_DIR" -mindepth 1 -depth -type d -empty -delete
   fi
   mkdir -p "$RUN_DIR"

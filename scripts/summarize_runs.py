@@ -19,8 +19,8 @@ import os
 import statistics
 
 from common.atomic_io import atomic_path
+from common.dp import ledger
 from common.stage import DataError, run_stage
-from dp_finetuning import privacy_ledger
 
 # (name, directory in the run, its selection or None, its fine-tuning): the DP variants, then those fine-tuned
 # without noise (run_pipeline.sh --non_private), shown only where they were run
@@ -137,15 +137,15 @@ def run_table(rows):
 def run_directory_composition(run_dir):
     """Lines giving, per private data set, the composition of every counted DP release in all the ledgers of the
     run directory: what one who sees every variant's release can learn, beside each variant's own total."""
-    ledgers = privacy_ledger.ledgers_under(run_dir)
-    data_sets = sorted({e["private_data"] for ledger in ledgers for e in privacy_ledger.counted_entries(ledger)})
+    ledgers = ledger.ledgers_under(run_dir)
+    data_sets = sorted({e["private_data"] for directory in ledgers for e in ledger.counted_entries(directory)})
     lines = []
     for data in data_sets:
-        epsilons, delta, count = privacy_ledger.composition_of_ledgers(ledgers, data)
+        epsilons, delta, count = ledger.composition_of_ledgers(ledgers, data)
         line = (f"All {count} DP releases on {data} in this run directory together (every variant's models seen at "
                 f"once): epsilon {fmt(epsilons['epsilon'], '{:.3f}')} at delta {delta:.3g}")
         if math.isinf(epsilons["epsilon"]):  # fine-tunings without noise (--non_private): the others alone
-            noisy, noisy_delta, noisy_count = privacy_ledger.composition_of_ledgers(ledgers, data, noisy_only=True)
+            noisy, noisy_delta, noisy_count = ledger.composition_of_ledgers(ledgers, data, noisy_only=True)
             if noisy_count:
                 line += (f" (the run holds fine-tunings without noise; the {noisy_count} with noise alone: epsilon "
                          f"{noisy['epsilon']:.3f} at delta {noisy_delta:.3g})")

@@ -33,9 +33,9 @@ import sys
 import time
 
 from common.atomic_io import atomic_path, write_json
+from common.dp import ledger
+from common.dp.accounting import Mechanism, compute_epsilons
 from common.stage import DataError, fingerprint, run_stage
-from dp_finetuning import privacy_ledger
-from dp_finetuning.accounting import Mechanism, compute_epsilons
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRIAL_NAME = "trial.json"
@@ -65,16 +65,16 @@ def trial_name(settings):
 def seed_ledger(trial_dir, model_dir):
     """Copy into the trial's ledger the entries of the DP releases that the model depends on, and say in the trial
     directory that it depends on them (so they stay counted there)."""
-    releases = privacy_ledger.read_releases(model_dir)
-    privacy_ledger.write_releases(trial_dir, releases)
+    releases = ledger.read_releases(model_dir)
+    ledger.write_releases(trial_dir, releases)
     for release in releases:
-        entries = {e["run_id"]: e for e in privacy_ledger.load_entries(release["ledger"])}
+        entries = {e["run_id"]: e for e in ledger.load_entries(release["ledger"])}
         if release["run_id"] not in entries:
             raise DataError(f"--model_name_or_path {model_dir}: depends on the DP release {release['stage']} "
                             f"{release['run_id'][:8]}, missing from its ledger {release['ledger']}")
-        if all(e["run_id"] != release["run_id"] for e in privacy_ledger.load_entries(trial_dir)):
+        if all(e["run_id"] != release["run_id"] for e in ledger.load_entries(trial_dir)):
             entry = entries[release["run_id"]]
-            privacy_ledger.record(trial_dir, entry["stage"], entry["run_id"], Mechanism.from_dict(entry),
+            ledger.record(trial_dir, entry["stage"], entry["run_id"], Mechanism.from_dict(entry),
                                   entry["delta"], entry["private_data"], entry.get("release"),
                                   entry.get("dp_randomness", "secret"), entry.get("adjacency"),
                                   entry.get("privacy_unit", "example"))
@@ -130,9 +130,9 @@ def search_epsilon(output_dir):
     """Epsilon of every trial in `output_dir` together, those of earlier grids included, with the releases they
     share (the classifier) counted once."""
     entries = {}
-    for ledger in privacy_ledger.ledgers_under(output_dir):
-        entries.update({e["run_id"]: e for e in privacy_ledger.counted_entries(ledger)})
-    delta = privacy_ledger.composition_delta(entries.values())
+    for ledger_directory in ledger.ledgers_under(output_dir):
+        entries.update({e["run_id"]: e for e in ledger.counted_entries(ledger_directory)})
+    delta = ledger.composition_delta(entries.values())
     return compute_epsilons([Mechanism.from_dict(e) for e in entries.values()], delta)["epsilon"], delta, len(entries)
 
 

@@ -5,8 +5,8 @@ import sys
 
 import torch
 
+from common.dp.training import DPTrainer, sequence_classification_losses
 from common.stage import close_process_group
-from dp_finetuning.dp_training import DPTrainer, sequence_classification_losses
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 

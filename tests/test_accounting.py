@@ -1,15 +1,22 @@
 import math
 
 import pytest
-from scipy.optimize import brentq
-from scipy.stats import norm
+from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
 from prv_accountant.accountant import compute_safe_domain_size
 from prv_accountant.other_accountants import RDP as PrvLibraryRDP
-from prv_accountant import GaussianMechanism, PoissonSubsampledGaussianMechanism, PRVAccountant
+from scipy.optimize import brentq
+from scipy.stats import norm
 
-from dp_finetuning.accounting import (PRV_EPS_ERROR, Mechanism, calibrate_noise_multiplier, compute_epsilons,
-                                      default_delta, epsilon_prv, safe_domain_size)
-from dp_finetuning import privacy_ledger
+from common.dp import ledger
+from common.dp.accounting import (
+    PRV_EPS_ERROR,
+    Mechanism,
+    calibrate_noise_multiplier,
+    compute_epsilons,
+    default_delta,
+    epsilon_prv,
+    safe_domain_size,
+)
 
 SST2 = 2048 / 67349
 
@@ -100,12 +107,12 @@ def test_default_delta():
 
 
 def test_ledger_composes_every_release(tmp_path):
-    privacy_ledger.record(tmp_path, "classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
-    privacy_ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 2e-5, "target")
-    privacy_ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 2e-5, "target")  # b resumed
-    privacy_ledger.record(tmp_path, "finetune", "c", Mechanism(1.2, 0.03, 200), 2e-5, "target")  # another seed
-    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["classifier", "finetune", "finetune"]
-    composed, delta = privacy_ledger.composed_epsilon(tmp_path)
+    ledger.record(tmp_path, "classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
+    ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 2e-5, "target")
+    ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 2e-5, "target")  # b resumed
+    ledger.record(tmp_path, "finetune", "c", Mechanism(1.2, 0.03, 200), 2e-5, "target")  # another seed
+    assert [e["stage"] for e in ledger.load_entries(tmp_path)] == ["classifier", "finetune", "finetune"]
+    composed, delta = ledger.composed_epsilon(tmp_path)
     expected = compute_epsilons([Mechanism(1.0, 0.01, 300)] + [Mechanism(1.2, 0.03, 200)] * 2, 1e-5)
     assert delta == 1e-5 and composed == pytest.approx(expected)  # at the smallest delta of the entries
 
@@ -126,11 +133,11 @@ def test_headline_epsilon_falls_back_to_pld_where_prv_fails():
 
 
 def test_ledger_command_prints_the_composed_epsilon(tmp_path, capsys, monkeypatch):
-    privacy_ledger.record(tmp_path, "classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
-    privacy_ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 1e-5, "target")
-    monkeypatch.setattr("sys.argv", ["privacy_ledger", str(tmp_path)])
-    privacy_ledger.main()
-    composed, _ = privacy_ledger.composed_epsilon(tmp_path)
+    ledger.record(tmp_path, "classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
+    ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 1e-5, "target")
+    monkeypatch.setattr("sys.argv", ["ledger", str(tmp_path)])
+    ledger.main()
+    composed, _ = ledger.composed_epsilon(tmp_path)
     out = capsys.readouterr().out
     assert "| classifier |" in out and "| finetune |" in out
     assert f"composed epsilon of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}" in out

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import T5Config, T5EncoderModel
 
-from dp_finetuning.per_example_grads import ExampleMixingError, PerExampleGradients
+from common.dp.per_example_grads import ExampleMixingError, PerExampleGradients
 
 
 def brute_force(model, forward, examples, max_grad_norm):

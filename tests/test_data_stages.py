@@ -9,8 +9,10 @@ import pytest
 from datasets import Dataset, DatasetDict
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
 
-from data_selection import build_classifier_data, sources, split_sentences
-from data_selection.sources import DataError, load_local, load_public_corpus, load_target_task
+from common import data, demo_data, text
+from common.data import load_local, load_public_corpus, load_target_task
+from common.stage import DataError
+from data_selection import build_classifier_data, split_sentences
 
 DOCS = ["The first document. It has two sentences.", "Second one here! Is it a question? Yes."]
 
@@ -64,7 +66,7 @@ def test_hub_loaders_use_the_paper_datasets(monkeypatch):
                                 for name, labels in (("train", [1, 0]), ("validation", [0, 1]),
                                                      ("test", [-1, -1]))})
         return Dataset.from_dict({"id": ["1"], "title": ["T"], "text": ["Some text. More text."]})
-    monkeypatch.setattr(sources, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
     corpus, _ = load_public_corpus(["wikipedia", "bookcorpus"])
     assert calls[:2] == [("wikimedia/wikipedia", "20231101.en", "train"), ("bookcorpus/bookcorpus", None, "train")]
     assert corpus["source"] == ["wikipedia", "bookcorpus"]
@@ -188,7 +190,7 @@ def test_demo_target_task_counts():
 
 def _duplicates_removed(category):
     seen, removed = set(), 0
-    for row in sources._rotten_tomatoes_rows(sources.DEFAULT_CACHE_DIR):
+    for row in demo_data._rotten_tomatoes_rows(demo_data.DEFAULT_CACHE_DIR):
         if row["category"] in ("fresh", "rotten"):
             removed += row["text"] in seen and row["category"] == category
             seen.add(row["text"])
@@ -202,8 +204,8 @@ def test_demo_public_corpus_sources_and_no_target_sentence(demo_sentences):
     assert stats["per_source"]["news"]["documents"] == 3824
     assert stats["per_source"]["movie_plots"]["documents"] == 1097
     assert stats["sentences"] > 100_000
-    public = {sources.remove_punctuation(s) for s in datasets.load_from_disk(str(demo_sentences))["text"]}
-    assert not public & split_sentences.target_sentences("demo", sources.DEFAULT_CACHE_DIR)
+    public = {text.remove_punctuation(s) for s in datasets.load_from_disk(str(demo_sentences))["text"]}
+    assert not public & split_sentences.target_sentences("demo", demo_data.DEFAULT_CACHE_DIR)
 
 
 @pytest.mark.slow
@@ -261,10 +263,10 @@ def fake_package_files(cache_dir):
 
 def test_larger_demo_corpus_sources_on_fixtures(tmp_path):
     fake_package_files(tmp_path)
-    documents = list(sources._larger_demo_documents(str(tmp_path)))
+    documents = list(demo_data._larger_demo_documents(str(tmp_path)))
     by_source = {}
-    for source, doc_id, text in documents:
-        by_source.setdefault(source, []).append((doc_id, text))
+    for source, doc_id, content in documents:
+        by_source.setdefault(source, []).append((doc_id, content))
     assert set(by_source) == {"newsgroups", "reuters", "friends_dialogue", "election_tweets", "health_tweets",
                               "parliament", "movie_reviews", "wordnet_glosses", "oanc"}
     assert [text for _, text in by_source["friends_dialogue"]] == ["There's nothing to tell!\nOh, come on.",
@@ -287,7 +289,7 @@ def test_sentences_without_punctuation_are_cut_and_exclusion_is_normalised(tmp_p
                                                        for i in range(10)))
     (target / "validation.jsonl").write_text(json.dumps({"sentence": "Fine."}) + "\n")
     excluded = split_sentences.target_sentences(str(target), "")
-    assert sources.remove_punctuation("  GREAT   test film 3 !! ") in excluded
+    assert text.remove_punctuation("  GREAT   test film 3 !! ") in excluded
     assert not any("train" in text for text in excluded)  # the training split is never read
 
 
@@ -318,7 +320,7 @@ def test_a_folder_of_documents_is_a_corpus_with_sources(tmp_path):
     (tmp_path / "manual.txt").write_text("A manual page.\n")
     (tmp_path / "posts.jsonl").write_text(json.dumps({"text": "A post.", "source": "forum"}) + "\n"
                                           + json.dumps({"text": "A reply."}) + "\n")
-    corpus, _ = sources.load_public_corpus([str(tmp_path)])
+    corpus, _ = data.load_public_corpus([str(tmp_path)])
     documents = sorted(zip(corpus["source"], corpus["text"]))
     assert documents == [("forum", "A post."), ("manual.txt", "A manual page.\n"),
                          ("novels", "Another novel.\n"), ("novels", "First line of a novel.\nIts second line.\n"),
@@ -326,15 +328,15 @@ def test_a_folder_of_documents_is_a_corpus_with_sources(tmp_path):
     assert len(set(corpus["doc_id"])) == len(corpus)  # one id per document, whatever the source column says
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="a directory with no .txt"):
-        sources.load_public_corpus([str(tmp_path / "empty")])
+        data.load_public_corpus([str(tmp_path / "empty")])
 
 
 def test_csv_labels_are_integers_and_a_missing_column_names_its_flag(tmp_path):
     (tmp_path / "labelled.csv").write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(40)))
-    task = sources.load_target_task(str(tmp_path / "labelled.csv"))  # `text` is the default text column
+    task = data.load_target_task(str(tmp_path / "labelled.csv"))  # `text` is the default text column
     assert set(task["train"]["label"]) == {0, 1} and sum(map(len, task.values())) == 40
     with pytest.raises(DataError, match="no column 'review' .*; --text_column names the column to read"):
-        sources.load_target_task(str(tmp_path / "labelled.csv"), text_column="review")
+        data.load_target_task(str(tmp_path / "labelled.csv"), text_column="review")
 
 
 def test_the_default_text_column_is_text_else_sentence_for_targets_and_corpora(tmp_path):
@@ -343,19 +345,19 @@ def test_the_default_text_column_is_text_else_sentence_for_targets_and_corpora(t
         return str(tmp_path / name)
     texts = write("texts.jsonl", [{"text": f"text {i}"} for i in range(30)])
     glue = write("glue.jsonl", [{"sentence": f"sentence {i}"} for i in range(30)])
-    assert sum(map(len, sources.load_target_task(texts, label_column=None).values())) == 30
-    assert sum(map(len, sources.load_target_task(glue, label_column=None).values())) == 30
-    corpus, _ = sources.load_public_corpus([glue, texts])
+    assert sum(map(len, data.load_target_task(texts, label_column=None).values())) == 30
+    assert sum(map(len, data.load_target_task(glue, label_column=None).values())) == 30
+    corpus, _ = data.load_public_corpus([glue, texts])
     assert {"sentence 0", "text 0"} <= set(corpus["text"])
     # a neighbour with one more record whose only field is `sentence`: every record's fields count, so no choice
     # flips for the others (both columns: refused; the record alone would lack a text)
     neighbour = write("neighbour.jsonl", [{"sentence": "one more"}] + [{"text": f"text {i}"} for i in range(30)])
     with pytest.raises(DataError, match="both a 'text' and a 'sentence' column; --text_column names the one to read"):
-        sources.load_target_task(neighbour, label_column=None)
+        data.load_target_task(neighbour, label_column=None)
     with pytest.raises(DataError, match="has no text in column 'text'"):
-        sources.load_target_task(neighbour, text_column="text", label_column=None)
+        data.load_target_task(neighbour, text_column="text", label_column=None)
     neither = write("neither.jsonl", [{"body": "x"}])
-    for load in (lambda p: sources.load_target_task(p, label_column=None), lambda p: sources.load_public_corpus([p])):
+    for load in (lambda p: data.load_target_task(p, label_column=None), lambda p: data.load_public_corpus([p])):
         with pytest.raises(DataError, match=r"neither.jsonl: no column 'text' \(nor 'sentence'\) \(columns: body\); "
                                             "--text_column names the column to read"):
             load(neither)

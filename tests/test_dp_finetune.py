@@ -1,4 +1,3 @@
-import argparse
 import csv
 import json
 import os
@@ -10,11 +9,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from common.stage import run_stage
-from data_selection import sources
-from data_selection.sources import DataError
-from dp_finetuning import dp_finetune, linear_probe, privacy_ledger
-from dp_finetuning.accounting import Mechanism, compute_epsilons
+from common import data
+from common.dp import ledger
+from common.dp.accounting import Mechanism, compute_epsilons
+from common.models import GPT2MeanPooledClassifier, load_finetuning_model
+from common.stage import DataError, run_stage
+from dp_finetuning import dp_finetune, linear_probe
+from dp_finetuning.tasks import accuracy, classification_parts
 from pretraining import pretrain_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,14 +49,14 @@ def finetune_argv(model, target, output, *extra):
 
 
 def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained, target):
-    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-3, "target")
+    ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-3, "target")
     dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / "finetune"))
     results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
     assert len(results["val_accuracy_per_epoch"]) == 4 and 0 <= results["test_accuracy"] <= 1
     assert results["test_accuracy"] >= 0.75  # the words give the label away
     assert results["val_majority_share"] == results["test_majority_share"] == 0.5
-    assert sources.majority_share([1, 1, 0]) == 2 / 3 and sources.majority_share([0, 0, 0, 1]) == 0.75
-    assert sources.majority_share([-1, -1]) is None
+    assert data.majority_share([1, 1, 0]) == 2 / 3 and data.majority_share([0, 0, 0, 1]) == 0.75
+    assert data.majority_share([-1, -1]) is None
     assert results["ledger_stages"] == ["domain_classifier", "finetune"]
     assert results["composed_epsilon"] > results["epsilon"] > 0
     assert (tmp_path / "run" / "finetune" / "privacy.json").exists()
@@ -63,13 +64,11 @@ def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained,
 
 @pytest.mark.slow
 def test_random_init_and_freezing(tmp_path, pretrained, target):
-    args = dp_finetune.parse_args(finetune_argv(pretrained, target, tmp_path / "x", "--freeze", "body"))
-    model, _ = dp_finetune.load_model(args)
+    model, _ = load_finetuning_model(str(pretrained), "classification", freeze="body")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "transformer.ln_f.weight", "transformer.ln_f.bias", "score.weight"}
-    trained, _ = dp_finetune.load_model(dp_finetune.parse_args(finetune_argv(pretrained, target, tmp_path / "y")))
-    fresh, _ = dp_finetune.load_model(dp_finetune.parse_args(finetune_argv(pretrained, target, tmp_path / "z",
-                                                                           "--random_init")))
+    trained, _ = load_finetuning_model(str(pretrained), "classification")
+    fresh, _ = load_finetuning_model(str(pretrained), "classification", random_init=True)
     assert not fresh.transformer.wte.weight.equal(trained.transformer.wte.weight)
     dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "lora", "--lora_r", "2", "--num_train_epochs", "1"))
     assert (tmp_path / "lora" / "results.json").exists()
@@ -79,16 +78,15 @@ def test_mean_pooling_reads_the_mean_over_each_sentence_and_its_gradients_are_ex
     """Padded batch against each sentence alone: the logits are the stock model's final hidden states averaged
     over the sentence, times the head; the clipped per-example gradients are torch.func's, one example at a time."""
     from transformers import GPT2ForSequenceClassification
-    from dp_finetuning.per_example_grads import PerExampleGradients
+
+    from common.dp.per_example_grads import PerExampleGradients
     from tests.oracle import classification_loss_per_example, norms_and_clipped_sum, per_example_grads
-    args = dp_finetune.parse_args(finetune_argv(pretrained, tmp_path, tmp_path / "x", "--pooling", "mean",
-                                                "--freeze", "embeddings", "--max_length", "32"))
-    model, tokenizer = dp_finetune.load_model(args)
-    assert type(model) is dp_finetune.GPT2MeanPooledClassifier
+    model, tokenizer = load_finetuning_model(str(pretrained), "classification", pooling="mean", freeze="embeddings")
+    assert type(model) is GPT2MeanPooledClassifier
     model.eval()
     examples = [{"sentence": s, "label": i % 2} for i, s in enumerate(
         [GOOD, f"{BAD} 7", "dull", f"{GOOD} 12 . {BAD}"])]
-    collate, _, _, _ = dp_finetune.classification_parts(args, tokenizer, Dataset.from_list(examples), {})
+    collate, _, _, _ = classification_parts(tokenizer, 32, Dataset.from_list(examples), {})
     batch = collate(examples)
     assert batch["attention_mask"].sum(1).unique().numel() >= 3  # sentences padded differently
     with pytest.raises(ValueError, match="labels"):  # never a silently ignored argument
@@ -124,10 +122,10 @@ def test_mean_pooled_release_is_evaluated_as_trained(tmp_path, pretrained, targe
     results = json.loads((tmp_path / "run" / "pooled" / "results.json").read_text())
     config = json.loads((tmp_path / "run" / "pooled" / "config.json").read_text())
     assert results["pooling"] == "mean" and config["architectures"] == ["GPT2MeanPooledClassifier"]
-    release = dp_finetune.GPT2MeanPooledClassifier.from_pretrained(tmp_path / "run" / "pooled").eval()
+    release = GPT2MeanPooledClassifier.from_pretrained(tmp_path / "run" / "pooled").eval()
     tokenizer = dp_finetune.PreTrainedTokenizerFast.from_pretrained(tmp_path / "run" / "pooled")
-    test = sources.load_target_task(str(target))["test"]
-    assert dp_finetune.accuracy(release, tokenizer, test, 128) == results["test_accuracy"]
+    test = data.load_target_task(str(target))["test"]
+    assert accuracy(release, tokenizer, test, 128) == results["test_accuracy"]
 
 
 def test_bad_inputs_fail_before_any_work(tmp_path, pretrained, target):
@@ -164,19 +162,19 @@ def test_a_model_that_depends_on_an_uncounted_release_is_refused(tmp_path, pretr
     selective = tmp_path / "selective_model"
     shutil.copytree(pretrained, selective)
     classifier = {"stage": "domain_classifier", "run_id": "c0ffee", "private_data": str(target), "ledger": "elsewhere"}
-    privacy_ledger.write_releases(selective, [classifier])
+    ledger.write_releases(selective, [classifier])
     for extra in ((), ("--random_init",)):
         with pytest.raises(DataError, match="does not hold: domain_classifier c0ffee"):
             dp_finetune.main(finetune_argv(selective, target, tmp_path / "scratch" / "finetune", *extra))
     assert not (tmp_path / "scratch" / "finetune").exists()
     # counted in the run's ledger: accepted, and the results name both releases
-    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c0ffee", Mechanism(1.0, 0.01, 100), 1e-3,
+    ledger.record(tmp_path / "run", "domain_classifier", "c0ffee", Mechanism(1.0, 0.01, 100), 1e-3,
                           str(target))
     dp_finetune.main(finetune_argv(selective, target, tmp_path / "run" / "finetune", "--random_init",
                                    "--num_train_epochs", "1"))
     results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
     assert results["dp_releases"] == ["domain_classifier", "finetune"]
-    released = privacy_ledger.read_releases(tmp_path / "run" / "finetune")
+    released = ledger.read_releases(tmp_path / "run" / "finetune")
     assert [r["run_id"] for r in released][0] == "c0ffee"
     assert not (tmp_path / "run" / "finetune.private").exists()
     assert {"config.json", "model.safetensors", "tokenizer.json", "privacy.json"} <= set(
@@ -185,17 +183,17 @@ def test_a_model_that_depends_on_an_uncounted_release_is_refused(tmp_path, pretr
 
 @pytest.mark.slow
 def test_seeds_into_one_run_directory_compose_at_one_delta(tmp_path, pretrained, target):
-    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-4, str(target))
+    ledger.record(tmp_path / "run", "domain_classifier", "c", Mechanism(1.0, 0.01, 100), 1e-4, str(target))
     results = []
     for seed in (0, 1, 2):
         dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / f"finetune_seed{seed}",
                                        "--seed", str(seed),
                                        "--num_train_epochs", "1"))
         results.append(json.loads((tmp_path / "run" / f"finetune_seed{seed}" / "results.json").read_text()))
-    entries = privacy_ledger.load_entries(tmp_path / "run")
+    entries = ledger.load_entries(tmp_path / "run")
     assert [e["stage"] for e in entries] == ["domain_classifier", "finetune", "finetune", "finetune"]
     alone = compute_epsilons([Mechanism.from_dict(entries[1])], 1e-4)["epsilon"]
-    composed, delta = privacy_ledger.composed_epsilon(tmp_path / "run")
+    composed, delta = ledger.composed_epsilon(tmp_path / "run")
     assert delta == 1e-4 and results[-1]["delta"] == 1e-4  # the smallest delta, not the stage's 1/(10 n)
     assert results[-1]["stage_delta"] == pytest.approx(1 / 800)
     assert results[-1]["composed_epsilon"] == pytest.approx(composed["epsilon"])
@@ -247,12 +245,11 @@ def test_gradient_snr_matches_brute_force_per_example_gradients(tmp_path, pretra
     printed = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in capsys.readouterr().out.splitlines()
                if line.startswith("| ") and not line.startswith("| parameters")}
 
-    args = gradient_snr.parse_args(argv)
-    model, tokenizer = dp_finetune.load_model(argparse.Namespace(**vars(args), task="classification", lora_r=0))
+    model, tokenizer = load_finetuning_model(str(pretrained), "classification", freeze="embeddings")
     model.eval()
-    task = sources.load_target_task(str(target))
+    task = data.load_target_task(str(target))
     examples = task["train"].shuffle(seed=0).select(range(12))
-    collate, _, _, _ = dp_finetune.classification_parts(args, tokenizer, examples, task)
+    collate, _, _, _ = classification_parts(tokenizer, 16, examples, task)
     grads = {name: [] for name, p in model.named_parameters() if p.requires_grad}
     for example in examples:  # alone: no padding, nothing shared
         for name, g in per_example_grads(model, collate([example]), classification_loss_per_example).items():
@@ -282,8 +279,8 @@ def test_recipe_search_runs_each_point_once_and_counts_the_classifier(tmp_path, 
     model = tmp_path / "model"
     shutil.copytree(pretrained, model)
     classifier = Mechanism(1.0, 0.01, 100)
-    privacy_ledger.record(tmp_path / "run", "domain_classifier", "c1", classifier, 1e-3, str(target))
-    privacy_ledger.write_releases(model, [{"stage": "domain_classifier", "run_id": "c1", "private_data": str(target),
+    ledger.record(tmp_path / "run", "domain_classifier", "c1", classifier, 1e-3, str(target))
+    ledger.write_releases(model, [{"stage": "domain_classifier", "run_id": "c1", "private_data": str(target),
                                            "ledger": str(tmp_path / "run")}])
     argv = ["--model_name_or_path", str(model), "--output_dir", str(tmp_path / "search"),
             "--grid", "learning_rate=5e-3", "--grid", "learning_rate=2e-2,5e-3",
@@ -345,5 +342,5 @@ def test_stage_six_under_two_processes_releases_once(tmp_path, pretrained, targe
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("dp_finetune.py finished in") == 1
-    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path / "run")] == ["finetune"]
+    assert [e["stage"] for e in ledger.load_entries(tmp_path / "run")] == ["finetune"]
     assert json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())["val_accuracy"] >= 0

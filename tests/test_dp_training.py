@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from dp_finetuning import privacy_ledger
-from dp_finetuning.accounting import Mechanism, compute_epsilons
-from dp_finetuning.dp_training import DPTrainer, sequence_classification_losses
+from common.dp import ledger
+from common.dp.accounting import Mechanism, compute_epsilons
+from common.dp.training import DPTrainer, sequence_classification_losses
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +81,7 @@ def test_training_learns_and_reports_privacy(tmp_path):
     expected = compute_epsilons([Mechanism(0.3, 0.25, 24)], 1 / 640)
     assert written["epsilon"] == pytest.approx(expected)
     assert written["delta"] == pytest.approx(1 / 640) and written["sampling"] == "poisson"
-    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["test"]
+    assert [e["stage"] for e in ledger.load_entries(tmp_path)] == ["test"]
 
 
 def test_length_ordered_micro_batches_give_the_same_training(tmp_path):
@@ -172,11 +172,11 @@ def test_two_processes_share_the_secret_seeds(tmp_path):
 
 
 def test_target_epsilon_for_the_whole_run(tmp_path):
-    privacy_ledger.record(tmp_path, "domain_classifier", "classifier-run", Mechanism(2.0, 0.05, 100), 1 / 640, "tiny")
+    ledger.record(tmp_path, "domain_classifier", "classifier-run", Mechanism(2.0, 0.05, 100), 1 / 640, "tiny")
     trainer = make_trainer(tmp_path, "--target_epsilon", "3", "--target_epsilon_scope", "run",
                            "--max_train_steps", "20")
     trainer.train()
     trainer.release(lambda directory: None)
-    composed, _ = privacy_ledger.composed_epsilon(tmp_path, trainer.delta)
+    composed, _ = ledger.composed_epsilon(tmp_path, trainer.delta)
     assert 2.97 <= composed["epsilon"] <= 3.0
-    assert [e["stage"] for e in privacy_ledger.load_entries(tmp_path)] == ["domain_classifier", "test"]
+    assert [e["stage"] for e in ledger.load_entries(tmp_path)] == ["domain_classifier", "test"]

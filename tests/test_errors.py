@@ -8,10 +8,11 @@ import sys
 import pytest
 from datasets import Dataset
 
+from common.dp import ledger
+from common.dp.accounting import Mechanism
 from common.stage import run_stage
 from data_selection import build_classifier_data, sampling_with_logits, split_sentences, train_domain_classifier
-from dp_finetuning import dp_finetune, gradient_snr, privacy_ledger
-from dp_finetuning.accounting import Mechanism
+from dp_finetuning import dp_finetune, gradient_snr
 from pretraining import pretrain_gpt2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +45,7 @@ def workspace(tmp_path_factory):
     (broken_state / "checkpoint-1").mkdir(parents=True)
     (broken_state / "checkpoint-1" / "training_state.pt").write_bytes(b"\x80\x02junk")
     # a ledger whose classifier already spends more than 0.5
-    privacy_ledger.record(str(base / "spent"), "domain_classifier", "abc", Mechanism(1.0, 0.1, 100), 1e-5, "demo")
+    ledger.record(str(base / "spent"), "domain_classifier", "abc", Mechanism(1.0, 0.1, 100), 1e-5, "demo")
     for name, labels in (("strings", ["negative", "positive"]), ("floats", [0.3, 0.7])):
         directory = base / name
         directory.mkdir()

@@ -11,11 +11,17 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from data_selection.sources import DataError, load_target_task
+from common.data import load_target_task
+from common.dp.per_example_grads import PerExampleGradients
+from common.language_modelling import (
+    collate_messages,
+    encode_message,
+    evaluate_language_model,
+    language_modelling_losses,
+    word_boundaries,
+)
+from common.stage import DataError
 from dp_finetuning import dp_finetune
-from dp_finetuning.language_modelling import (collate_messages, encode_message, evaluate_language_model,
-                                              language_modelling_losses, word_boundaries)
-from dp_finetuning.per_example_grads import PerExampleGradients
 from pretraining.pretrain_gpt2 import train_tokenizer
 from tests.oracle import lm_loss_per_example, norms_and_clipped_sum, per_example_grads
 
@@ -152,8 +158,9 @@ def test_chat_target_splits_by_conversation(tmp_path):
 
 @pytest.mark.slow
 def test_stage6_language_modelling_end_to_end(tmp_path):
-    from pretraining import pretrain_gpt2
     from datasets import Dataset
+
+    from pretraining import pretrain_gpt2
     messages = [f"see you at {h} tonight ok" for h in range(1, 13)] * 30
     Dataset.from_dict({"text": messages}).save_to_disk(str(tmp_path / "public"))
     pretrain_gpt2.main(["--dataset_path", str(tmp_path / "public"), "--output_dir", str(tmp_path / "model"),

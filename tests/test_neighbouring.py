@@ -11,10 +11,11 @@ import torch
 from datasets import Dataset
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-from data_selection import build_classifier_data, sources
-from data_selection.sources import DataError
-from dp_finetuning.dp_training import DPTrainer, sequence_classification_losses
-from dp_finetuning.language_modelling import language_modelling_losses
+from common import data, demo_data, splits
+from common.dp.training import DPTrainer, sequence_classification_losses
+from common.language_modelling import language_modelling_losses
+from common.stage import DataError
+from data_selection import build_classifier_data
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset
 
 
@@ -87,12 +88,12 @@ def test_stage2_prints_no_count_of_the_private_data(tmp_path, public_sentences, 
 
 def test_stable_sample_moves_no_other_record():
     data = Dataset.from_dict({"sentence": [f"message {i}" for i in range(2000)]})
-    kept = set(sources.stable_sample(data, 0.1, seed=3)["sentence"])
+    kept = set(splits.stable_sample(data, 0.1, seed=3)["sentence"])
     for removed in (0, 7, 1999):
         neighbour = data.select([i for i in range(2000) if i != removed])
-        assert set(sources.stable_sample(neighbour, 0.1, seed=3)["sentence"]) == kept - {f"message {removed}"}
+        assert set(splits.stable_sample(neighbour, 0.1, seed=3)["sentence"]) == kept - {f"message {removed}"}
     assert 150 < len(kept) < 250
-    assert set(sources.stable_sample(data, 0.1, seed=4)["sentence"]) != kept  # the seed changes the sample
+    assert set(splits.stable_sample(data, 0.1, seed=4)["sentence"]) != kept  # the seed changes the sample
 
 
 def split_of_each(task):
@@ -103,8 +104,8 @@ def test_single_file_target_split_moves_no_other_record(tmp_path):
     texts = [f"review number {i}" for i in range(400)]
     (tmp_path / "d.csv").write_text("sentence\n" + "\n".join(texts) + "\n")
     (tmp_path / "d_minus.csv").write_text("sentence\n" + "\n".join(texts[:123] + texts[124:]) + "\n")
-    full = split_of_each(sources.load_target_task(str(tmp_path / "d.csv"), label_column=None))
-    neighbour = split_of_each(sources.load_target_task(str(tmp_path / "d_minus.csv"), label_column=None))
+    full = split_of_each(data.load_target_task(str(tmp_path / "d.csv"), label_column=None))
+    neighbour = split_of_each(data.load_target_task(str(tmp_path / "d_minus.csv"), label_column=None))
     del full[texts[123]]
     assert neighbour == full
     assert 20 < sum(name == "test" for name in full.values()) < 60
@@ -122,8 +123,8 @@ def test_chat_split_by_conversation_moves_no_other_message(monkeypatch):
         return json.dumps(data).encode()
 
     def task(**drop):
-        monkeypatch.setattr(sources, "_read_from_wheel", lambda *args: conversations(**drop))
-        return split_of_each(sources.chat_target_task(seed=0))
+        monkeypatch.setattr(demo_data, "read_from_wheel", lambda *args: conversations(**drop))
+        return split_of_each(demo_data.chat_target_task(seed=0))
 
     full = task()
     assert task(drop_message=(5, 2)) == {k: v for k, v in full.items() if k != "message 5-2"}
@@ -133,10 +134,10 @@ def test_chat_split_by_conversation_moves_no_other_message(monkeypatch):
 
 def test_demo_target_split_moves_no_other_snippet(monkeypatch):
     rows = [{"category": "fresh" if i % 3 else "rotten", "text": f"snippet {i}", "movie_name": "m"} for i in range(900)]
-    monkeypatch.setattr(sources, "_rotten_tomatoes_rows", lambda cache_dir: rows)
-    full = split_of_each(sources.demo_target_task())
-    monkeypatch.setattr(sources, "_rotten_tomatoes_rows", lambda cache_dir: rows[:400] + rows[401:])
-    assert split_of_each(sources.demo_target_task()) == {k: v for k, v in full.items() if k != "snippet 400"}
+    monkeypatch.setattr(demo_data, "_rotten_tomatoes_rows", lambda cache_dir: rows)
+    full = split_of_each(demo_data.demo_target_task())
+    monkeypatch.setattr(demo_data, "_rotten_tomatoes_rows", lambda cache_dir: rows[:400] + rows[401:])
+    assert split_of_each(demo_data.demo_target_task()) == {k: v for k, v in full.items() if k != "snippet 400"}
 
 
 # --- randomness that touches per-example gradients -------------------------------------------------
@@ -184,7 +185,7 @@ def test_an_empty_text_is_refused_with_its_file_and_row(tmp_path, content):
     path = tmp_path / ("target.csv" if content.startswith("sentence") else "target.jsonl")
     path.write_text(content)
     with pytest.raises(DataError, match=rf"{path.name}: row 2 has no text in column 'sentence'"):
-        sources.load_target_task(str(path), label_column=None)
+        data.load_target_task(str(path), label_column=None)
 
 
 def test_a_non_finite_loss_stops_the_run_before_any_release(tmp_path):

@@ -1,15 +1,26 @@
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                          GPT2LMHeadModel)
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    GPT2LMHeadModel,
+)
 
-from dp_finetuning import per_example_grads as engine_module
-from dp_finetuning.per_example_grads import PerExampleGradients, UnsupportedParameterError
-from tests.oracle import (batch_losses, classification_loss_per_example, lm_loss_per_example, norms_and_clipped_sum,
-                          per_example_grads)
+from common.dp.per_example_grads import PerExampleGradients, UnsupportedParameterError
+from common.dp.per_example_grads import factors as engine_factors
+from tests.oracle import (
+    batch_losses,
+    classification_loss_per_example,
+    lm_loss_per_example,
+    norms_and_clipped_sum,
+    per_example_grads,
+)
 
 VOCAB, PAD = 61, 0
 
@@ -99,7 +110,7 @@ def test_norms_and_clipped_sum_match_brute_force(case):
 @pytest.mark.parametrize("seq_len", [12, 32])  # ghost norms at 12; norms from materialised slices at 32
 @pytest.mark.parametrize("materialise_budget", [0.0, 1e9])  # nothing kept materialised, or everything
 def test_every_cost_plan_is_exact(seq_len, materialise_budget, monkeypatch):
-    monkeypatch.setattr(engine_module, "MATERIALISE_CHUNK_ELEMENTS", 500)  # several slices per layer
+    monkeypatch.setattr(engine_factors, "MATERIALISE_CHUNK_ELEMENTS", 500)  # several slices per layer
     model = gpt2_lm()
     batch = padded_batch([seq_len, 7, 3, seq_len - 2], seq_len=seq_len, lm=True)
     reference_grads = per_example_grads(model, batch, lm_loss_per_example)

@@ -53,7 +53,7 @@ def test_smoke_pipeline_end_to_end(smoke_run):
     assert 1 < results["test_perplexity"] and 0 <= results["test_next_word_accuracy"] <= 1
     assert results["ledger_stages"] == ["domain_classifier", "finetune"]
     assert results["dp_releases"] == ["domain_classifier", "finetune"]
-    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())
+    ledger = json.loads((run_dir / "ledger.json").read_text())
     assert [e["stage"] for e in ledger["entries"]] == ["domain_classifier", "finetune"]
     assert 3.9 <= results["composed_epsilon"] <= 4.0 and results["epsilon"] < results["composed_epsilon"]
     baseline = json.loads((run_dir / "baselines" / "random" / "finetune" / "results.json").read_text())
@@ -114,11 +114,11 @@ def test_a_changed_setting_is_refused_then_redone_with_what_depends_on_it(smoke_
     assert 4.9 <= results["composed_epsilon"] <= 5.0
     # the old fine-tuned model was deleted, and nothing derived from it is left: its release stays in the history as
     # superseded; the classifier and the new one are counted
-    ledger = json.loads((run_dir / "privacy_ledger.json").read_text())["entries"]
-    assert [e["stage"] for e in ledger] == ["domain_classifier", "finetune", "finetune"]
-    assert ledger[2]["run_id"] == json.loads((run_dir / "finetune" / "privacy.json").read_text())["run_id"]
-    from dp_finetuning import privacy_ledger
-    assert privacy_ledger.counted_flags(str(run_dir)) == [True, False, True]
+    entries = json.loads((run_dir / "ledger.json").read_text())["entries"]
+    assert [e["stage"] for e in entries] == ["domain_classifier", "finetune", "finetune"]
+    assert entries[2]["run_id"] == json.loads((run_dir / "finetune" / "privacy.json").read_text())["run_id"]
+    from common.dp import ledger
+    assert ledger.counted_flags(str(run_dir)) == [True, False, True]
 
 
 @pytest.mark.slow
@@ -127,7 +127,7 @@ def test_force_reruns_and_until_stops(tmp_path):
     (run_dir / "sentences").mkdir(parents=True)
     (run_dir / "sentences" / "stats.json").write_text("{}")  # a stale "complete" output
     (run_dir / "classifier_data").mkdir()
-    ledgers = [run_dir / "privacy_ledger.json", run_dir / "baselines" / "random" / "privacy_ledger.json"]
+    ledgers = [run_dir / "ledger.json", run_dir / "baselines" / "random" / "ledger.json"]
     ledgers[1].parent.mkdir(parents=True)
     for ledger in ledgers:
         ledger.write_text('{"entries": [{"stage": "finetune", "run_id": "released before"}]}')

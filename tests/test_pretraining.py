@@ -6,7 +6,7 @@ import torch
 from datasets import Dataset
 from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from data_selection.sources import DataError
+from common.stage import DataError
 from pretraining import pretrain_gpt2
 
 WORDS = "the film was a long and quiet story about a family who moved to the sea in winter".split()

@@ -8,11 +8,11 @@ import os
 
 import pytest
 
+from common.data import private_data_id
+from common.dp import ledger
+from common.dp.accounting import Mechanism, compute_epsilons
+from common.dp.training import DPTrainer, sequence_classification_losses
 from common.stage import StageOutput
-from data_selection.sources import private_data_id
-from dp_finetuning import privacy_ledger
-from dp_finetuning.accounting import Mechanism, compute_epsilons
-from dp_finetuning.dp_training import DPTrainer, sequence_classification_losses
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 CLASSIFIER, FINETUNE = Mechanism(2.0, 0.05, 100), Mechanism(1.0, 0.05, 200)
@@ -21,17 +21,17 @@ CLASSIFIER, FINETUNE = Mechanism(2.0, 0.05, 100), Mechanism(1.0, 0.05, 200)
 def release(run_dir, name, run_id, mechanism, depends_on=()):
     """A release as the stages write it: the ledger entry, then privacy.json and dp_releases.json in its directory."""
     directory = run_dir / name
-    privacy_ledger.record(run_dir, name, run_id, mechanism, 1e-5, "target", release=str(directory))
+    ledger.record(run_dir, name, run_id, mechanism, 1e-5, "target", release=str(directory))
     directory.mkdir(parents=True)
     (directory / "privacy.json").write_text(json.dumps({"run_id": run_id}))
     mine = {"stage": name, "run_id": run_id, "private_data": "target", "ledger": str(run_dir)}
-    privacy_ledger.write_releases(directory, [*depends_on, mine])
+    ledger.write_releases(directory, [*depends_on, mine])
     return mine
 
 
 def derived(run_dir, name, releases):
     (run_dir / name).mkdir(parents=True)
-    privacy_ledger.write_releases(run_dir / name, releases)
+    ledger.write_releases(run_dir / name, releases)
 
 
 def epsilon_of(*mechanisms):
@@ -46,26 +46,26 @@ def test_a_deleted_release_stays_counted_while_an_output_derived_from_it_exists(
     stage3 = StageOutput(argparse.Namespace(output_dir=str(tmp_path / "domain_classifier")), "scores")
     stage3.remove()
     release(tmp_path, "domain_classifier", "new", CLASSIFIER)
-    assert privacy_ledger.composed_epsilon(tmp_path)[0]["epsilon"] == pytest.approx(
+    assert ledger.composed_epsilon(tmp_path)[0]["epsilon"] == pytest.approx(
         epsilon_of(CLASSIFIER, CLASSIFIER, FINETUNE))
     # the outputs derived from the old classifier are deleted in turn: it is superseded, and still in the history
     for name in ("selected", "finetune"):
         StageOutput(argparse.Namespace(output_dir=str(tmp_path / name)), "x").remove()
-    assert [e["run_id"] for e in privacy_ledger.load_entries(tmp_path)] == ["old", "tuned", "new"]
-    assert privacy_ledger.counted_flags(tmp_path) == [False, False, True]
-    assert privacy_ledger.composed_epsilon(tmp_path)[0]["epsilon"] == pytest.approx(epsilon_of(CLASSIFIER))
+    assert [e["run_id"] for e in ledger.load_entries(tmp_path)] == ["old", "tuned", "new"]
+    assert ledger.counted_flags(tmp_path) == [False, False, True]
+    assert ledger.composed_epsilon(tmp_path)[0]["epsilon"] == pytest.approx(epsilon_of(CLASSIFIER))
 
 
 def test_a_release_being_written_counts(tmp_path):
-    privacy_ledger.record(tmp_path, "finetune", "writing", FINETUNE, 1e-5, "target", release=str(tmp_path / "ft"))
-    assert privacy_ledger.counted_flags(tmp_path) == [False]
+    ledger.record(tmp_path, "finetune", "writing", FINETUNE, 1e-5, "target", release=str(tmp_path / "ft"))
+    assert ledger.counted_flags(tmp_path) == [False]
     (tmp_path / "ft").mkdir()  # the release directory exists and names no other run yet
-    assert privacy_ledger.counted_flags(tmp_path) == [True]
+    assert ledger.counted_flags(tmp_path) == [True]
 
 
 def write_entries(run_dir, worker, count):
     for i in range(count):
-        privacy_ledger.record(run_dir, "finetune", f"{worker}-{i}", FINETUNE, 1e-5, "target")
+        ledger.record(run_dir, "finetune", f"{worker}-{i}", FINETUNE, 1e-5, "target")
 
 
 def test_concurrent_writers_keep_every_entry(tmp_path):
@@ -76,7 +76,7 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
     for process in processes:
         process.join()
     assert all(p.exitcode == 0 for p in processes)
-    assert len({e["run_id"] for e in privacy_ledger.load_entries(tmp_path)}) == 200
+    assert len({e["run_id"] for e in ledger.load_entries(tmp_path)}) == 200
 
 
 def test_private_data_is_named_by_its_resolved_path(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_private_data_is_named_by_its_resolved_path(tmp_path, monkeypatch):
     counted = release(tmp_path, "domain_classifier", "c1", CLASSIFIER)
     counted["private_data"] = private_data_id("./data/x.csv")
     with pytest.raises(ValueError, match="does not hold"):
-        privacy_ledger.check_counted([counted], tmp_path / "elsewhere", private_data_id("data/x.csv"))
+        ledger.check_counted([counted], tmp_path / "elsewhere", private_data_id("data/x.csv"))
 
 
 def test_the_run_directory_composes_every_ledger_on_the_same_data(tmp_path):
@@ -97,7 +97,7 @@ def test_the_run_directory_composes_every_ledger_on_the_same_data(tmp_path):
     classifier = release(tmp_path, "domain_classifier", "c", CLASSIFIER)
     release(tmp_path, "finetune", "f1", FINETUNE, depends_on=[classifier])
     release(tmp_path / "baselines" / "random", "finetune", "f2", FINETUNE)
-    privacy_ledger.record(tmp_path / "baselines" / "random", "domain_classifier", "c", CLASSIFIER, 1e-5, "target",
+    ledger.record(tmp_path / "baselines" / "random", "domain_classifier", "c", CLASSIFIER, 1e-5, "target",
                           release=str(tmp_path / "domain_classifier"))  # one release in two ledgers counts once
     line = run_directory_composition(str(tmp_path))
     expected = epsilon_of(CLASSIFIER, FINETUNE, FINETUNE)
@@ -143,7 +143,7 @@ def test_privacy_report_names_the_unit_and_the_adjacency(tmp_path, capsys):
     trainer.train()
     report = trainer.release(lambda directory: trainer.model.save_pretrained(directory))
     assert report["privacy_unit"] == "example" and report["adjacency"] == "add or remove one private example"
-    entry = privacy_ledger.load_entries(tmp_path)[0]
+    entry = ledger.load_entries(tmp_path)[0]
     assert (entry["privacy_unit"], entry["adjacency"]) == ("example", report["adjacency"])
     assert "examples=" not in capsys.readouterr().err  # the realised size of a secret draw is never logged
     # the private training state (the seeds) lies beside the release, never in it

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from dp_finetuning import privacy_ledger
-from dp_finetuning.accounting import Mechanism, compute_epsilons
-from dp_finetuning.dp_training import DPTrainer, private_state_dir, sequence_classification_losses
+from common.dp import ledger
+from common.dp.accounting import Mechanism, compute_epsilons
+from common.dp.training import DPTrainer, private_state_dir, sequence_classification_losses
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 NEIGHBOURS = {"D": tiny_dataset(64), "D minus one example": tiny_dataset(64)[1:]}
@@ -118,7 +118,7 @@ def test_a_killed_run_resumes_from_its_private_state_with_one_ledger_entry(tmp_p
         final = train_and_release(again)
         if mode:
             assert torch.equal(final, uninterrupted)
-        entries = [e for e in privacy_ledger.load_entries(tmp_path) if e["release"].endswith(name)]
+        entries = [e for e in ledger.load_entries(tmp_path) if e["release"].endswith(name)]
         assert len(entries) == 1 and entries[0]["steps"] == 5
 
 
@@ -139,11 +139,11 @@ def test_shuffle_accounts_every_epoch_an_example_can_join(tmp_path):
 
 
 def test_the_ledger_command_prints_the_figure_of_the_composition(tmp_path):
-    privacy_ledger.record(tmp_path, "domain_classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
-    privacy_ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 3e-5, "target")
-    completed = subprocess.run([sys.executable, "-m", "dp_finetuning.privacy_ledger", str(tmp_path)],
+    ledger.record(tmp_path, "domain_classifier", "a", Mechanism(1.0, 0.01, 300), 1e-5, "target")
+    ledger.record(tmp_path, "finetune", "b", Mechanism(1.2, 0.03, 200), 3e-5, "target")
+    completed = subprocess.run([sys.executable, "-m", "common.dp.ledger", str(tmp_path)],
                                capture_output=True, text=True, check=True)
-    composed, delta = privacy_ledger.composed_epsilon(tmp_path)
+    composed, delta = ledger.composed_epsilon(tmp_path)
     assert delta == 1e-5
     expected = f"composed epsilon of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}"
     assert expected in completed.stdout

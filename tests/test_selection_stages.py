@@ -7,10 +7,10 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from data_selection import sampling_with_logits, train_domain_classifier
+from common.dp.per_example_grads import PerExampleGradients
+from common.stage import DataError
+from data_selection import domain_classifier, sampling_with_logits, train_domain_classifier
 from data_selection.domain_classifier import build_classifier, load_classifier
-from data_selection.sources import DataError
-from dp_finetuning.per_example_grads import PerExampleGradients
 
 FILM = "film movie actor scene plot funny boring director cast drama comedy screen".split()
 MARKET = "stock market shares bank profit investor trade price index fund bond rate".split()
@@ -49,9 +49,9 @@ def test_private_fast_classifier_separates_two_domains(two_domains):
     privacy = json.loads((output / "classifier" / "privacy.json").read_text())
     assert privacy["stage"] == "domain_classifier" and privacy["noise_multiplier"] == 0.8
     assert privacy["delta"] == pytest.approx(1 / 2000)  # 1 / (10 x 200 private positives)
-    ledger = json.loads((two_domains / "run" / "privacy_ledger.json").read_text())
+    ledger = json.loads((two_domains / "run" / "ledger.json").read_text())
     assert [e["stage"] for e in ledger["entries"]] == ["domain_classifier"]
-    probability, logit = train_domain_classifier.load_scores(str(output / "scores"), 100)
+    probability, logit = domain_classifier.load_scores(str(output / "scores"), 100)
     assert probability[:30].min() > probability[30:].max()
     assert np.allclose(probability, 1 / (1 + np.exp(-logit)), atol=1e-5)
 
@@ -59,13 +59,13 @@ def test_private_fast_classifier_separates_two_domains(two_domains):
 def test_resumed_scoring_equals_uninterrupted_scoring(two_domains):
     train_domain_classifier.main(stage3_argv(two_domains, "--num_train_epochs", "1"))
     scores_dir = two_domains / "run" / "domain_classifier" / "scores"
-    full = train_domain_classifier.load_scores(str(scores_dir), 100)
+    full = domain_classifier.load_scores(str(scores_dir), 100)
     # killed after two of four shards: the others and the completion marker are missing
     for name in ("shard-00002.npz", "shard-00003.npz", "complete.json"):
         os.remove(scores_dir / name)
     kept = (scores_dir / "shard-00000.npz").stat().st_mtime_ns
     train_domain_classifier.main(stage3_argv(two_domains, "--num_train_epochs", "1"))
-    resumed = train_domain_classifier.load_scores(str(scores_dir), 100)
+    resumed = domain_classifier.load_scores(str(scores_dir), 100)
     assert (scores_dir / "shard-00000.npz").stat().st_mtime_ns == kept
     assert all(np.array_equal(a, b) for a, b in zip(full, resumed))
 
@@ -74,11 +74,11 @@ def test_scores_that_do_not_match_are_refused(two_domains, tmp_path):
     train_domain_classifier.main(stage3_argv(two_domains, "--num_train_epochs", "1"))
     scores_dir = str(two_domains / "run" / "domain_classifier" / "scores")
     with pytest.raises(DataError, match="100 scores for 101 sentences"):
-        train_domain_classifier.load_scores(scores_dir, 101)
+        domain_classifier.load_scores(scores_dir, 101)
     np.savez(os.path.join(scores_dir, "shard-00001.npz"), probability=np.full(30, np.nan, np.float32),
              logit=np.zeros(30, np.float32))
     with pytest.raises(DataError, match="30 scores are NaN"):
-        train_domain_classifier.load_scores(scores_dir, 100)
+        domain_classifier.load_scores(scores_dir, 100)
     with pytest.raises(DataError, match="not a trained domain classifier"):
         load_classifier(str(tmp_path / "missing"))
 

@@ -5,7 +5,7 @@ import argparse
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from dp_finetuning.dp_training import add_dp_arguments
+from common.dp.training import add_dp_arguments
 
 
 def tiny_model(seed=0):

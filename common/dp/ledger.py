@@ -1,6 +1,6 @@
 """The privacy ledger of a run directory: every DP release made on the same private data.
 
-    python -m dp_finetuning.privacy_ledger RUN_DIR [--delta D]
+    python -m common.dp.ledger RUN_DIR [--delta D]
 
 prints each release (stage, run id, time, mechanism, its own epsilon, whether it is counted)
 and the epsilon of the composition of the counted ones (PRV, PLD and RDP composition of the
@@ -31,10 +31,10 @@ import json
 import os
 import time
 
-from dp_finetuning.accounting import Mechanism, compute_epsilons
 from common.atomic_io import write_json
+from common.dp.accounting import Mechanism, compute_epsilons
 
-LEDGER_NAME = "privacy_ledger.json"
+LEDGER_NAME = "ledger.json"
 # Beside every output that depends on DP releases (scores, selection, pre-trained model, fine-tuned model):
 # the list of those releases, so that a later DP stage can check its ledger counts them.
 RELEASES_NAME = "dp_releases.json"

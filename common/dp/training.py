@@ -51,10 +51,10 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
 from common.atomic_io import replace_directory, write_json
+from common.dp import ledger
+from common.dp.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
+from common.dp.per_example_grads import NonFiniteGradientError, PerExampleGradients
 from common.stage import NOT_SETTINGS, DataError, fingerprint
-from dp_finetuning import privacy_ledger
-from dp_finetuning.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
-from dp_finetuning.per_example_grads import NonFiniteGradientError, PerExampleGradients
 
 STATE_FILE = "training_state.pt"
 # How the logical batch is cut into micro-batches and spread over processes: not part of the mechanism
@@ -185,11 +185,11 @@ class DPTrainer:
         self.run_id = state["run_id"] if state else self._from_main_process([uuid.uuid4().hex])[0]
         if args.noise_multiplier is None:
             earlier = [] if args.target_epsilon_scope == "stage" else [
-                e for e in privacy_ledger.counted_entries(self.run_dir) if e.get("run_id") != self.run_id]
+                e for e in ledger.counted_entries(self.run_dir) if e.get("run_id") != self.run_id]
             try:
                 self.noise_multiplier = calibrate_noise_multiplier(
                     args.target_epsilon, self.sample_rate, self.total_steps,
-                    privacy_ledger.composition_delta(earlier + [{"delta": self.delta}]), args.sampling,
+                    ledger.composition_delta(earlier + [{"delta": self.delta}]), args.sampling,
                     steps_per_epoch=self.steps_per_epoch, earlier=[Mechanism.from_dict(e) for e in earlier])
             except ValueError as error:  # the budget cannot be met: the user's settings
                 raise DataError(f"--target_epsilon {args.target_epsilon}: {error}") from None
@@ -386,17 +386,17 @@ class DPTrainer:
         report = self.privacy_report()
         if self.accelerator.is_main_process:
             # the ledger first: a release that exists is always counted
-            privacy_ledger.record(self.run_dir, self.stage, self.run_id, self.mechanism(), self.delta,
+            ledger.record(self.run_dir, self.stage, self.run_id, self.mechanism(), self.delta,
                                   self.private_data, release=os.path.abspath(self.args.output_dir),
                                   dp_randomness="deterministic" if self.args.deterministic_dp else "secret",
                                   adjacency=report["adjacency"], privacy_unit=report["privacy_unit"])
             os.makedirs(release_dir, exist_ok=True)
             # privacy.json before the model: from here on the ledger sees the release named on disk
-            write_json(os.path.join(release_dir, privacy_ledger.PRIVACY_REPORT_NAME), report)
+            write_json(os.path.join(release_dir, ledger.PRIVACY_REPORT_NAME), report)
             save_model(release_dir)
-            composed, delta = privacy_ledger.composed_epsilon(self.run_dir)
+            composed, delta = ledger.composed_epsilon(self.run_dir)
             self.print(f"epsilon of this stage: {report['epsilon']['epsilon']:.3f}, composed over the "
-                       f"{len(privacy_ledger.counted_entries(self.run_dir))} counted releases in the run's ledger: "
+                       f"{len(ledger.counted_entries(self.run_dir))} counted releases in the run's ledger: "
                        f"{composed['epsilon']:.3f} at delta {delta:.3g} (PRV upper bounds)")
             if self.args.deterministic_dp:
                 self.print("--deterministic_dp: the guarantee holds only if --seed is kept secret")

@@ -1,0 +1,200 @@
+"""The factor algebra: a per-example gradient of one use of a parameter, held without materialising it
+(Outer, Rows, Dense: the package docstring), with per example its squared norm (`sq_norm`), its inner product
+with another use of the same parameter (`inner`: the cross terms of tied weights) and the clipped sum over
+the batch (`weighted_sum`). The maths: docs/engine.md."""
+
+from dataclasses import dataclass
+
+import torch
+
+# Per-example gradients materialised only for their norm are built this many elements at a time.
+MATERIALISE_CHUNK_ELEMENTS = 2 ** 22
+
+
+def f32(tensor):
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+@dataclass
+class Outer:
+    """G_i = left_i^T right_i with left (B, T, R) and right (B, T, K): a linear layer's weight."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    norm_by_materialising: bool = False  # chosen by plan_linear_factors
+
+    def costs(self):
+        """Per example: (ghost norm flops, materialising flops, bytes of the materialised gradient)."""
+        _, seq_len, left_width = self.left.shape
+        right_width = self.right.shape[2]
+        return (2 * seq_len * seq_len * (left_width + right_width), 2 * seq_len * left_width * right_width,
+                4 * left_width * right_width)
+
+    def materialise(self):
+        return Dense(torch.bmm(f32(self.left).transpose(1, 2), f32(self.right)))
+
+    def sq_norm_by_materialising(self):
+        """Squared norms from per-example gradients materialised a slice of the wider side at a time."""
+        left, right = f32(self.left), f32(self.right)
+        if left.shape[2] < right.shape[2]:
+            left, right = right, left
+        batch, _, width = left.shape
+        step = max(1, MATERIALISE_CHUNK_ELEMENTS // (batch * right.shape[2]))
+        total = None
+        for start in range(0, width, step):
+            block = torch.bmm(left[:, :, start:start + step].transpose(1, 2), right)
+            part = _batched_dot(block, block)
+            total = part if total is None else total + part
+        return total
+
+    def weighted_sum(self, weights):
+        # Scale the narrower side: for an LM head left is B x T x vocab.
+        left, right = f32(self.left), f32(self.right)
+        if left.shape[2] <= right.shape[2]:
+            left = left * weights[:, None, None]
+        else:
+            right = right * weights[:, None, None]
+        return left.flatten(0, 1).T @ right.flatten(0, 1)
+
+
+@dataclass
+class Rows:
+    """G_i[r] = sum over positions t with ids_it = r of values_it: an embedding table."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+    num_rows: int
+
+    def weighted_sum(self, weights):
+        scaled = f32(self.values) * weights[:, None, None]
+        out = scaled.new_zeros(self.num_rows, scaled.shape[2])
+        return out.index_add_(0, self.ids.flatten(), scaled.flatten(0, 1))
+
+
+@dataclass
+class Dense:
+    """Materialised per-example gradients, values (B, *parameter shape)."""
+
+    values: torch.Tensor
+
+    def weighted_sum(self, weights):
+        return torch.einsum("b,b...->...", weights, f32(self.values))
+
+
+class GramCache:
+    """Per-example Gram matrices x_i x_i^T, reused by consecutive layers reading the same
+    tensor (BERT's query, key and value); only the newest few are kept, to bound memory."""
+
+    def __init__(self, size=2):
+        self._grams = {}
+        self._size = size
+
+    def __call__(self, tensor):
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+        if key not in self._grams:
+            x = f32(tensor)
+            self._grams[key] = torch.bmm(x, x.transpose(1, 2))
+            if len(self._grams) > self._size:
+                del self._grams[next(iter(self._grams))]
+        return self._grams[key]
+
+
+def sq_norm(factor, gram):
+    """Per-example squared Frobenius norm of one factor, shape (B,)."""
+    if isinstance(factor, Outer):
+        if factor.norm_by_materialising:
+            return factor.sq_norm_by_materialising()
+        return _batched_dot(gram(factor.left), gram(factor.right))
+    if isinstance(factor, Rows):
+        same_row = factor.ids[:, :, None] == factor.ids[:, None, :]
+        return (gram(factor.values) * same_row).sum((1, 2))
+    values = f32(factor.values)
+    return _batched_dot(values, values)
+
+
+def plan_linear_factors(factors, budget_bytes):
+    """Choose, per linear-layer factor, how its norm and clipped sum are computed, by estimated cost.
+
+    Per example with sequence length T, widths R and K, the ghost norm costs 2 T^2 (R + K) flops
+    and materialising the gradient 2 T R K; either way the clipped sum is then one GEMM over the
+    sequence (2 T R K). A gradient kept materialised needs no GEMM for the clipped sum (2 R K for a
+    weighted sum instead) but holds 4 R K bytes until the end of the step. So every factor takes
+    the cheaper norm, and factors are kept materialised where that needs no more memory than
+    their Gram matrices, then by time saved per byte while the kept bytes fit `budget_bytes`.
+    """
+    ranked = []
+    for uses_of_param in factors.values():
+        for index, factor in enumerate(uses_of_param):
+            if not isinstance(factor, Outer):
+                continue
+            ghost, materialising, nbytes = factor.costs()
+            factor.norm_by_materialising = materialising < ghost
+            batch, seq_len = factor.left.shape[:2]
+            if nbytes <= 8 * seq_len * seq_len:  # no larger than the two Gram matrices
+                uses_of_param[index] = factor.materialise()
+                continue
+            saving = min(ghost, materialising) - 2 * nbytes // 4
+            if saving > 0:
+                ranked.append((saving / nbytes, batch * nbytes, uses_of_param, index))
+    ranked.sort(key=lambda candidate: -candidate[0])
+    for _, nbytes, uses_of_param, index in ranked:
+        if nbytes <= budget_bytes:
+            uses_of_param[index] = uses_of_param[index].materialise()
+            budget_bytes -= nbytes
+
+
+def _batched_dot(x, y):
+    """sum over all but the first axis of x * y, without the x * y temporary."""
+    return torch.bmm(x.reshape(x.shape[0], 1, -1), y.reshape(y.shape[0], -1, 1)).flatten()
+
+
+def _gather_rows(table, ids):
+    """table (B, S, R), ids (B, T) -> table[b, s, ids[b, t]] as (B, S, T)."""
+    return torch.gather(table, 2, ids[:, None, :].expand(-1, table.shape[1], -1))
+
+
+def _inner_outer_outer(f, h):
+    left = torch.bmm(f32(f.left), f32(h.left).transpose(1, 2))
+    right = torch.bmm(f32(f.right), f32(h.right).transpose(1, 2))
+    return _batched_dot(left, right)
+
+
+def _inner_outer_rows(f, h):
+    # <left^T right, rows> = sum_{s,t} left[s, id_t] (right_s . values_t)
+    picked = _gather_rows(f32(f.left), h.ids)
+    return (picked * torch.bmm(f32(f.right), f32(h.values).transpose(1, 2))).sum((1, 2))
+
+
+def _inner_outer_dense(f, h):
+    return torch.einsum("brk,btr,btk->b", f32(h.values), f32(f.left), f32(f.right))
+
+
+def _inner_rows_rows(f, h):
+    same_row = f.ids[:, :, None] == h.ids[:, None, :]
+    return (torch.bmm(f32(f.values), f32(h.values).transpose(1, 2)) * same_row).sum((1, 2))
+
+
+def _inner_rows_dense(f, h):
+    picked = torch.gather(f32(h.values), 1, f.ids[:, :, None].expand(-1, -1, h.values.shape[2]))
+    return (picked * f32(f.values)).sum((1, 2))
+
+
+def _inner_dense_dense(f, h):
+    return (f32(f.values).flatten(1) * f32(h.values).flatten(1)).sum(1)
+
+
+_INNER = {
+    (Outer, Outer): _inner_outer_outer,
+    (Outer, Rows): _inner_outer_rows,
+    (Outer, Dense): _inner_outer_dense,
+    (Rows, Rows): _inner_rows_rows,
+    (Rows, Dense): _inner_rows_dense,
+    (Dense, Dense): _inner_dense_dense,
+}
+
+
+def inner(f, h):
+    """Per-example inner product <G_f,i, G_h,i> of two uses of one parameter, shape (B,)."""
+    if (type(f), type(h)) in _INNER:
+        return _INNER[type(f), type(h)](f, h)
+    return _INNER[type(h), type(f)](h, f)

@@ -1,0 +1,107 @@
+"""The public registry of layer rules: everything the engine knows about a layer type.
+
+A rule turns one forward call of a layer into per-example gradient factors of its parameters:
+`(layer, input (B, T, in), output_grad (B, T, out)) -> {parameter: factor}` (factors.py), with the
+input and output gradient flattened to one sequence axis and one feature axis. Adding a layer type
+is one `@register_rule` function here (or in user code) plus one case in tests/test_engine_rules.py;
+docs/engine.md ("Adding a layer") walks through it.
+
+Rules match exact types only: a subclass may change `forward()`, so it needs a rule of its own
+(which may reuse the parent's function).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from common.dp.per_example_grads.factors import Dense, Outer, Rows, f32
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """How the engine handles one layer type.
+
+    `factors`: the rule proper (see the module docstring). `parameters`: the names of the layer's own
+    parameters the rule covers; a trainable parameter not named here is refused. `feature_dims(layer)`:
+    how many trailing axes of the input and of the output are features (the rest, after the batch axis,
+    are flattened into the sequence axis). `lookup(layer, ids)`: for layers fed integer ids (embeddings):
+    the input has no feature axis and the output one, and ids broadcast over the batch (shape (1, T)) are
+    looked up per example with it. `check(layer)`: why this instance cannot be handled, or None."""
+
+    layer_type: type
+    factors: Callable
+    parameters: tuple
+    feature_dims: Callable = lambda layer: 1
+    lookup: Optional[Callable] = None
+    check: Optional[Callable] = None
+
+    def input_feature_dims(self, layer):
+        return 0 if self.lookup is not None else self.feature_dims(layer)
+
+    def output_feature_dims(self, layer):
+        return 1 if self.lookup is not None else self.feature_dims(layer)
+
+
+RULES: dict = {}
+
+
+def register_rule(layer_type, parameters, feature_dims=None, lookup=None, check=None):
+    """Decorator: `factors_fn` becomes the rule for `layer_type` (replacing any earlier one)."""
+    def register(factors_fn):
+        rule = LayerRule(layer_type, factors_fn, tuple(parameters), lookup=lookup, check=check,
+                         **({} if feature_dims is None else {"feature_dims": feature_dims}))
+        RULES[layer_type] = rule
+        return factors_fn
+    return register
+
+
+def rule_for(layer):
+    """The rule for this layer's exact type, or None."""
+    return RULES.get(type(layer))
+
+
+@register_rule(nn.Linear, ("weight", "bias"))
+def linear(layer, activation, output_grad):
+    factors = {layer.weight: Outer(output_grad, activation)}
+    if layer.bias is not None:
+        factors[layer.bias] = Dense(f32(output_grad).sum(1))
+    return factors
+
+
+@register_rule(Conv1D, ("weight", "bias"))
+def conv1d(layer, activation, output_grad):
+    # transformers' Conv1D stores the weight transposed: (in, out), y = x W + b.
+    return {layer.weight: Outer(activation, output_grad), layer.bias: Dense(f32(output_grad).sum(1))}
+
+
+def _embedding_lookup(layer, ids):
+    return F.embedding(ids, layer.weight, layer.padding_idx)
+
+
+def _embedding_check(layer):
+    if layer.max_norm is not None or layer.scale_grad_by_freq or layer.sparse:
+        return "nn.Embedding with max_norm, scale_grad_by_freq or sparse gradients is not supported"
+    return None
+
+
+@register_rule(nn.Embedding, ("weight",), lookup=_embedding_lookup, check=_embedding_check)
+def embedding(layer, ids, output_grad):
+    if layer.padding_idx is not None:
+        # torch leaves the padding row's gradient at zero; so must the per-example one.
+        output_grad = output_grad * (ids != layer.padding_idx)[:, :, None]
+    return {layer.weight: Rows(ids, output_grad, layer.num_embeddings)}
+
+
+@register_rule(nn.LayerNorm, ("weight", "bias"), feature_dims=lambda layer: len(layer.normalized_shape))
+def layer_norm(layer, activation, output_grad):
+    shape = layer.normalized_shape
+    # the normalised dimensions arrive flattened into one feature axis
+    normalised = F.layer_norm(f32(activation), (activation.shape[-1],), eps=layer.eps)
+    grad = f32(output_grad)
+    factors = {layer.weight: Dense((grad * normalised).sum(1).unflatten(1, shape))}
+    if layer.bias is not None:
+        factors[layer.bias] = Dense(grad.sum(1).unflatten(1, shape))
+    return factors

@@ -1,0 +1,121 @@
+"""One oracle case per registered layer rule: the engine's per-example norms and clipped sum against brute force
+(each example's own loss, differentiated alone in float64). Adding a rule to the registry without a case here
+fails `test_every_registered_rule_has_an_oracle_case`; docs/engine.md ("Adding a layer") shows the steps."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from common.dp.per_example_grads import RULES, PerExampleGradients, UnsupportedParameterError, register_rule, rules
+
+BATCH, SEQ, WIDTH, VOCAB = 5, 6, 8, 11
+
+
+class OneLayer(nn.Module):
+    """The layer under test, then a frozen random read-out, so every output of the layer reaches the loss."""
+
+    def __init__(self, layer, out_width):
+        super().__init__()
+        self.layer = layer
+        self.readout = nn.Linear(out_width, 3).requires_grad_(False)
+
+    def forward(self, inputs):
+        return self.readout(torch.tanh(self.layer(inputs)))
+
+
+def float_inputs(shape):
+    return lambda generator: torch.randn(BATCH, *shape, generator=generator)
+
+
+def id_inputs(generator):
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    ids[:, :2] = 3  # a repeated row within each example: its gradient rows add up
+    ids[0, -2:] = 0  # the padding row
+    return ids
+
+
+# layer type -> {case name: (layer factory, input factory, width of the layer's output)}
+CASES = {
+    nn.Linear: {"linear": (lambda: nn.Linear(WIDTH, 7), float_inputs((SEQ, WIDTH)), 7),
+                "linear_without_bias_2d": (lambda: nn.Linear(WIDTH, 7, bias=False), float_inputs((WIDTH,)), 7)},
+    Conv1D: {"conv1d": (lambda: Conv1D(7, WIDTH), float_inputs((SEQ, WIDTH)), 7)},
+    nn.Embedding: {"embedding_with_padding": (lambda: nn.Embedding(VOCAB, WIDTH, padding_idx=0), id_inputs, WIDTH)},
+    nn.LayerNorm: {"layer_norm": (lambda: nn.LayerNorm(WIDTH), float_inputs((SEQ, WIDTH)), WIDTH),
+                   "layer_norm_two_axes": (lambda: nn.LayerNorm((2, 4)), float_inputs((SEQ, 2, 4)), 4)},
+}
+
+
+def per_example_losses(model, inputs, targets):
+    return ((model(inputs) - targets) ** 2).flatten(1).sum(1)
+
+
+def brute_force(model, inputs, targets, max_grad_norm):
+    """(norms, clipped sum by parameter name): one example at a time, in float64."""
+    reference = copy.deepcopy(model).double()
+    params = {name: p for name, p in reference.named_parameters() if p.requires_grad}
+    grads = []
+    for i in range(inputs.shape[0]):
+        x = inputs[i:i + 1].double() if inputs.is_floating_point() else inputs[i:i + 1]
+        loss = per_example_losses(reference, x, targets[i:i + 1].double()).sum()
+        grads.append(torch.autograd.grad(loss, list(params.values())))
+    norms = torch.stack([torch.cat([g.flatten() for g in example]).norm() for example in grads])
+    clip = (max_grad_norm / norms).clamp(max=1.0)
+    return norms, {name: sum(c * example[k] for c, example in zip(clip, grads)) for k, name in enumerate(params)}
+
+
+def check_exact(model, inputs):
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        targets = torch.randn(model(inputs).shape, generator=generator)
+    reference_norms, reference_sum = brute_force(model, inputs, targets, 1.0)
+    max_grad_norm = reference_norms.median().item()  # some examples clipped, some not
+    _, reference_sum = brute_force(model, inputs, targets, max_grad_norm)
+    engine = PerExampleGradients(model, max_grad_norm)
+    norms = engine.backward(per_example_losses(model, inputs, targets))
+    torch.testing.assert_close(norms.double(), reference_norms, rtol=1e-4, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad.double(), reference_sum[name], rtol=1e-4, atol=1e-6, msg=name)
+    engine.detach()
+
+
+@pytest.mark.parametrize("layer_type, case", [(t, c) for t, cases in CASES.items() for c in cases],
+                         ids=[c for cases in CASES.values() for c in cases])
+def test_rule_matches_brute_force(layer_type, case):
+    make_layer, make_inputs, out_width = CASES[layer_type][case]
+    torch.manual_seed(0)
+    layer = make_layer()
+    assert type(layer) is layer_type
+    with torch.no_grad():  # no parameter at a special value (LayerNorm starts at weight 1, bias 0)
+        for param in layer.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    check_exact(OneLayer(layer, out_width), make_inputs(torch.Generator().manual_seed(0)))
+
+
+def test_every_registered_rule_has_an_oracle_case():
+    assert set(RULES) == set(CASES), "every rule in the registry needs a case in CASES (and every case a rule)"
+
+
+class SameLinear(nn.Linear):
+    """An nn.Linear subclass with the stock forward: refused until a rule says it is a linear layer."""
+
+
+def test_a_rule_registered_through_the_public_registry(monkeypatch):
+    make_inputs = float_inputs((SEQ, WIDTH))
+    torch.manual_seed(0)
+    model = OneLayer(SameLinear(WIDTH, 7), 7)
+    with pytest.raises(UnsupportedParameterError, match="'layer.weight' belongs to SameLinear"):
+        PerExampleGradients(model, 1.0)
+    monkeypatch.setitem(RULES, SameLinear, RULES[nn.Linear])  # removed again after the test
+    register_rule(SameLinear, ("weight", "bias"))(rules.linear)
+    assert RULES[SameLinear].factors is rules.linear
+    check_exact(model, make_inputs(torch.Generator().manual_seed(0)))
+
+
+def test_a_rule_refuses_a_configuration_it_cannot_clip():
+    model = OneLayer(nn.Embedding(VOCAB, WIDTH, max_norm=1.0), WIDTH)
+    with pytest.raises(UnsupportedParameterError, match="'layer'.*max_norm"):
+        PerExampleGradients(model, 1.0)
