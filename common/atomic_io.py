@@ -31,6 +31,16 @@ def write_json(path, obj):
         handle.write("\n")
 
 
+@contextlib.contextmanager
+def atomic_directory(final_dir):
+    """Yield `<final_dir>.tmp` (emptied of what a killed run left) to write a whole output into; it replaces
+    `final_dir` only if the block finishes. How every stage ends, so that none leaves a half-written output."""
+    tmp_dir = f"{final_dir.rstrip('/')}.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    yield tmp_dir
+    replace_directory(tmp_dir, final_dir)
+
+
 def replace_directory(tmp_dir, final_dir):
     """Move a finished `tmp_dir` to `final_dir`, replacing an older one."""
     if os.path.exists(final_dir):

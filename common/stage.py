@@ -246,3 +246,13 @@ class StageOutput:
 
 def _shown(value):
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def resolve_checkpoint(resume_from_checkpoint, checkpoints_dir):
+    """The checkpoint directory that --resume_from_checkpoint names: a path as given, or with 'latest' the newest
+    `checkpoint-N` in `checkpoints_dir` (None if there is none: the stage starts afresh); None without the flag."""
+    if resume_from_checkpoint != "latest":
+        return resume_from_checkpoint or None
+    steps = [int(name.split("-")[1]) for name in (os.listdir(checkpoints_dir) if os.path.isdir(checkpoints_dir) else [])
+             if name.startswith("checkpoint-") and name.split("-")[1].isdigit()]
+    return os.path.join(checkpoints_dir, f"checkpoint-{max(steps)}") if steps else None

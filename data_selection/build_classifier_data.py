@@ -19,16 +19,21 @@ sentences and counts of them: it is private data, never a release.
 import argparse
 import json
 import os
-import shutil
 
 import datasets
 import numpy as np
 from datasets import Dataset, DatasetDict
 
-from common.atomic_io import write_json
+from common.atomic_io import atomic_directory, write_json
 from common.data import TEXT_COLUMN_HELP, load_target_task, private_data_id
 from common.demo_data import DEFAULT_CACHE_DIR
-from common.splits import add_split_seed_argument, add_train_fraction_argument, check_fraction, stable_sample
+from common.splits import (
+    add_split_seed_argument,
+    add_train_fraction_argument,
+    check_fraction,
+    seeded_subset,
+    stable_sample,
+)
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage
 from common.text import remove_punctuation
 
@@ -142,24 +147,19 @@ def main(argv=None):
     if args.train_fraction is not None:
         target["train"] = stable_sample(target["train"], args.train_fraction, args.seed)
     for split in ("validation", "test"):
-        if split in target and args.max_eval_samples is not None and args.max_eval_samples < len(target[split]):
-            target[split] = target[split].shuffle(seed=args.seed).select(range(args.max_eval_samples))
+        if split in target:
+            target[split] = seeded_subset(target[split], args.max_eval_samples, args.seed)
     data, removed = build(target, public, args.num_negatives, args.od_data_size, args.seed)
 
-    tmp_dir = f"{args.output_dir.rstrip('/')}.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    data.save_to_disk(tmp_dir)
-    write_json_lines(data["train"], os.path.join(tmp_dir, "filter_train_nonewline.json"))
-    write_json_lines(data["validation"], os.path.join(tmp_dir, "filter_val_nonewline.json"))
     stats = {name: {"examples": len(split), "positives": sum(split["label"])} for name, split in data.items()}
-    output.claim(tmp_dir)
-    write_json(os.path.join(tmp_dir, "stats.json"), {**stats, "removed": removed, "num_negatives": args.num_negatives,
-                                                     "od_data_size": args.od_data_size, "target": args.target,
-                                                     "private_data": private_data_id(args.target),
-                                                     "seed": args.seed})
-    if os.path.exists(args.output_dir):
-        shutil.rmtree(args.output_dir)
-    os.replace(tmp_dir, args.output_dir)
+    with atomic_directory(args.output_dir) as tmp_dir:
+        data.save_to_disk(tmp_dir)
+        write_json_lines(data["train"], os.path.join(tmp_dir, "filter_train_nonewline.json"))
+        write_json_lines(data["validation"], os.path.join(tmp_dir, "filter_val_nonewline.json"))
+        output.claim(tmp_dir)
+        write_json(os.path.join(tmp_dir, "stats.json"), {
+            **stats, "removed": removed, "num_negatives": args.num_negatives, "od_data_size": args.od_data_size,
+            "target": args.target, "private_data": private_data_id(args.target), "seed": args.seed})
     # counts of the private sentences stay in stats.json (private, like the sentences), out of the log
     print(f"classifier data: the target's train sentences against {args.num_negatives:,} public negatives -> "
           f"{args.output_dir} (counts in stats.json: private)")

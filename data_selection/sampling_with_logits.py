@@ -18,12 +18,11 @@ is the paper's ranking by in-domain probability.
 
 import argparse
 import os
-import shutil
 
 import datasets
 import numpy as np
 
-from common.atomic_io import write_json
+from common.atomic_io import atomic_directory, write_json
 from common.dp import ledger
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage
 from data_selection.domain_classifier import load_scores
@@ -157,18 +156,15 @@ def main(argv=None):
         bottom = eligible_by_score[np.argsort(ranking[eligible_by_score], kind="stable")[:10]]
         report["bottom_sentences"] = [{"text": texts[i], "probability": float(probability[i])} for i in bottom]
 
-    tmp = f"{args.output_dir.rstrip('/')}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    selected.save_to_disk(tmp)
-    if not args.random:
-        plot_report(os.path.join(tmp, "selection_report.png"), probability, kept, corpus_shares, selection_shares,
-                    f"{len(kept):,} sentences, {report['selected_words']:,} words selected")
-    # the selection depends on the DP classifier's release, the random baseline on none
-    ledger.write_releases(tmp, [] if args.random else ledger.read_releases(args.scores_dir))
-    output.claim(tmp)
-    write_json(os.path.join(tmp, "selection_report.json"), report)
-    shutil.rmtree(args.output_dir, ignore_errors=True)
-    os.replace(tmp, args.output_dir)
+    with atomic_directory(args.output_dir) as tmp:
+        selected.save_to_disk(tmp)
+        if not args.random:
+            plot_report(os.path.join(tmp, "selection_report.png"), probability, kept, corpus_shares, selection_shares,
+                        f"{len(kept):,} sentences, {report['selected_words']:,} words selected")
+        # the selection depends on the DP classifier's release, the random baseline on none
+        ledger.write_releases(tmp, [] if args.random else ledger.read_releases(args.scores_dir))
+        output.claim(tmp)
+        write_json(os.path.join(tmp, "selection_report.json"), report)
     print(f"{len(kept):,} sentences, {report['selected_words']:,} words -> {args.output_dir}")
     if not args.random:  # a random selection's shares are the corpus's, up to sampling noise
         print("source share of words, corpus -> selection: " + ", ".join(

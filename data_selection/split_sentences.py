@@ -23,10 +23,10 @@ import datasets
 from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer, PunktTrainer
 from tqdm.auto import tqdm
 
-from common.atomic_io import write_json
+from common.atomic_io import replace_directory, write_json
 from common.data import TEXT_COLUMN_HELP, load_public_corpus, load_target_task
 from common.demo_data import DEFAULT_CACHE_DIR
-from common.splits import add_split_seed_argument
+from common.splits import add_split_seed_argument, seeded_subset
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage
 from common.text import remove_punctuation
 
@@ -176,7 +176,7 @@ def main(argv=None):
         return
     documents, replaced = load_public_corpus(args.corpus, args.text_column, args.cache_dir)
     if args.max_documents is not None and args.max_documents < len(documents):
-        documents = documents.shuffle(seed=0).select(range(args.max_documents)).flatten_indices()
+        documents = seeded_subset(documents, args.max_documents, seed=0).flatten_indices()
     exclude = args.exclude_target or ("demo" if args.corpus in (["demo"], ["demo-small"]) else None)
     excluded = (frozenset(target_sentences(exclude, args.cache_dir, args.split_seed, args.target_text_column))
                 if exclude else frozenset())
@@ -198,9 +198,7 @@ def main(argv=None):
     sentences.save_to_disk(final_dir)
     output.claim(final_dir)
     write_json(os.path.join(final_dir, "stats.json"), stats)
-    if os.path.exists(args.output_dir):
-        shutil.rmtree(args.output_dir)
-    os.replace(final_dir, args.output_dir)
+    replace_directory(final_dir, args.output_dir)
     shutil.rmtree(work_dir)
     print(f"{stats['sentences']:,} sentences, {stats['words']:,} words from {stats['documents']:,} documents "
           f"-> {args.output_dir} (Punkt: {punkt})")

@@ -17,10 +17,10 @@ next unfinished shard; several processes (`accelerate launch`) share the shards.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import shutil
 import time
 
 import datasets
@@ -29,9 +29,16 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from common.atomic_io import write_json
+from common.atomic_io import atomic_directory, write_json
 from common.dp import ledger
-from common.dp.training import DPTrainer, add_dp_arguments, discard_training_state, sequence_classification_losses
+from common.dp.training import (
+    DPConfig,
+    DPTrainer,
+    add_dp_arguments,
+    discard_training_state,
+    sequence_classification_losses,
+)
+from common.splits import seeded_subset
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage
 from data_selection.domain_classifier import (
     SCORES_COMPLETE,
@@ -69,7 +76,7 @@ def train(args, accelerator):
     def collate(examples):
         return {**encode([e["sentence"] for e in examples]), "labels": torch.tensor([e["label"] for e in examples])}
 
-    held_out = validation.shuffle(seed=0).select(range(min(len(validation), 4000)))
+    held_out = seeded_subset(validation, 4000, seed=0)
 
     def evaluate(trained):
         probability, _ = score_sentences(trained, encode, list(held_out["sentence"]), device=accelerator.device)
@@ -77,11 +84,10 @@ def train(args, accelerator):
         return {"val_accuracy": float(((probability > 0.5) == labels).mean()),
                 "val_auc": _auc(probability, labels)}
 
-    trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, args,
+    trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, DPConfig.from_args(args),
                         stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate,
                         private_examples=positives)
     trainer.train()
-    tmp = os.path.join(args.output_dir, "classifier.tmp")
 
     def save(directory):
         save_classifier(trainer.model, directory, args.backbone, args.model_name_or_path)
@@ -91,10 +97,9 @@ def train(args, accelerator):
             "held_out": "the target's validation and test texts (label 1) against public sentences (label 0), at most "
                         f"{len(held_out):,} of them: evaluation only, outside the DP guarantee as every held-out split",
             **{k: v for k, v in per_epoch[-1].items() if k.startswith("val_")}, "per_epoch": per_epoch})
-    trainer.release(save, tmp)
-    if accelerator.is_main_process:
-        shutil.rmtree(os.path.join(args.output_dir, "classifier"), ignore_errors=True)
-        os.replace(tmp, os.path.join(args.output_dir, "classifier"))
+    classifier_dir = os.path.join(args.output_dir, "classifier")
+    with atomic_directory(classifier_dir) if accelerator.is_main_process else contextlib.nullcontext() as tmp:
+        trainer.release(save, tmp)  # the main process writes it
     trainer.discard_training_state()
     accelerator.wait_for_everyone()
 

@@ -37,7 +37,7 @@ from common.atomic_io import write_json
 from common.data import TEXT_COLUMN_HELP, load_target_task, majority_share, private_data_id
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.dp import ledger
-from common.dp.training import DPTrainer, add_dp_arguments, discard_training_state, ledger_dir
+from common.dp.training import DPConfig, DPTrainer, add_dp_arguments, discard_training_state, ledger_dir
 from common.models import FREEZE_CHOICES, add_pooling_argument, load_finetuning_model
 from common.splits import add_split_seed_argument, add_train_fraction_argument, check_fraction, stable_sample
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage
@@ -104,7 +104,7 @@ def main(argv=None):
                                                                       args.max_eval_samples, args.seed)
     else:
         collate, losses, evaluate, lengths = classification_parts(tokenizer, args.max_length, train_set, task)
-    trainer = DPTrainer(model, train_set, collate, losses, args, stage="finetune",
+    trainer = DPTrainer(model, train_set, collate, losses, DPConfig.from_args(args), stage="finetune",
                         private_data=private_data_id(args.target),
                         eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
                         lengths=lengths)

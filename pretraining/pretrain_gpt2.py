@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
 
 import datasets
@@ -29,13 +28,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from common.atomic_io import atomic_path, replace_directory, write_json
+from common.atomic_io import atomic_directory, atomic_path, write_json
 from common.data import load_local, load_target_task
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.dp import ledger
 from common.language_modelling import evaluate_language_model
 from common.splits import add_split_seed_argument
-from common.stage import DataError, StageOutput, add_redo_argument, run_stage
+from common.stage import DataError, StageOutput, add_redo_argument, resolve_checkpoint, run_stage
 
 # name -> (hidden size, layers, heads, feed-forward size). The paper's reference sizes (Yu et al.) use 12 heads;
 # nano and micro train in minutes on 2 CPU cores.
@@ -143,7 +142,7 @@ def build(args, accelerator):
     """(model, tokenizer, train blocks, held-out blocks), resumed from a checkpoint's tokenizer if any."""
     sentences = load_sentences(args)
     split = sentences.train_test_split(test_size=args.validation_split_percentage / 100, seed=args.seed)
-    checkpoint = resolve_checkpoint(args)
+    checkpoint = checkpoint_to_resume(args)
     if checkpoint:
         tokenizer = load_tokenizer(checkpoint)
     elif args.tokenizer_name_or_path:
@@ -162,18 +161,10 @@ def build(args, accelerator):
     return model, tokenizer, train_blocks, held_out
 
 
-def resolve_checkpoint(args):
-    if not args.resume_from_checkpoint:
+def checkpoint_to_resume(args):
+    path = resolve_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if path is None:
         return None
-    if args.resume_from_checkpoint != "latest":
-        path = args.resume_from_checkpoint
-    else:
-        steps = sorted(int(n.split("-")[1]) for n in os.listdir(args.output_dir)
-                       if n.startswith("checkpoint-") and n.split("-")[1].isdigit()) \
-            if os.path.isdir(args.output_dir) else []
-        if not steps:
-            return None
-        path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}")
     if not os.path.isfile(os.path.join(path, STATE_FILE)):
         raise DataError(f"--resume_from_checkpoint {path}: no {STATE_FILE} in it")
     with open(os.path.join(path, "config.json")) as handle:
@@ -239,20 +230,18 @@ def target_texts(args):
 def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, step, directory):
     if not accelerator.is_main_process:
         return
-    tmp = f"{directory}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.unwrap_model(model).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),  # dropout masks continue as in an uninterrupted run
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               os.path.join(tmp, STATE_FILE))
-    replace_directory(tmp, directory)
+    with atomic_directory(directory) as tmp:
+        accelerator.unwrap_model(model).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),  # dropout masks continue as in an uninterrupted run
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                   os.path.join(tmp, STATE_FILE))
 
 
 def train(args, accelerator):
     model, tokenizer, train_blocks, held_out = build(args, accelerator)
-    checkpoint = resolve_checkpoint(args)
+    checkpoint = checkpoint_to_resume(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.98), eps=1e-6,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor(args))

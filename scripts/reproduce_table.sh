@@ -21,9 +21,8 @@
 # --corpus, --target, --text_column and --label_column take your own data, as in run_pipeline.sh; the preset
 # (scripts/presets/<name>.sh) gives every other hyper-parameter.
 set -euo pipefail
-for arg in "$@"; do  # -h, --help: the header above
-  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
-done
+source "$(dirname "$0")/shell_helpers.sh"
+help_if_asked "$0" "$@"  # -h, --help: the header above
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""

@@ -40,9 +40,8 @@
 #   baselines/random/{selected,pretrained,finetune}/ and baselines/scratch/finetune/ (their own ledgers; the
 #   no-pre-training baseline takes the random selection's tokenizer and config, learnt from public data only)
 set -euo pipefail
-for arg in "$@"; do  # -h, --help: the header above
-  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
-done
+source "$(dirname "$0")/shell_helpers.sh"
+help_if_asked "$0" "$@"  # -h, --help: the header above
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
@@ -171,8 +170,9 @@ stage() {  # stage N TITLE: announce stage N, or stop after --until
   if [ "$1" -gt "$UNTIL" ]; then echo "stopping after stage $UNTIL (--until)"; exit 0; fi
   echo "== stage $1: $2"
 }
+set_launcher "$NUM_PROCESSES"
 launch() {  # several processes for the stages that use them
-  if [ "$NUM_PROCESSES" -gt 1 ]; then run accelerate launch --num_processes "$NUM_PROCESSES" "$@"; else run python "$@"; fi
+  run "${LAUNCHER[@]}" "$@"
 }
 
 if [ "$DRY_RUN" = 0 ]; then

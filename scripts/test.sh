@@ -3,9 +3,8 @@
 #   bash scripts/test.sh          # everything (what CI runs)
 #   bash scripts/test.sh --fast   # without the whole pipelines and multi-process runs (marked slow)
 set -euo pipefail
-for arg in "$@"; do  # -h, --help: the header above
-  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
-done
+source "$(dirname "$0")/shell_helpers.sh"
+help_if_asked "$0" "$@"  # -h, --help: the header above
 cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
 if [ "${1:-}" = --fast ]; then

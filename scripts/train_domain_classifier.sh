@@ -6,9 +6,8 @@
 # BACKBONE (hashed | transformer), MODEL (transformer backbone: minilm | bert-base-uncased | path),
 # EPOCHS (3), NUM_PROCESSES (1; more runs under accelerate launch).
 set -euo pipefail
-for arg in "$@"; do  # -h, --help: the header above
-  case "$arg" in -h|--help) sed -n '2,/^set -euo pipefail/{/^set -euo pipefail/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac
-done
+source "$(dirname "$0")/shell_helpers.sh"
+help_if_asked "$0" "$@"  # -h, --help: the header above
 cd "$(dirname "$0")/.."
 if [ $# -lt 5 ]; then
   echo "usage: $0 NOISE_MULTIPLIER CLIP PER_DEVICE_BATCH ACCUMULATION LR [extra flags]" >&2
@@ -17,11 +16,8 @@ fi
 source scripts/setup_venv.sh
 RUN_DIR=${RUN_DIR:-runs/demo}
 NUM_PROCESSES=${NUM_PROCESSES:-1}
-launcher=(python)
-if [ "$NUM_PROCESSES" -gt 1 ]; then
-  launcher=(accelerate launch --num_processes "$NUM_PROCESSES")
-fi
-"${launcher[@]}" data_selection/train_domain_classifier.py \
+set_launcher "$NUM_PROCESSES"
+"${LAUNCHER[@]}" data_selection/train_domain_classifier.py \
   --data_dir "$RUN_DIR/classifier_data" --sentences_dir "$RUN_DIR/sentences" \
   --output_dir "$RUN_DIR/domain_classifier" --backbone "${BACKBONE:-hashed}" --model_name_or_path "${MODEL:-minilm}" \
   --noise_multiplier "$1" --max_grad_norm "$2" --per_device_train_batch_size "$3" \

@@ -8,12 +8,15 @@ from torch.func import functional_call, grad
 
 
 def lm_loss_per_example(logits, labels):
-    """Mean next-token cross-entropy of each example, ignoring labels of -100."""
-    shifted_logits, shifted_labels = logits[:, :-1], labels[:, 1:]
-    token_losses = F.cross_entropy(shifted_logits.transpose(1, 2), shifted_labels, reduction="none",
-                                   ignore_index=-100)
-    counts = (shifted_labels != -100).sum(1).clamp_min(1)
-    return token_losses.sum(1) / counts
+    """Mean next-token negative log-likelihood of each example over the positions whose label is not -100, summed
+    position by position from log-probabilities (written independently of the cross-entropy the code uses)."""
+    log_probs = logits.log_softmax(-1)
+    losses = []
+    for example in range(labels.shape[0]):
+        terms = [-log_probs[example, t - 1, labels[example, t]] for t in range(1, labels.shape[1])
+                 if labels[example, t] != -100]
+        losses.append(torch.stack(terms).mean() if terms else log_probs.new_zeros(()))
+    return torch.stack(losses)
 
 
 def classification_loss_per_example(logits, labels):

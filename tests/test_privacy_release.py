@@ -52,9 +52,9 @@ def test_a_release_holds_no_dp_randomness_and_cannot_be_replayed(tmp_path):
         runs[mode, data_name, attempt] = (train_and_release(trainer), trainer)
 
     for (mode, data_name, attempt), (_, trainer) in runs.items():
-        release = released_bytes(trainer.args.output_dir)
+        release = released_bytes(trainer.config.output_dir)
         assert set(release) == {"config.json", "model.safetensors", "privacy.json"}, release.keys()
-        assert not os.path.exists(private_state_dir(trainer.args.output_dir))
+        assert not os.path.exists(private_state_dir(trainer.config.output_dir))
         for seed in (trainer.sampling_seed, trainer.noise_seed):
             for encoding in (str(seed).encode(), seed.to_bytes(8, "little"), seed.to_bytes(8, "big")):
                 assert not any(encoding in content for content in release.values()), (mode, seed)

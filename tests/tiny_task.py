@@ -5,7 +5,7 @@ import argparse
 import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
-from common.dp.training import add_dp_arguments
+from common.dp.training import DPConfig, add_dp_arguments
 
 
 def tiny_model(seed=0):
@@ -28,4 +28,4 @@ def collate(examples):
 
 
 def parse_dp_args(argv):
-    return add_dp_arguments(argparse.ArgumentParser()).parse_args(argv)
+    return DPConfig.from_args(add_dp_arguments(argparse.ArgumentParser()).parse_args(argv))

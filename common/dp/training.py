@@ -43,6 +43,8 @@ import secrets
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +52,11 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 
-from common.atomic_io import replace_directory, write_json
+from common.atomic_io import atomic_directory, write_json
 from common.dp import ledger
 from common.dp.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
 from common.dp.per_example_grads import NonFiniteGradientError, PerExampleGradients
-from common.stage import NOT_SETTINGS, DataError, fingerprint
+from common.stage import NOT_SETTINGS, DataError, fingerprint, resolve_checkpoint
 
 STATE_FILE = "training_state.pt"
 # How the logical batch is cut into micro-batches and spread over processes: not part of the mechanism
@@ -109,15 +111,53 @@ def add_dp_arguments(parser: argparse.ArgumentParser):
     return parser
 
 
+@dataclass
+class DPConfig:
+    """The DP loop's settings, as `add_dp_arguments` parses them (its flags' help says what each is, and holds the
+    defaults). `stage_settings`: every setting of the stage, what --deterministic_dp derives its seeds from."""
+
+    output_dir: str
+    noise_multiplier: Optional[float]
+    target_epsilon: Optional[float]
+    target_epsilon_scope: str
+    max_grad_norm: float
+    delta: Optional[float]
+    sampling: str
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    optimizer: str
+    weight_decay: float
+    lr_scheduler_type: str
+    num_warmup_steps: int
+    num_train_epochs: float
+    max_train_steps: Optional[int]
+    checkpointing_steps: Optional[int]
+    resume_from_checkpoint: Optional[str]
+    keep_training_state: bool
+    deterministic_dp: bool
+    mixed_precision: str
+    run_dir: Optional[str]
+    seed: int
+    stage_settings: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DPConfig":
+        """The DP settings of a stage's parsed arguments (a parser that `add_dp_arguments` extended)."""
+        names = [f.name for f in fields(cls) if f.name != "stage_settings"]
+        return cls(**{name: getattr(args, name) for name in names}, stage_settings=dict(vars(args)))
+
+
 def sequence_classification_losses(model, batch):
     """Per-example cross-entropy of a sequence classifier; batch holds `labels` and the model inputs."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return F.cross_entropy(model(**inputs).logits.float(), batch["labels"], reduction="none")
 
 
-def ledger_dir(args):
-    """The run directory whose privacy ledger a DP stage writes: --run_dir, else the parent of --output_dir."""
-    return args.run_dir or os.path.dirname(os.path.abspath(args.output_dir))
+def ledger_dir(settings):
+    """The run directory whose privacy ledger a DP stage writes: --run_dir, else the parent of --output_dir
+    (`settings`: a DPConfig or the stage's parsed arguments)."""
+    return settings.run_dir or os.path.dirname(os.path.abspath(settings.output_dir))
 
 
 def derived_seed(seed, purpose):
@@ -146,24 +186,24 @@ def discard_training_state(output_dir, keep=False):
 class DPTrainer:
     """Trains `model` on `dataset` (indexable; `collate_fn` turns a list of examples into a batch of tensors).
 
-    `loss_fn(model, batch)` returns per-example losses. `eval_fn(model)`, if given, returns a dict of
-    metrics and runs after every epoch on the main process. `lengths`, if given (one per example),
-    orders each step's examples by length before they are split into micro-batches: less padding,
-    and the same clipped sum, since it does not depend on the order.
+    `loss_fn(model, batch)` returns per-example losses; `config` holds the loop's settings (`DPConfig`).
+    `eval_fn(model)`, if given, returns a dict of metrics and runs after every epoch on the main process.
+    `lengths`, if given (one per example), orders each step's examples by length before they are split into
+    micro-batches: less padding, and the same clipped sum, since it does not depend on the order.
 
     Use: `train()`, then `release(save_model)` (ledger entry, model, privacy.json), then
     `discard_training_state()` once the stage's own outputs are written.
     """
 
-    def __init__(self, model, dataset, collate_fn, loss_fn, args, stage, private_data, eval_fn=None,
-                 lengths=None, private_examples=None):
+    def __init__(self, model, dataset, collate_fn, loss_fn, config: DPConfig, stage: str, private_data: str,
+                 eval_fn=None, lengths=None, private_examples=None):
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.model = model.to(self.accelerator.device)
         if self.accelerator.num_processes > 1:  # every process starts from the main process's weights
             for tensor in list(self.model.parameters()) + list(self.model.buffers()):
                 torch.distributed.broadcast(tensor.data, src=0)
         self.dataset, self.collate_fn, self.loss_fn, self.eval_fn = dataset, collate_fn, loss_fn, eval_fn
-        self.args, self.stage, self.private_data = args, stage, private_data
+        self.config, self.stage, self.private_data = config, stage, private_data
         self.num_examples = len(dataset)
         # the private examples among them (stage 3 trains on public negatives too): what delta is measured against
         self.private_examples = private_examples or self.num_examples
@@ -171,35 +211,35 @@ class DPTrainer:
         if self.lengths is not None and self.lengths.shape != (self.num_examples,):
             raise ValueError(f"lengths: one per example expected ({self.num_examples}), "
                              f"got shape {tuple(self.lengths.shape)}")
-        self.logical_batch = (args.per_device_train_batch_size * args.gradient_accumulation_steps
+        self.logical_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                               * self.accelerator.num_processes)
         self._check_arguments()
         self.sample_rate = self.logical_batch / self.num_examples
         self.steps_per_epoch = max(1, self.num_examples // self.logical_batch)
-        self.total_steps = args.max_train_steps or math.ceil(args.num_train_epochs * self.steps_per_epoch)
-        self.delta = args.delta if args.delta is not None else default_delta(self.private_examples)
-        self.run_dir = ledger_dir(args)
-        self.state_dir = private_state_dir(args.output_dir)
-        resume_path = self._resolve_checkpoint(args.resume_from_checkpoint)
+        self.total_steps = config.max_train_steps or math.ceil(config.num_train_epochs * self.steps_per_epoch)
+        self.delta = config.delta if config.delta is not None else default_delta(self.private_examples)
+        self.run_dir = ledger_dir(config)
+        self.state_dir = private_state_dir(config.output_dir)
+        resume_path = resolve_checkpoint(config.resume_from_checkpoint, self.state_dir)
         state = self._read_checkpoint(resume_path) if resume_path else None
         self.run_id = state["run_id"] if state else self._from_main_process([uuid.uuid4().hex])[0]
-        if args.noise_multiplier is None:
-            earlier = [] if args.target_epsilon_scope == "stage" else [
+        if config.noise_multiplier is None:
+            earlier = [] if config.target_epsilon_scope == "stage" else [
                 e for e in ledger.counted_entries(self.run_dir) if e.get("run_id") != self.run_id]
             try:
                 self.noise_multiplier = calibrate_noise_multiplier(
-                    args.target_epsilon, self.sample_rate, self.total_steps,
-                    ledger.composition_delta(earlier + [{"delta": self.delta}]), args.sampling,
+                    config.target_epsilon, self.sample_rate, self.total_steps,
+                    ledger.composition_delta(earlier + [{"delta": self.delta}]), config.sampling,
                     steps_per_epoch=self.steps_per_epoch, earlier=[Mechanism.from_dict(e) for e in earlier])
             except ValueError as error:  # the budget cannot be met: the user's settings
-                raise DataError(f"--target_epsilon {args.target_epsilon}: {error}") from None
+                raise DataError(f"--target_epsilon {config.target_epsilon}: {error}") from None
         else:
-            self.noise_multiplier = args.noise_multiplier
-        if args.sampling == "shuffle":
+            self.noise_multiplier = config.noise_multiplier
+        if config.sampling == "shuffle":
             warnings.warn("--sampling shuffle: fixed-size shuffled batches get no amplification by subsampling, so "
                           "epsilon is accounted as one Gaussian mechanism per epoch; the paper's epsilon assumed "
                           "Poisson sampling", stacklevel=2)
-        self.engine = PerExampleGradients(self.model, args.max_grad_norm)
+        self.engine = PerExampleGradients(self.model, config.max_grad_norm)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
@@ -211,9 +251,9 @@ class DPTrainer:
 
     def _new_seeds(self):
         """(sampling seed, noise seed): secret by default, the same on every process."""
-        if self.args.deterministic_dp:
+        if self.config.deterministic_dp:
             run = json.dumps(self._deterministic_run(), sort_keys=True, default=str)
-            return derived_seed(self.args.seed, f"{run}:sampling"), derived_seed(self.args.seed, f"{run}:noise")
+            return derived_seed(self.config.seed, f"{run}:sampling"), derived_seed(self.config.seed, f"{run}:noise")
         seeds = self._from_main_process([secrets.randbits(63), secrets.randbits(63)])
         return seeds[0], seeds[1]
 
@@ -221,7 +261,7 @@ class DPTrainer:
         """What --deterministic_dp derives the seeds from besides --seed: the stage, the mechanism (noise multiplier as
         calibrated, logical batch, n) and every setting and input (keyed fingerprints of paths), so that two releases
         share noise only if they are the same run on the same data, and are then equal. Neighbours differ in n."""
-        settings = {k: v for k, v in vars(self.args).items() if k not in NOT_SETTINGS | MICRO_BATCHING}
+        settings = {k: v for k, v in self.config.stage_settings.items() if k not in NOT_SETTINGS | MICRO_BATCHING}
         inputs = {v: fingerprint(v) for v in settings.values() if isinstance(v, str) and os.path.exists(v)}
         return {"stage": self.stage, "settings": settings, "inputs": inputs, "num_examples": self.num_examples,
                 "noise_multiplier": self.noise_multiplier, "logical_batch": self.logical_batch}
@@ -232,38 +272,39 @@ class DPTrainer:
 
     @property
     def dp_randomness(self):
-        if self.args.deterministic_dp:
+        if self.config.deterministic_dp:
             return "derived from --seed (--deterministic_dp): the guarantee holds only if that seed is kept secret"
         return SECRET_RANDOMNESS
 
     def _check_arguments(self):
-        args = self.args
-        if (args.noise_multiplier is None) == (args.target_epsilon is None):
+        config = self.config
+        if (config.noise_multiplier is None) == (config.target_epsilon is None):
             raise DataError("give exactly one of --noise_multiplier and --target_epsilon")
-        if args.noise_multiplier is not None and not 0 <= args.noise_multiplier < 1e4:
-            raise DataError(f"--noise_multiplier must be in [0, 1e4), got {args.noise_multiplier}")
-        if args.target_epsilon is not None and not args.target_epsilon > 0:
-            raise DataError(f"--target_epsilon must be positive, got {args.target_epsilon}")
-        if not 0 < args.max_grad_norm < math.inf:
-            raise DataError(f"--max_grad_norm must be positive and finite, got {args.max_grad_norm}")
-        if args.delta is not None and not 0 < args.delta < 1 / self.private_examples:
+        if config.noise_multiplier is not None and not 0 <= config.noise_multiplier < 1e4:
+            raise DataError(f"--noise_multiplier must be in [0, 1e4), got {config.noise_multiplier}")
+        if config.target_epsilon is not None and not config.target_epsilon > 0:
+            raise DataError(f"--target_epsilon must be positive, got {config.target_epsilon}")
+        if not 0 < config.max_grad_norm < math.inf:
+            raise DataError(f"--max_grad_norm must be positive and finite, got {config.max_grad_norm}")
+        if config.delta is not None and not 0 < config.delta < 1 / self.private_examples:
             raise DataError(f"--delta must be in (0, 1/n) for n private examples: "
-                            f"(0, {1 / self.private_examples:.3g}), got {args.delta}")
-        if args.per_device_train_batch_size < 1 or args.gradient_accumulation_steps < 1:
+                            f"(0, {1 / self.private_examples:.3g}), got {config.delta}")
+        if config.per_device_train_batch_size < 1 or config.gradient_accumulation_steps < 1:
             raise DataError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
         if self.logical_batch > self.num_examples:
             raise DataError(f"the logical batch ({self.logical_batch} = per-device batch x accumulation x "
                             f"processes) is larger than the dataset ({self.num_examples} examples)")
 
     def _make_optimizer(self):
-        args = self.args
-        if args.optimizer == "sgd":
-            return torch.optim.SGD(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
-        optimizer = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-        return optimizer(self.params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        config = self.config
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+        return optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
     def _make_scheduler(self):
-        warmup, total, linear = self.args.num_warmup_steps, self.total_steps, self.args.lr_scheduler_type == "linear"
+        warmup, total = self.config.num_warmup_steps, self.total_steps
+        linear = self.config.lr_scheduler_type == "linear"
 
         def factor(step):
             if step < warmup:
@@ -275,7 +316,7 @@ class DPTrainer:
 
     def step_indices(self, step):
         """This process's examples for logical step `step`: a slice of one global draw."""
-        if self.args.sampling == "poisson":
+        if self.config.sampling == "poisson":
             generator = torch.Generator().manual_seed(self.sampling_seed + step)
             chosen = (torch.rand(self.num_examples, generator=generator) < self.sample_rate).nonzero().flatten()
         else:
@@ -292,7 +333,7 @@ class DPTrainer:
         if self.accelerator.is_main_process and self.noise_multiplier > 0:
             generator = torch.Generator(device=flat.device).manual_seed(self.noise_seed + step)
             noise = torch.randn(flat.shape, generator=generator, device=flat.device)
-            flat += noise * (self.noise_multiplier * self.args.max_grad_norm)
+            flat += noise * (self.noise_multiplier * self.config.max_grad_norm)
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(flat, reduction="sum")
         flat /= self.logical_batch  # the expected logical batch (Poisson) or the fixed one (shuffle)
@@ -301,7 +342,7 @@ class DPTrainer:
 
     def mechanism(self, steps=None):
         return Mechanism(self.noise_multiplier, self.sample_rate, self.step if steps is None else steps,
-                         self.args.sampling, self.steps_per_epoch)
+                         self.config.sampling, self.steps_per_epoch)
 
     def epsilons(self):
         return compute_epsilons([self.mechanism()], self.delta)
@@ -317,8 +358,8 @@ class DPTrainer:
         if self.lengths is not None:
             indices = indices[self.lengths[indices].argsort(stable=True)]
         autocast = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
-                                  enabled=self.args.mixed_precision == "bf16")
-        for chunk in indices.split(self.args.per_device_train_batch_size):
+                                  enabled=self.config.mixed_precision == "bf16")
+        for chunk in indices.split(self.config.per_device_train_batch_size):
             batch = self.collate_fn([self.dataset[i] for i in chunk.tolist()])
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             with autocast:
@@ -333,8 +374,8 @@ class DPTrainer:
     def train(self):
         """Run the DP steps (from the resumed step on); the private training state is saved at the end."""
         self.print(f"DP training ({self.stage}): n={self.num_examples}, expected logical batch {self.logical_batch} "
-                   f"(q={self.sample_rate:.4g}, {self.args.sampling}), {self.total_steps} steps, noise multiplier "
-                   f"{self.noise_multiplier:.4g}, clip {self.args.max_grad_norm}, delta {self.delta:.3g}"
+                   f"(q={self.sample_rate:.4g}, {self.config.sampling}), {self.total_steps} steps, noise multiplier "
+                   f"{self.noise_multiplier:.4g}, clip {self.config.max_grad_norm}, delta {self.delta:.3g}"
                    + ("" if self.step == 0 else f"; resumed at step {self.step}"))
         if self.total_steps < FEW_STEPS and self.noise_multiplier > 0:
             self.print(f"note: {self.total_steps} noisy steps are few for {self.num_examples:,} examples; more come "
@@ -357,7 +398,7 @@ class DPTrainer:
             progress.set_postfix(lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if self.step % self.steps_per_epoch == 0 or self.step == self.total_steps:
                 self.end_of_epoch()
-            if self.args.checkpointing_steps and self.step % self.args.checkpointing_steps == 0:
+            if self.config.checkpointing_steps and self.step % self.config.checkpointing_steps == 0:
                 self.save_checkpoint()
         progress.close()
         self.save_checkpoint()
@@ -374,21 +415,21 @@ class DPTrainer:
     def privacy_report(self):
         """What privacy.json holds: the mechanism, its epsilon, where its randomness came from; no seed."""
         return {"stage": self.stage, "run_id": self.run_id, "private_data": self.private_data,
-                "privacy_unit": "example", "adjacency": ADJACENCY[self.args.sampling],
+                "privacy_unit": "example", "adjacency": ADJACENCY[self.config.sampling],
                 "num_examples": self.num_examples, "expected_logical_batch_size": self.logical_batch,
-                "max_grad_norm": self.args.max_grad_norm, "delta": self.delta, **self.mechanism().as_dict(),
+                "max_grad_norm": self.config.max_grad_norm, "delta": self.delta, **self.mechanism().as_dict(),
                 "epsilon": self.epsilons(), "dp_randomness": self.dp_randomness, "ledger": self.run_dir}
 
     def release(self, save_model, release_dir=None):
         """Record the run in the privacy ledger, then write the release: `save_model(release_dir)` and
         privacy.json (default: --output_dir). Returns the privacy report. Main process only writes."""
-        release_dir = release_dir or self.args.output_dir
+        release_dir = release_dir or self.config.output_dir
         report = self.privacy_report()
         if self.accelerator.is_main_process:
             # the ledger first: a release that exists is always counted
             ledger.record(self.run_dir, self.stage, self.run_id, self.mechanism(), self.delta,
-                                  self.private_data, release=os.path.abspath(self.args.output_dir),
-                                  dp_randomness="deterministic" if self.args.deterministic_dp else "secret",
+                                  self.private_data, release=os.path.abspath(self.config.output_dir),
+                                  dp_randomness="deterministic" if self.config.deterministic_dp else "secret",
                                   adjacency=report["adjacency"], privacy_unit=report["privacy_unit"])
             os.makedirs(release_dir, exist_ok=True)
             # privacy.json before the model: from here on the ledger sees the release named on disk
@@ -398,51 +439,39 @@ class DPTrainer:
             self.print(f"epsilon of this stage: {report['epsilon']['epsilon']:.3f}, composed over the "
                        f"{len(ledger.counted_entries(self.run_dir))} counted releases in the run's ledger: "
                        f"{composed['epsilon']:.3f} at delta {delta:.3g} (PRV upper bounds)")
-            if self.args.deterministic_dp:
+            if self.config.deterministic_dp:
                 self.print("--deterministic_dp: the guarantee holds only if --seed is kept secret")
         self.accelerator.wait_for_everyone()
         return report
 
     def discard_training_state(self):
         if self.accelerator.is_main_process:
-            discard_training_state(self.args.output_dir, self.args.keep_training_state)
+            discard_training_state(self.config.output_dir, self.config.keep_training_state)
 
     # --- the private training state ---------------------------------------------------------
 
     def run_signature(self):
         """What must match for a checkpoint to continue this run."""
         return {"stage": self.stage, "num_examples": self.num_examples, "logical_batch": self.logical_batch,
-                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.args.max_grad_norm,
-                "sampling": self.args.sampling, "seed": self.args.seed, "total_steps": self.total_steps,
-                "delta": self.delta, "deterministic_dp": self.args.deterministic_dp}
+                "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.config.max_grad_norm,
+                "sampling": self.config.sampling, "seed": self.config.seed, "total_steps": self.total_steps,
+                "delta": self.delta, "deterministic_dp": self.config.deterministic_dp}
 
     def save_checkpoint(self):
         """Private state only: model, optimiser, step and the DP seeds. Older checkpoints are removed."""
         if not self.accelerator.is_main_process:
             return
         final_dir = os.path.join(self.state_dir, f"checkpoint-{self.step}")
-        tmp_dir = f"{final_dir}.tmp"
-        os.makedirs(tmp_dir, exist_ok=True)
-        torch.save({"signature": self.run_signature(), "step": self.step, "run_id": self.run_id,
-                    "sampling_seed": self.sampling_seed, "noise_seed": self.noise_seed,
-                    "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(), "history": self.history},
-                   os.path.join(tmp_dir, STATE_FILE))
-        replace_directory(tmp_dir, final_dir)
+        with atomic_directory(final_dir) as tmp_dir:
+            os.makedirs(tmp_dir)
+            torch.save({"signature": self.run_signature(), "step": self.step, "run_id": self.run_id,
+                        "sampling_seed": self.sampling_seed, "noise_seed": self.noise_seed,
+                        "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "history": self.history},
+                       os.path.join(tmp_dir, STATE_FILE))
         for name in os.listdir(self.state_dir):
             if name.startswith("checkpoint-") and name != os.path.basename(final_dir):
                 shutil.rmtree(os.path.join(self.state_dir, name), ignore_errors=True)
-
-    def _resolve_checkpoint(self, path):
-        """The checkpoint directory to resume from, or None ('latest' with no checkpoint starts afresh)."""
-        if not path:
-            return None
-        if path != "latest":
-            return path
-        steps = [int(name.split("-")[1]) for name in os.listdir(self.state_dir)
-                 if name.startswith("checkpoint-") and name.split("-")[1].isdigit()] \
-            if os.path.isdir(self.state_dir) else []
-        return os.path.join(self.state_dir, f"checkpoint-{max(steps)}") if steps else None
 
     def _read_checkpoint(self, path):
         state_path = os.path.join(path, STATE_FILE)
