@@ -7,27 +7,13 @@ prediction (--task lm).
         --num_train_epochs 30
     python dp_finetuning/dp_finetune.py --task lm --target chat --model_name_or_path runs/chat/pretrained ...
 
-Classification: `GPT2ForSequenceClassification`, validation accuracy after every epoch, test
-accuracy at the end. Language modelling: `GPT2LMHeadModel` (the embedding tied to the LM head,
-both trained by default), one example per message; validation perplexity and next-token and
-next-word accuracy after every epoch, the same on test at the end
-(`common/language_modelling.py` defines them).
-
---model_name_or_path is a stage 5 checkpoint (model and tokenizer); with --random_init the
-weights are drawn afresh (the no-pre-training baseline) and only the tokenizer and config are
-used. If that directory depends on DP releases on the same private data (a selection by the
-DP domain classifier), the run's privacy ledger must hold them, else the run is refused: the
-no-pre-training baseline takes the random selection's tokenizer, learnt from public data only.
-All parameters are trained by default; --freeze and --lora_r give partial fine-tuning.
---pooling mean gives the classification head the mean of the final hidden states over the
-sentence's tokens instead of the last token's (`GPT2MeanPooledClassifier`; the release's
-config.json names that class, which a stock `GPT2ForSequenceClassification` would not reproduce).
-
-The release in --output_dir: the model and tokenizer (`save_pretrained`), `privacy.json`,
-`dp_releases.json` (this release and those its input depended on) and `results.json`
-(validation accuracy after every epoch, test accuracy, this stage's epsilon and the composed
-epsilon of every release in the run's privacy ledger). The private training state is deleted
-once they are written.
+Classification reads the last token (or the mean, --pooling mean) and reports accuracy; next-word
+prediction reports perplexity per word and per token and next-token and next-word accuracy, on the
+validation split after every epoch and on test at the end. --random_init is the no-pre-training
+baseline (the checkpoint's tokenizer and config only); --freeze and --lora_r train a part. A
+checkpoint that depends on DP releases on the same private data (a selection by the DP classifier)
+is refused unless the run's ledger counts them. The release: the model, `privacy.json`,
+`dp_releases.json` and `results.json` (docs/pipeline.md, "Stage 6").
 """
 
 import argparse

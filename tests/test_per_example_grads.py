@@ -225,3 +225,20 @@ def test_parameter_used_outside_its_layer_is_refused_at_backward():
     losses = model(torch.randn(3, 4)).sum(1)
     with pytest.raises(UnsupportedParameterError, match=r"proj\.weight"):
         engine.backward(losses)
+
+
+@pytest.mark.parametrize("max_grad_norm", [1e-7, 1e-3, 1.0, 1e2])
+def test_clip_factor_is_exactly_min_one_c_over_the_norm(max_grad_norm):
+    """Per-example gradient norms from 1e-8 to 1e3 (a zero one too): the clipped sum is sum_i min(1, C/||g_i||) g_i
+    to float64 precision, so an example under C is untouched and one over it has norm C exactly."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1, bias=False).double()
+    inputs = torch.randn(13, 6, dtype=torch.float64)
+    scales = torch.cat([torch.logspace(-8, 3, 12, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    engine = PerExampleGradients(model, max_grad_norm)
+    norms = engine.backward(scales * model(inputs)[:, 0])
+    grads = scales[:, None] * inputs  # d(s_i w . x_i)/dw
+    expected_norms = grads.norm(dim=1)
+    torch.testing.assert_close(norms, expected_norms, rtol=1e-12, atol=0)
+    factors = torch.where(expected_norms > max_grad_norm, max_grad_norm / expected_norms.clamp_min(1e-300), 1.0)
+    torch.testing.assert_close(model.weight.grad[0], (factors[:, None] * grads).sum(0), rtol=1e-12, atol=1e-300)

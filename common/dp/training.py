@@ -1,37 +1,12 @@
-"""The DP training loop shared by the private stages (domain classifier, fine-tuning).
+"""The DP training loop shared by the private stages (stage 3's domain classifier, stage 6's fine-tuning).
 
-Each logical step: draw the step's examples (Poisson: each example with probability
-q = expected logical batch / n; or a fixed-size shuffled batch), split them into
-physical micro-batches, let the per-example engine accumulate the flat-clipped sum,
-sum it over processes, add Gaussian noise of std noise_multiplier x clip once, divide
-by the expected logical batch size, and take an optimiser step (DP-SGD, DP-Adam or
-DP-AdamW: a stock torch optimiser on the privatised gradient).
-
-Neighbouring data sets: the epsilon is for adding or removing one private example
-(Poisson sampling), or for replacing one example by one that contributes nothing
-(zero-out; the shuffle sampling's accounting). The model trains in eval mode, so no
-dropout mask (public randomness tied to batch positions) makes one example move the
-others' gradients; a non-finite per-example loss or norm stops the run at the step that
-draws it, before that step's update (nothing is released; the error names the row, and is
-outside the guarantee like any failure the operator sees).
-
-What is released and what stays private. The DP guarantee holds only if the
-mechanism's randomness is secret, so the sampling seed and the noise seed are drawn
-from the operating system's entropy (`secrets`) and live only in the private
-training state (beside the release, in `<output_dir>.private/`, with the optimiser and
-the step), which a resumed run reads and which is deleted once the stage has written
-its release (`--keep_training_state` keeps it, with a warning). The release is what
-`release()` writes: the trained model, `privacy.json` (the mechanism and its
-epsilon) and an entry in the run's privacy ledger; no seed, generator state or
-realised batch size. `--deterministic_dp` derives both seeds from `--seed`, the stage, the
-mechanism, the settings and the inputs instead (debugging, exact reproduction), and the
-release then says that the guarantee assumes that seed is secret. `--seed` itself
-controls only what is not part of the mechanism.
-
-The step's examples depend only on (sampling seed, step) and the noise only on
-(noise seed, step), so a resumed run repeats an uninterrupted one exactly, whatever
-the number of processes: every process draws the same global sample and keeps its
-own slice.
+Each logical step draws its examples (Poisson sampling with q = expected logical batch / n, or a fixed-size
+shuffled batch), lets the per-example engine accumulate their flat-clipped sum in micro-batches, sums it over
+processes, adds Gaussian noise of std noise_multiplier x clip once, divides by the expected batch and steps a
+stock torch optimiser. The model trains in eval mode (no dropout: public randomness tied to batch positions
+would let one example move the others' gradients); the sampling and noise seeds are secret and live only in the
+private training state beside the release (`<output_dir>.private/`), never in it. What is released, the
+adjacency each epsilon is for, resumption and `--deterministic_dp`: docs/privacy.md.
 """
 
 import argparse

@@ -240,7 +240,8 @@ class PerExampleGradients:
         del gram
         norms = sq_norms.clamp_min(0).sqrt()
         _refuse_non_finite("gradient norm", norms)
-        clip_factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        # exactly min(1, C / ||g_i||); a zero norm (no gradient) keeps the factor 1
+        clip_factors = (self.max_grad_norm / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
 
         for param, uses_of_param in factors.items():
             clipped_sum = uses_of_param[0].weighted_sum(clip_factors)
