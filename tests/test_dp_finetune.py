@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from transformers import PreTrainedTokenizerFast
 
 from common import data
 from common.dp import ledger
@@ -123,7 +124,7 @@ def test_mean_pooled_release_is_evaluated_as_trained(tmp_path, pretrained, targe
     config = json.loads((tmp_path / "run" / "pooled" / "config.json").read_text())
     assert results["pooling"] == "mean" and config["architectures"] == ["GPT2MeanPooledClassifier"]
     release = GPT2MeanPooledClassifier.from_pretrained(tmp_path / "run" / "pooled").eval()
-    tokenizer = dp_finetune.PreTrainedTokenizerFast.from_pretrained(tmp_path / "run" / "pooled")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "run" / "pooled")
     test = data.load_target_task(str(target))["test"]
     assert accuracy(release, tokenizer, test, 128) == results["test_accuracy"]
 
