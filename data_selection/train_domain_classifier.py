@@ -62,6 +62,8 @@ def parse_args(argv=None):
     parser.add_argument("--embedding_dim", type=int, default=64, help="hashed backbone: embedding width")
     parser.add_argument("--score_batch_size", type=int, default=512)
     parser.add_argument("--score_shard_size", type=int, default=100_000, help="sentences per scores shard")
+    parser.add_argument("--output_dir", required=True,
+                        help="classifier/ (the release) and scores/ (every sentence's score) go here")
     add_dp_arguments(parser)
     add_redo_argument(parser)
     return parser.parse_args(argv)

@@ -51,6 +51,7 @@ def parse_args(argv=None):
     add_train_fraction_argument(parser)
     add_split_seed_argument(parser)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--output_dir", required=True, help="the release: model, privacy.json, results.json")
     add_dp_arguments(parser)
     add_redo_argument(parser)
     parser.set_defaults(lr_scheduler_type="linear")

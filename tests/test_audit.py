@@ -1,7 +1,9 @@
 """The one-run audit's bound against an independent computation: binomial tails summed term by term, a closed
 form derived by hand, and randomised response, whose epsilon is known."""
 
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -76,3 +78,58 @@ def test_bad_input_is_refused():
         p_value(10, 20, 5, 1.0)
     with pytest.raises(ValueError, match="at least 2 canaries"):
         audit([0.1], [True], delta=0.0)
+
+
+def audited_trainer(tmp_path, seed, noise_multiplier, canaries=400, extra=()):
+    """The DP loop on a tiny task with white-box canaries; deterministic DP seeds so the test is repeatable."""
+    from common.dp.training import DPTrainer, sequence_classification_losses
+    from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
+    config = parse_dp_args(["--output_dir", str(tmp_path / "run" / f"out{seed}"), "--per_device_train_batch_size", "64",
+                            "--num_train_epochs", "10", "--noise_multiplier", str(noise_multiplier), "--learning_rate",
+                            "0.01", "--audit_canaries", str(canaries), "--deterministic_dp", "--seed", str(seed),
+                            *extra])
+    return DPTrainer(tiny_model(), tiny_dataset(256), collate, sequence_classification_losses, config, stage="test",
+                     private_data="tiny")
+
+
+def test_the_white_box_audit_of_the_dp_loop_stays_under_the_accountant(tmp_path):
+    for seed in range(3):
+        trainer = audited_trainer(tmp_path, seed, noise_multiplier=2.7)  # epsilon 2
+        trainer.train()
+        bound = trainer.canaries.result(trainer.delta).epsilon_lower_bound
+        assert 0 <= bound <= trainer.epsilons()["epsilon"] < 2.1
+
+
+def test_the_audit_catches_a_mechanism_with_a_tenth_of_its_noise(tmp_path):
+    """The accountant is told sigma, the loop adds sigma / 10: the audit's bound exceeds the claimed epsilon (it
+    fails if the canaries stop passing through the noise as the data do)."""
+    from common.dp.accounting import Mechanism, compute_epsilons
+    trainer = audited_trainer(tmp_path, 0, noise_multiplier=4.7)
+    claimed = compute_epsilons([Mechanism(trainer.noise_multiplier, trainer.sample_rate, trainer.total_steps)],
+                               trainer.delta)["epsilon"]
+    trainer.noise_multiplier /= 10
+    trainer.train()
+    assert trainer.canaries.result(trainer.delta).epsilon_lower_bound > claimed > 0.8
+
+
+def test_audit_json_sits_beside_privacy_json_and_the_release_holds_no_canary(tmp_path):
+    trainer = audited_trainer(tmp_path, 0, noise_multiplier=1.5, canaries=100)
+    trainer.train()
+    release = tmp_path / "run" / "release"
+    report = trainer.release(lambda directory: None, str(release))
+    audit_json = json.loads((release / "audit.json").read_text())
+    assert audit_json["canaries"] == 100 and audit_json["accountant_epsilon"] == report["epsilon"]["epsilon"]
+    assert audit_json["epsilon_lower_bound"] <= audit_json["accountant_epsilon"]
+    assert set(audit_json) >= {"kind", "guesses", "correct", "delta", "confidence", "ratio"}
+    assert sorted(os.listdir(release)) == ["audit.json", "privacy.json"]  # no coin, coordinate or score
+    assert report["sample_rate"] == 64 / 256  # the canaries leave the mechanism's q as it was
+
+
+@pytest.mark.parametrize("canaries, extra, message", [
+    (1, (), "--audit_canaries 1: between 2 and"),
+    (600, (), "--audit_canaries 600: between 2 and .* 512"),
+    (100, ("--sampling", "shuffle"), "use --sampling poisson")])
+def test_canaries_that_make_no_sense_are_refused(tmp_path, canaries, extra, message):
+    from common.stage import DataError
+    with pytest.raises(DataError, match=message):
+        audited_trainer(tmp_path, 0, noise_multiplier=1.5, canaries=canaries, extra=extra)

@@ -28,4 +28,6 @@ def collate(examples):
 
 
 def parse_dp_args(argv):
-    return DPConfig.from_args(add_dp_arguments(argparse.ArgumentParser()).parse_args(argv))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    return DPConfig.from_args(add_dp_arguments(parser).parse_args(argv))

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import stats
 
 
@@ -87,3 +88,38 @@ def audit(scores, included, delta: float, confidence: float = 0.95, guess_counts
         if best is None or bound > best.epsilon_lower_bound:
             best = AuditResult(m, k_in + k_out, correct, k_in, k_out, delta, confidence, bound)
     return best
+
+
+class GradientCanaries:
+    """White-box canaries of the DP loop (Dirac canaries): canary i is a gradient of norm C on one coordinate of the
+    flattened trainable parameters, included in the training data with probability 1/2 (a secret coin). An included
+    canary joins each step's Poisson draw at the private examples' rate q and adds C to its coordinate of the clipped
+    sum before the noise, exactly as a private example whose clipped gradient it were; the noise, the sum over
+    processes and the optimiser treat it like the rest. Its score is the sum over steps of the privatised sum at its
+    coordinate: what one who sees every noisy update (the accountant's threat model) can read."""
+
+    def __init__(self, count: int, num_parameters: int, seed: int, sample_rate: float, max_grad_norm: float):
+        generator = torch.Generator().manual_seed(seed)
+        self.included = torch.rand(count, generator=generator) < 0.5
+        self.coordinates = torch.randperm(num_parameters, generator=generator)[:count]
+        self.seed, self.sample_rate, self.max_grad_norm = seed, sample_rate, max_grad_norm
+        self.scores = torch.zeros(count, dtype=torch.float64)
+
+    def add_to(self, flat: torch.Tensor, step: int) -> None:
+        """Add the included canaries that step `step` draws to the clipped sum `flat` (before the noise)."""
+        generator = torch.Generator().manual_seed(self.seed + 1 + step)
+        drawn = (torch.rand(len(self.included), generator=generator) < self.sample_rate) & self.included
+        flat[self.coordinates[drawn].to(flat.device)] += self.max_grad_norm
+
+    def observe(self, privatised_sum: torch.Tensor) -> None:
+        """Add one step's privatised sum (noise added, summed over processes) at each canary's coordinate."""
+        self.scores += privatised_sum.detach()[self.coordinates.to(privatised_sum.device)].double().cpu()
+
+    def state_dict(self) -> dict:
+        return {"scores": self.scores}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = state["scores"]
+
+    def result(self, delta: float, confidence: float = 0.95) -> AuditResult:
+        return audit(self.scores.numpy(), self.included.numpy(), delta, confidence)

@@ -18,7 +18,7 @@ import secrets
 import shutil
 import uuid
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from common.atomic_io import atomic_directory, write_json
 from common.dp import ledger
 from common.dp.accounting import Mechanism, calibrate_noise_multiplier, compute_epsilons, default_delta
+from common.dp.audit import GradientCanaries
 from common.dp.per_example_grads import NonFiniteGradientError, PerExampleGradients
 from common.stage import NOT_SETTINGS, DataError, fingerprint, resolve_checkpoint
 
@@ -41,10 +42,12 @@ FEW_STEPS = 20  # fewer noisy steps than this: the run says how to get more (sma
 ADJACENCY = {"poisson": "add or remove one private example",
              "shuffle": "zero-out: one private example replaced by one that contributes nothing (the shuffle "
                         "sampling's accounting, one Gaussian per epoch at sensitivity C)"}
+AUDIT_NAME = "audit.json"
 SECRET_RANDOMNESS = "secret: seeds drawn from the operating system's entropy, kept only in the private training state"
 
 
-def add_dp_arguments(parser: argparse.ArgumentParser):
+def add_dp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The DP loop's flags (a stage adds its own inputs and --output_dir)."""
     group = parser.add_argument_group("DP training")
     group.add_argument("--noise_multiplier", type=float, default=None,
                        help="Gaussian noise std / clip norm; or give --target_epsilon")
@@ -79,7 +82,10 @@ def add_dp_arguments(parser: argparse.ArgumentParser):
     group.add_argument("--mixed_precision", choices=("no", "bf16"), default="no")
     group.add_argument("--run_dir", default=None,
                        help="directory of the run's privacy ledger (default: the parent of --output_dir)")
-    group.add_argument("--output_dir", required=True)
+    group.add_argument("--audit_canaries", type=int, default=0,
+                       help="audit the run with this many white-box canaries (each in with probability 1/2): "
+                            "audit.json beside privacy.json gives an empirical lower bound on epsilon "
+                            "(docs/privacy.md)")
     group.add_argument("--seed", type=int, default=0,
                        help="initialisation, data splits and order of public data; not the DP randomness unless "
                             "--deterministic_dp")
@@ -114,6 +120,7 @@ class DPConfig:
     mixed_precision: str
     run_dir: Optional[str]
     seed: int
+    audit_canaries: int
     stage_settings: dict = field(default_factory=dict)
 
     @classmethod
@@ -123,30 +130,30 @@ class DPConfig:
         return cls(**{name: getattr(args, name) for name in names}, stage_settings=dict(vars(args)))
 
 
-def sequence_classification_losses(model, batch):
+def sequence_classification_losses(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Per-example cross-entropy of a sequence classifier; batch holds `labels` and the model inputs."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     return F.cross_entropy(model(**inputs).logits.float(), batch["labels"], reduction="none")
 
 
-def ledger_dir(settings):
+def ledger_dir(settings) -> str:
     """The run directory whose privacy ledger a DP stage writes: --run_dir, else the parent of --output_dir
     (`settings`: a DPConfig or the stage's parsed arguments)."""
     return settings.run_dir or os.path.dirname(os.path.abspath(settings.output_dir))
 
 
-def derived_seed(seed, purpose):
+def derived_seed(seed: int, purpose: str) -> int:
     """A 63-bit seed for `purpose` derived from `seed` (--deterministic_dp only)."""
     digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def private_state_dir(output_dir):
+def private_state_dir(output_dir: str) -> str:
     """Where a DP stage keeps its private training state: beside its output, never inside a release."""
     return output_dir.rstrip("/") + PRIVATE_SUFFIX
 
 
-def discard_training_state(output_dir, keep=False):
+def discard_training_state(output_dir: str, keep: bool = False) -> None:
     """Delete a finished stage's private training state, or warn that it is kept."""
     state_dir = private_state_dir(output_dir)
     if not os.path.isdir(state_dir):
@@ -223,6 +230,24 @@ class DPTrainer:
             self._load_state(resume_path, state)
         else:
             self.sampling_seed, self.noise_seed = self._new_seeds()
+        self.canaries = self._make_canaries()
+        if state and self.canaries is not None:
+            self.canaries.load_state_dict(state["canaries"])
+
+    def _make_canaries(self):
+        """The white-box audit's canaries (--audit_canaries), drawn from the secret sampling seed; or None."""
+        count = self.config.audit_canaries
+        if not count:
+            return None
+        num_parameters = sum(p.numel() for p in self.params)
+        if self.config.sampling != "poisson":
+            raise DataError("--audit_canaries: the canaries join the Poisson draws; use --sampling poisson")
+        if not 2 <= count <= min(num_parameters, 2 * self.num_examples):
+            raise DataError(f"--audit_canaries {count}: between 2 and min(trainable parameters, 2 x training examples) "
+                            f"= {min(num_parameters, 2 * self.num_examples):,} (one coordinate each; more canaries "
+                            "than examples would outweigh the data)")
+        return GradientCanaries(count, num_parameters, derived_seed(self.sampling_seed, "audit canaries"),
+                                self.sample_rate, self.config.max_grad_norm)
 
     def _new_seeds(self):
         """(sampling seed, noise seed): secret by default, the same on every process."""
@@ -305,12 +330,17 @@ class DPTrainer:
         """Sum the clipped sums over processes, add the noise once, divide by the expected batch size."""
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
                           for p in self.params])
-        if self.accelerator.is_main_process and self.noise_multiplier > 0:
-            generator = torch.Generator(device=flat.device).manual_seed(self.noise_seed + step)
-            noise = torch.randn(flat.shape, generator=generator, device=flat.device)
-            flat += noise * (self.noise_multiplier * self.config.max_grad_norm)
+        if self.accelerator.is_main_process:
+            if self.canaries is not None:
+                self.canaries.add_to(flat, step)
+            if self.noise_multiplier > 0:
+                generator = torch.Generator(device=flat.device).manual_seed(self.noise_seed + step)
+                noise = torch.randn(flat.shape, generator=generator, device=flat.device)
+                flat += noise * (self.noise_multiplier * self.config.max_grad_norm)
         if self.accelerator.num_processes > 1:
             flat = self.accelerator.reduce(flat, reduction="sum")
+        if self.canaries is not None:
+            self.canaries.observe(flat)
         flat /= self.logical_batch  # the expected logical batch (Poisson) or the fixed one (shuffle)
         for param, grad in zip(self.params, flat.split([p.numel() for p in self.params])):
             param.grad = grad.view_as(param).to(param.dtype)
@@ -410,6 +440,8 @@ class DPTrainer:
             # privacy.json before the model: from here on the ledger sees the release named on disk
             write_json(os.path.join(release_dir, ledger.PRIVACY_REPORT_NAME), report)
             save_model(release_dir)
+            if self.canaries is not None:
+                write_json(os.path.join(release_dir, AUDIT_NAME), self.audit_report(report))
             composed, delta = ledger.composed_epsilon(self.run_dir)
             self.print(f"epsilon of this stage: {report['epsilon']['epsilon']:.3f}, composed over the "
                        f"{len(ledger.counted_entries(self.run_dir))} counted releases in the run's ledger: "
@@ -418,6 +450,15 @@ class DPTrainer:
                 self.print("--deterministic_dp: the guarantee holds only if --seed is kept secret")
         self.accelerator.wait_for_everyone()
         return report
+
+    def audit_report(self, privacy_report: dict) -> dict:
+        """What audit.json holds: the white-box audit's lower bound beside the accountant's epsilon at one delta."""
+        result = self.canaries.result(self.delta)
+        accountant = privacy_report["epsilon"]["epsilon"]
+        return {"kind": "white-box: gradient canaries of norm C on one coordinate each (Steinke et al. 2023)",
+                **asdict(result), "accountant_epsilon": accountant,
+                "ratio": result.epsilon_lower_bound / accountant if accountant > 0 else None,
+                "expected_canaries_per_step": self.sample_rate * float(self.canaries.included.sum())}
 
     def discard_training_state(self):
         if self.accelerator.is_main_process:
@@ -430,7 +471,8 @@ class DPTrainer:
         return {"stage": self.stage, "num_examples": self.num_examples, "logical_batch": self.logical_batch,
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.config.max_grad_norm,
                 "sampling": self.config.sampling, "seed": self.config.seed, "total_steps": self.total_steps,
-                "delta": self.delta, "deterministic_dp": self.config.deterministic_dp}
+                "delta": self.delta, "deterministic_dp": self.config.deterministic_dp,
+                "audit_canaries": self.config.audit_canaries}
 
     def save_checkpoint(self):
         """Private state only: model, optimiser, step and the DP seeds. Older checkpoints are removed."""
@@ -442,7 +484,8 @@ class DPTrainer:
             torch.save({"signature": self.run_signature(), "step": self.step, "run_id": self.run_id,
                         "sampling_seed": self.sampling_seed, "noise_seed": self.noise_seed,
                         "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(), "history": self.history},
+                        "scheduler": self.scheduler.state_dict(), "history": self.history,
+                        "canaries": self.canaries.state_dict() if self.canaries is not None else None},
                        os.path.join(tmp_dir, STATE_FILE))
         for name in os.listdir(self.state_dir):
             if name.startswith("checkpoint-") and name != os.path.basename(final_dir):
