@@ -111,3 +111,40 @@ def evaluate_language_model(model, tokenizer, texts, max_length, batch_size=64):
             "next_token_accuracy": tokens_right / max(tokens_seen, 1),
             "next_word_accuracy": words_right / max(words_seen, 1),
             "words": whole_words, "cut_messages": cut_messages}
+
+
+def canary_messages(count, generator, vocabulary, words_per_message=6):
+    """Black-box audit canaries (the secret sharer's random sequences): `count` messages of `words_per_message` words
+    drawn uniformly, with `generator` (a random.Random), from `vocabulary`."""
+    return [" ".join(generator.choice(vocabulary) for _ in range(words_per_message)) for _ in range(count)]
+
+
+def whole_word_vocabulary(tokenizer, min_length=3):
+    """The lowercase alphabetic words that are one token of the tokenizer with a leading space: canaries made of
+    them have a known number of tokens and are as likely as each other before training."""
+    return sorted({token[1:] for token in tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+                   if token.startswith(WORD_START) and token[1:].isalpha() and token[1:].islower()
+                   and len(token) > min_length})
+
+
+@torch.no_grad()
+def message_losses(model, tokenizer, texts, max_length, batch_size=64):
+    """Each message's summed next-token loss (EOS + message + EOS, as stage 6 trains on it), a tensor (len(texts),)."""
+    device = next(model.parameters()).device
+    losses = []
+    for start in range(0, len(texts), batch_size):
+        encoded = [encode_message(tokenizer, text, max_length) for text in texts[start:start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate_messages(encoded, tokenizer.pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        losses.append(F.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none",
+                                      ignore_index=-100).sum(1).cpu())
+    return torch.cat(losses)
+
+
+def exposure(canary_losses, reference_losses):
+    """The secret sharer's exposure of each canary (Carlini et al. 2019): log2 of the number of candidates minus
+    log2 of the canary's rank by loss among them, the candidates being the canary and `reference_losses` (random
+    messages of the same format never trained on)."""
+    reference = torch.sort(reference_losses).values
+    ranks = torch.searchsorted(reference, canary_losses) + 1  # 1: no reference message is more likely
+    return math.log2(len(reference) + 1) - torch.log2(ranks.double())

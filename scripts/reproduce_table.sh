@@ -7,7 +7,7 @@
 #        [--text_column NAME] [--label_column NAME] [--preset demo|cpu|smoke|paper]
 #        [--seeds "0 1 2"] [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
 #        [--pretrain_tokens "1 4 16"] [--runs_dir DIR] [--output_dir results/TASK] [--non_private]
-#        [--linear_probe] [--redo_changed] [--dry_run]
+#        [--linear_probe] [--audit] [--redo_changed] [--dry_run]
 #
 # One pipeline run (scripts/run_pipeline.sh) per model size, budget, pre-training length and seed, in
 # RUNS_DIR/<size>_<budget>_seed<seed>, or with --pretrain_tokens RUNS_DIR/<size>_<budget>_<M>Mtok_seed<seed>
@@ -18,6 +18,7 @@
 # seeds), table.csv, runs.csv (one row per run and variant) and accuracy_vs_tokens.png.
 # --non_private adds, per variant, fine-tuning without noise (epsilon infinite): the cost of privacy.
 # --linear_probe (classification) adds the non-private frozen-feature diagnostic of every pre-trained model.
+# --audit audits both DP stages of every run (run_pipeline.sh --audit).
 # --corpus, --target, --text_column and --label_column take your own data, as in run_pipeline.sh; the preset
 # (scripts/presets/<name>.sh) gives every other hyper-parameter.
 set -euo pipefail
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
     --runs_dir) RUNS_DIR=$2; shift 2 ;;
     --output_dir) OUTPUT_DIR=$2; shift 2 ;;
     --dry_run) DRY_RUN=(--dry_run); shift ;;
-    --non_private|--linear_probe|--redo_changed) EXTRA+=("$1"); shift ;;
+    --non_private|--linear_probe|--audit|--redo_changed) EXTRA+=("$1"); shift ;;
     *) echo "reproduce_table.sh: unknown argument '$1' (see the header of $0)" >&2; exit 2 ;;
   esac
 done

@@ -7,7 +7,7 @@
 #                                [--run_dir DIR] [--seed N] [--total_epsilon E] [--num_tokens M]
 #                                [--model_size S] [--pretrain_tokens M] [--train_fraction F]
 #                                [--sentences_dir DIR] [--until STAGE]
-#                                [--non_private] [--linear_probe] [--force] [--redo_changed] [--dry_run]
+#                                [--non_private] [--linear_probe] [--audit] [--force] [--redo_changed] [--dry_run]
 #
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
 # classification (sentiment, target 'demo' offline, 'glue/sst2' for the paper preset); --target
@@ -30,6 +30,8 @@
 # --model_size and --pretrain_tokens (stage 5's length in millions of tokens seen) override the preset, and
 # --train_fraction the share of the target's training examples that stages 2 and 6 use (the presets subsample
 # chat and demo to CPU scale; another target is used whole by default);
+# --audit audits both DP stages (the preset's AUDIT_CANARIES white-box canaries each): audit.json beside each
+# privacy.json, an empirical lower bound on epsilon, and a line per stage in the summary (docs/privacy.md).
 # --linear_probe (classification) adds a non-private diagnostic of each pre-trained model's frozen features
 # (dp_finetuning/linear_probe.py). --sentences_dir reads (or writes) stage 1's output there instead of in
 # the run directory, so that several runs share it; given without --corpus, a complete stage 1 output there
@@ -45,7 +47,7 @@ help_if_asked "$0" "$@"  # -h, --help: the header above
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
-SENTENCES="" NON_PRIVATE=0 REDO=() PRETRAIN_TOKENS="" LINEAR_PROBE=0 USER_CORPUS=() TEXT=() LABEL=()
+SENTENCES="" NON_PRIVATE=0 REDO=() PRETRAIN_TOKENS="" LINEAR_PROBE=0 USER_CORPUS=() TEXT=() LABEL=() AUDIT=()
 TRAIN_FRACTION=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -65,6 +67,7 @@ while [ $# -gt 0 ]; do
     --model_size) MODEL_SIZE=$2; shift 2 ;;
     --pretrain_tokens) PRETRAIN_TOKENS=$2; shift 2 ;;
     --linear_probe) LINEAR_PROBE=1; shift ;;
+    --audit) AUDIT=(audit); shift ;;
     --sentences_dir) SENTENCES=$2; shift 2 ;;
     --until) UNTIL=$2; shift 2 ;;
     --force) FORCE=1; shift ;;
@@ -200,7 +203,8 @@ run python data_selection/build_classifier_data.py --sentences_dir "$S" --target
   "${CLASSIFIER_DATA[@]}" --output_dir "$R/classifier_data" --seed "$SEED" "${REDO[@]}"
 stage 3 "DP domain classifier and scores"
 launch data_selection/train_domain_classifier.py --data_dir "$R/classifier_data" --sentences_dir "$S" \
-  "${CLASSIFIER[@]}" --output_dir "$R/domain_classifier" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}"
+  "${CLASSIFIER[@]}" ${AUDIT[@]+--audit_canaries "$AUDIT_CANARIES"} --output_dir "$R/domain_classifier" \
+  --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}"
 stage 4 "selection (top-scored and random, same budget)"
 run python data_selection/sampling_with_logits.py --sentences_dir "$S" \
   --scores_dir "$R/domain_classifier/scores" "${BUDGET[@]}" --output_dir "$R/selected" --seed "$SEED" "${REDO[@]}"
@@ -223,7 +227,7 @@ if [ "$LINEAR_PROBE" = 1 ]; then
 fi
 stage 6 "DP fine-tuning ($TASK) at a total epsilon of $TOTAL_EPSILON"
 FINETUNE+=(--target "$TARGET" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}")
-DP=(--target_epsilon "$TOTAL_EPSILON")
+DP=(--target_epsilon "$TOTAL_EPSILON" ${AUDIT[@]+--audit_canaries "$AUDIT_CANARIES"})
 launch dp_finetuning/dp_finetune.py --model_name_or_path "$R/pretrained" "${FINETUNE[@]}" "${DP[@]}" \
   --target_epsilon_scope run --output_dir "$R/finetune"
 launch dp_finetuning/dp_finetune.py --model_name_or_path "$B/random/pretrained" "${FINETUNE[@]}" "${DP[@]}" \

@@ -172,6 +172,24 @@ def classifier_line(run_dir):
             f"{validation['val_accuracy']:.3f} (domain_classifier/classifier/validation.json).")
 
 
+AUDITED = (("domain classifier", "domain_classifier/classifier"), ("selective fine-tuning", "finetune"),
+           ("random-pre-training fine-tuning", "baselines/random/finetune"),
+           ("no-pre-training fine-tuning", "baselines/scratch/finetune"))
+
+
+def audit_lines(run_dir):
+    """One line per audited DP stage (run_pipeline.sh --audit): the audit's lower bound beside the accountant's."""
+    lines = []
+    for name, sub in AUDITED:
+        result = read_json(os.path.join(run_dir, sub, "audit.json"))
+        if result:
+            lines.append(f"Audit of the {name} ({result['canaries']} white-box canaries, {result['correct']} of "
+                         f"{result['guesses']} guesses right): epsilon at least {result['epsilon_lower_bound']:.3f} "
+                         f"at {result['confidence']:.0%} confidence, against the accountant's "
+                         f"{result['accountant_epsilon']:.3f} at delta {result['delta']:.3g} ({sub}/audit.json).")
+    return "\n".join(lines)
+
+
 def source_table(run_dir):
     """Each source's share of the corpus's words and of the selective and random selections, largest ratio first."""
     selective = read_json(os.path.join(run_dir, "selected", "selection_report.json"))
@@ -191,7 +209,7 @@ def print_run(run_dir, rows):
     """Print one run's table and write it to RUN_DIR/summary.md."""
     table = run_table(rows)
     parts = [split_sizes_line(run_dir, rows), classifier_line(run_dir), run_directory_composition(run_dir),
-             source_table(run_dir)]
+             audit_lines(run_dir), source_table(run_dir)]
     note = "".join(f"\n{part}\n" for part in parts if part)
     print(f"\n## {run_dir}\n\n{table}{note}")
     with atomic_path(os.path.join(run_dir, "summary.md")) as tmp, open(tmp, "w") as handle:

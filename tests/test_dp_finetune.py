@@ -63,6 +63,19 @@ def test_finetune_writes_results_with_the_composed_epsilon(tmp_path, pretrained,
     assert (tmp_path / "run" / "finetune" / "privacy.json").exists()
 
 
+def test_stage_six_audited_from_the_command_line(tmp_path, pretrained, target):
+    """--audit_canaries: audit.json beside privacy.json at the stage's own epsilon; the model and the mechanism are
+    those of the same run without canaries (the same q, steps and noise multiplier)."""
+    dp_finetune.main(finetune_argv(pretrained, target, tmp_path / "run" / "finetune", "--audit_canaries", "40"))
+    release = tmp_path / "run" / "finetune"
+    audit = json.loads((release / "audit.json").read_text())
+    privacy = json.loads((release / "privacy.json").read_text())
+    assert audit["canaries"] == 40 and audit["accountant_epsilon"] == privacy["epsilon"]["epsilon"]
+    assert 0 <= audit["epsilon_lower_bound"] <= audit["accountant_epsilon"] and audit["delta"] == privacy["delta"]
+    assert privacy["sample_rate"] == 16 / 80 and privacy["noise_multiplier"] == 0.5
+    assert not os.path.exists(str(release) + ".private")  # the canaries' state went with the private state
+
+
 @pytest.mark.slow
 def test_random_init_and_freezing(tmp_path, pretrained, target):
     model, _ = load_finetuning_model(str(pretrained), "classification", freeze="body")

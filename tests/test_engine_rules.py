@@ -3,6 +3,7 @@
 fails `test_every_registered_rule_has_an_oracle_case`; docs/engine.md ("Adding a layer") shows the steps."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from common.dp.per_example_grads import RULES, PerExampleGradients, UnsupportedParameterError, register_rule, rules
+from common.dp.per_example_grads.rules import HF_RMS_NORMS
 
 BATCH, SEQ, WIDTH, VOCAB = 5, 6, 8, 11
 
@@ -37,7 +39,19 @@ def id_inputs(generator):
     return ids
 
 
-# layer type -> {case name: (layer factory, input factory, width of the layer's output)}
+def hf_class(qualified_name):
+    module, name = qualified_name.rsplit(".", 1)
+    return getattr(importlib.import_module(module), name)
+
+
+def short(qualified_name):
+    return qualified_name.rsplit(".", 1)[1]
+
+
+SCALED_EMBEDDINGS = [key for key in RULES if isinstance(key, str) and key.endswith("ScaledWordEmbedding")]
+FALCON_LINEAR = "transformers.models.falcon.modeling_falcon.FalconLinear"
+
+# registry key (a class, or a class's qualified name) -> {case name: (layer factory, input factory, output width)}
 CASES = {
     nn.Linear: {"linear": (lambda: nn.Linear(WIDTH, 7), float_inputs((SEQ, WIDTH)), 7),
                 "linear_without_bias_2d": (lambda: nn.Linear(WIDTH, 7, bias=False), float_inputs((WIDTH,)), 7)},
@@ -45,6 +59,14 @@ CASES = {
     nn.Embedding: {"embedding_with_padding": (lambda: nn.Embedding(VOCAB, WIDTH, padding_idx=0), id_inputs, WIDTH)},
     nn.LayerNorm: {"layer_norm": (lambda: nn.LayerNorm(WIDTH), float_inputs((SEQ, WIDTH)), WIDTH),
                    "layer_norm_two_axes": (lambda: nn.LayerNorm((2, 4)), float_inputs((SEQ, 2, 4)), 4)},
+    nn.RMSNorm: {"rms_norm": (lambda: nn.RMSNorm(WIDTH, eps=1e-5), float_inputs((SEQ, WIDTH)), WIDTH),
+                 "rms_norm_two_axes_default_eps": (lambda: nn.RMSNorm((2, 4)), float_inputs((SEQ, 2, 4)), 4)},
+    **{name: {short(name): (lambda name=name: hf_class(name)(WIDTH), float_inputs((SEQ, WIDTH)), WIDTH)}
+       for name in HF_RMS_NORMS},
+    **{name: {short(name): (lambda name=name: hf_class(name)(VOCAB, WIDTH, 0, 2.5), id_inputs, WIDTH)}
+       for name in SCALED_EMBEDDINGS},
+    FALCON_LINEAR: {"falcon_linear": (lambda: hf_class(FALCON_LINEAR)(WIDTH, 7, bias=True),
+                                      float_inputs((SEQ, WIDTH)), 7)},
 }
 
 
@@ -88,7 +110,7 @@ def test_rule_matches_brute_force(layer_type, case):
     make_layer, make_inputs, out_width = CASES[layer_type][case]
     torch.manual_seed(0)
     layer = make_layer()
-    assert type(layer) is layer_type
+    assert type(layer) is layer_type or f"{type(layer).__module__}.{type(layer).__qualname__}" == layer_type
     with torch.no_grad():  # no parameter at a special value (LayerNorm starts at weight 1, bias 0)
         for param in layer.parameters():
             param.add_(0.3 * torch.randn_like(param))

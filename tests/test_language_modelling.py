@@ -14,10 +14,14 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from common.data import load_target_task
 from common.dp.per_example_grads import PerExampleGradients
 from common.language_modelling import (
+    canary_messages,
     collate_messages,
     encode_message,
     evaluate_language_model,
+    exposure,
     language_modelling_losses,
+    message_losses,
+    whole_word_vocabulary,
     word_boundaries,
 )
 from common.stage import DataError
@@ -180,3 +184,29 @@ def test_stage6_language_modelling_end_to_end(tmp_path):
     assert {"model.safetensors", "privacy.json", "tokenizer.json"} <= set(os.listdir(tmp_path / "run" / "finetune"))
     released = GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "finetune")
     assert released.lm_head.weight is released.transformer.wte.weight
+
+
+def test_black_box_canaries_their_losses_and_exposure(tokenizer):
+    """Canaries are words of the vocabulary that are one token each; a message's loss is the hand-summed bigram
+    negative log-likelihood; exposure is log2(R + 1) - log2(rank) among R reference messages (Carlini et al.)."""
+    import random
+    vocabulary = whole_word_vocabulary(tokenizer, min_length=1)
+    assert set(vocabulary) == {"b", "c"}  # "a" never follows a space in the corpus: no token " a"
+    messages = canary_messages(5, random.Random(0), vocabulary, words_per_message=3)
+    assert messages == canary_messages(5, random.Random(0), vocabulary, words_per_message=3)
+    assert all(len(m.split()) == 3 and set(m.split()) <= {"b", "c"} for m in messages)
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in ("a", "\u0120b", "\u0120c")}
+    eos = tokenizer.eos_token_id
+    probabilities = torch.full((len(tokenizer), len(tokenizer)), 1e-3)
+    probabilities[eos, ids["a"]] = 0.9
+    probabilities[ids["a"], ids["\u0120b"]] = 0.6
+    probabilities[ids["\u0120b"], eos] = 0.8
+    probabilities /= probabilities.sum(1, keepdim=True)
+    log_p = probabilities.log()
+    losses = message_losses(Bigram(log_p), tokenizer, ["a b", "a c"], max_length=16)
+    expected = [-(log_p[eos, ids["a"]] + log_p[ids["a"], ids["\u0120" + w]] + log_p[ids["\u0120" + w], eos]).item()
+                for w in ("b", "c")]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-4)
+    references = torch.tensor([1.0, 2.0, 3.0])
+    assert exposure(torch.tensor([0.5, 2.5, 9.0]), references).tolist() == pytest.approx(
+        [2.0, 2.0 - math.log2(3), 0.0])  # rank 1 of 4, rank 3 of 4, rank 4 of 4

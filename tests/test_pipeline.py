@@ -155,6 +155,16 @@ def test_pipeline_checks_its_numbers_before_any_work(args, message, tmp_path):
     assert completed.returncode == 2 and message in completed.stderr and not (tmp_path / "run").exists()
 
 
+def test_audit_gives_both_dp_stages_the_presets_canaries():
+    output = pipeline("--preset", "smoke", "--dry_run", "--audit")
+    audited = [line for line in output.splitlines() if "--audit_canaries" in line]
+    canaries = preset_values("smoke", "AUDIT_CANARIES")[0]
+    assert len(audited) == 4 and all(f"--audit_canaries {canaries}" in line for line in audited)
+    assert [line.split()[2] for line in audited] == ["data_selection/train_domain_classifier.py"] + [
+        "dp_finetuning/dp_finetune.py"] * 3
+    assert "--audit_canaries" not in pipeline("--preset", "smoke", "--dry_run")
+
+
 def test_unknown_preset_is_refused():
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "huge"],
                                capture_output=True, text=True, cwd=ROOT)

@@ -191,3 +191,14 @@ def test_the_summary_shows_split_sizes_the_classifier_and_the_sources(tmp_path):
     assert "validation AUC 0.812, accuracy 0.750" in summary
     rows = [line for line in summary.splitlines() if line.startswith("| chat |") or line.startswith("| novels |")]
     assert rows == ["| chat | 0.200 | 0.600 | 0.210 | 3.00 |", "| novels | 0.800 | 0.400 | 0.790 | 0.50 |"]
+
+
+def test_the_summary_prints_each_audited_stage_beside_its_accountant(tmp_path):
+    (tmp_path / "finetune").mkdir()
+    (tmp_path / "finetune" / "audit.json").write_text(json.dumps({
+        "canaries": 1000, "guesses": 200, "correct": 130, "epsilon_lower_bound": 0.412, "confidence": 0.95,
+        "accountant_epsilon": 3.1, "delta": 1e-5}))
+    assert summarize_runs.audit_lines(str(tmp_path)) == (
+        "Audit of the selective fine-tuning (1000 white-box canaries, 130 of 200 guesses right): epsilon at least "
+        "0.412 at 95% confidence, against the accountant's 3.100 at delta 1e-05 (finetune/audit.json).")
+    assert summarize_runs.audit_lines(str(tmp_path / "none")) == ""

@@ -62,11 +62,11 @@ class Mechanism:
             return self.steps
         return math.ceil(self.steps / self.steps_per_epoch)
 
-    def as_dict(self):
+    def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, record):
+    def from_dict(cls, record: dict) -> "Mechanism":
         """The mechanism of a ledger entry or privacy report (other keys are ignored)."""
         return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
 
@@ -85,11 +85,11 @@ def _accountant_epsilon(accountant, mechanisms, delta):
     return float(accountant.get_epsilon(delta))
 
 
-def epsilon_rdp(mechanisms, delta):
+def epsilon_rdp(mechanisms: list, delta: float) -> float:
     return _accountant_epsilon(RdpAccountant(), mechanisms, delta)
 
 
-def epsilon_pld(mechanisms, delta):
+def epsilon_pld(mechanisms: list, delta: float) -> float:
     return _accountant_epsilon(PLDAccountant(value_discretization_interval=1e-3), mechanisms, delta)
 
 
@@ -107,7 +107,7 @@ def safe_domain_size(prvs, counts, eps_error, delta_error):
     return max(width, eps_error) + 3
 
 
-def epsilon_prv(mechanisms, delta):
+def epsilon_prv(mechanisms: list, delta: float) -> dict:
     """(estimate, upper bound) of epsilon from prv-accountant."""
     used = [m for m in mechanisms if m.compositions > 0]
     if not used:
@@ -125,7 +125,7 @@ def epsilon_prv(mechanisms, delta):
     return float(estimate), float(upper)
 
 
-def compute_epsilons(mechanisms, delta):
+def compute_epsilons(mechanisms: list, delta: float) -> dict:
     """Epsilon at `delta` of the composition of `mechanisms`, per accountant.
 
     "epsilon" is the headline figure: the PRV upper bound, or PLD where the PRV
@@ -151,8 +151,9 @@ def _cached_epsilons(mechanisms, delta):
             "rdp": epsilon_rdp(mechanisms, delta)}
 
 
-def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampling="poisson", tolerance=1e-3,
-                               earlier=(), steps_per_epoch=None):
+def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps: int, delta: float,
+                               sampling: str = "poisson", tolerance: float = 1e-3, earlier=(),
+                               steps_per_epoch: Optional[int] = None) -> float:
     """Smallest noise multiplier (to `tolerance` relative) whose PRV upper bound is <= target_epsilon.
 
     `earlier`: mechanisms already run on the same data; the target then bounds their composition
@@ -181,6 +182,6 @@ def calibrate_noise_multiplier(target_epsilon, sample_rate, steps, delta, sampli
     return high
 
 
-def default_delta(num_examples):
+def default_delta(num_examples: int) -> float:
     """1 / (10 n): well below 1/n, so no single example's release is allowed."""
     return 1.0 / (10 * num_examples)

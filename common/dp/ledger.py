@@ -30,6 +30,7 @@ import glob
 import json
 import os
 import time
+from typing import Optional
 
 from common.atomic_io import write_json
 from common.dp.accounting import Mechanism, compute_epsilons
@@ -41,11 +42,11 @@ RELEASES_NAME = "dp_releases.json"
 PRIVACY_REPORT_NAME = "privacy.json"
 
 
-def ledger_path(run_dir):
+def ledger_path(run_dir: str) -> str:
     return os.path.join(run_dir, LEDGER_NAME)
 
 
-def load_entries(run_dir):
+def load_entries(run_dir: str) -> list:
     """Every entry ever recorded in the ledger of `run_dir` (the history, superseded ones included)."""
     path = ledger_path(run_dir)
     if not os.path.exists(path):
@@ -66,8 +67,9 @@ def _locked(run_dir):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def record(run_dir, stage, run_id, mechanism, delta, private_data, release=None, dp_randomness="secret",
-           adjacency=None, privacy_unit="example"):
+def record(run_dir: str, stage: str, run_id: str, mechanism: Mechanism, delta: float, private_data: str,
+           release: Optional[str] = None, dp_randomness: str = "secret", adjacency: Optional[str] = None,
+           privacy_unit: str = "example") -> None:
     """Append the entry of release `run_id` (or replace it: the same run finishing again after a resume)."""
     with _locked(run_dir):
         entries = [e for e in load_entries(run_dir) if e.get("run_id") != run_id]
@@ -98,7 +100,7 @@ def _references(directory):
     return named
 
 
-def counted_flags(run_dir, entries=None):
+def counted_flags(run_dir: str, entries: Optional[list] = None) -> list:
     """For each entry of the ledger (or of `entries`), whether it is counted (module docstring)."""
     entries = load_entries(run_dir) if entries is None else entries
     named = _references(run_dir)
@@ -113,18 +115,18 @@ def counted_flags(run_dir, entries=None):
     return flags
 
 
-def counted_entries(run_dir):
+def counted_entries(run_dir: str) -> list:
     """The entries that compose: the releases that exist or have outputs derived from them."""
     entries = load_entries(run_dir)
     return [entry for entry, counted in zip(entries, counted_flags(run_dir, entries)) if counted]
 
 
-def composition_delta(entries):
+def composition_delta(entries) -> float:
     """The delta at which releases compose: the smallest of their deltas."""
     return min(e["delta"] for e in entries)
 
 
-def composed_epsilon(run_dir, delta=None):
+def composed_epsilon(run_dir: str, delta: Optional[float] = None) -> tuple:
     """(epsilons per accountant, delta used) of the counted entries composed; delta by `composition_delta` unless
     given."""
     entries = counted_entries(run_dir)
@@ -134,13 +136,13 @@ def composed_epsilon(run_dir, delta=None):
     return compute_epsilons([Mechanism.from_dict(e) for e in entries], delta), delta
 
 
-def ledgers_under(directory):
+def ledgers_under(directory: str) -> list:
     """The directories under `directory` (itself included) that hold a privacy ledger."""
     return sorted(os.path.dirname(path) for path in glob.glob(os.path.join(directory, "**", LEDGER_NAME),
                                                               recursive=True))
 
 
-def composition_of_ledgers(run_dirs, private_data, noisy_only=False):
+def composition_of_ledgers(run_dirs: list, private_data: str, noisy_only: bool = False) -> tuple:
     """(epsilons, delta, number of releases) of every counted release on `private_data` in the ledgers of
     `run_dirs` together, each release once (several ledgers may hold the same one, e.g. the domain classifier);
     `noisy_only` leaves out the releases without noise (whose epsilon is infinite)."""
@@ -154,12 +156,12 @@ def composition_of_ledgers(run_dirs, private_data, noisy_only=False):
     return compute_epsilons([Mechanism.from_dict(e) for e in entries.values()], delta), delta, len(entries)
 
 
-def release_of(privacy_report):
+def release_of(privacy_report: dict) -> dict:
     """What identifies a release in `dp_releases.json`: from its privacy.json."""
     return {key: privacy_report[key] for key in ("stage", "run_id", "private_data", "ledger")}
 
 
-def read_releases(directory):
+def read_releases(directory: str) -> list:
     """The DP releases that the output in `directory` depends on ([] where none are recorded)."""
     path = os.path.join(directory, RELEASES_NAME)
     if not os.path.exists(path):
@@ -168,11 +170,11 @@ def read_releases(directory):
         return json.load(handle)["dp_releases"]
 
 
-def write_releases(directory, releases):
+def write_releases(directory: str, releases: list) -> None:
     write_json(os.path.join(directory, RELEASES_NAME), {"dp_releases": releases})
 
 
-def check_counted(releases, run_dir, private_data):
+def check_counted(releases: list, run_dir: str, private_data: str) -> None:
     """Refuse to train on `private_data` from an input that depends on a DP release on the same data that the
     ledger of `run_dir` does not hold: that release's epsilon would be left out of the composition."""
     counted = {e.get("run_id") for e in counted_entries(run_dir)}

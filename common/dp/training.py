@@ -19,7 +19,7 @@ import shutil
 import uuid
 import warnings
 from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -314,7 +314,7 @@ class DPTrainer:
 
     # --- sampling and privatisation -------------------------------------------------------
 
-    def step_indices(self, step):
+    def step_indices(self, step: int) -> torch.Tensor:
         """This process's examples for logical step `step`: a slice of one global draw."""
         if self.config.sampling == "poisson":
             generator = torch.Generator().manual_seed(self.sampling_seed + step)
@@ -326,7 +326,7 @@ class DPTrainer:
             chosen = order[position * self.logical_batch:(position + 1) * self.logical_batch]
         return chosen[self.accelerator.process_index::self.accelerator.num_processes]
 
-    def privatise_gradients(self, step):
+    def privatise_gradients(self, step: int) -> None:
         """Sum the clipped sums over processes, add the noise once, divide by the expected batch size."""
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
                           for p in self.params])
@@ -345,16 +345,16 @@ class DPTrainer:
         for param, grad in zip(self.params, flat.split([p.numel() for p in self.params])):
             param.grad = grad.view_as(param).to(param.dtype)
 
-    def mechanism(self, steps=None):
+    def mechanism(self, steps: Optional[int] = None) -> Mechanism:
         return Mechanism(self.noise_multiplier, self.sample_rate, self.step if steps is None else steps,
                          self.config.sampling, self.steps_per_epoch)
 
-    def epsilons(self):
+    def epsilons(self) -> dict:
         return compute_epsilons([self.mechanism()], self.delta)
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def accumulate_clipped_sum(self, indices):
+    def accumulate_clipped_sum(self, indices: torch.Tensor) -> None:
         """Add the flat-clipped per-example gradients of the examples `indices` (dataset positions) to `.grad`,
         in micro-batches of at most the per-device batch, ordered by length when lengths were given."""
         # eval mode: no dropout, whose masks (public randomness by batch position) would let one example move the
@@ -376,7 +376,7 @@ class DPTrainer:
                 raise DataError(f"{self.stage}: training example(s) at row {rows} of the training set give a "
                                 f"non-finite {error.quantity}; nothing was released (fix or remove them)") from None
 
-    def train(self):
+    def train(self) -> None:
         """Run the DP steps (from the resumed step on); the private training state is saved at the end."""
         self.print(f"DP training ({self.stage}): n={self.num_examples}, expected logical batch {self.logical_batch} "
                    f"(q={self.sample_rate:.4g}, {self.config.sampling}), {self.total_steps} steps, noise multiplier "
@@ -417,7 +417,7 @@ class DPTrainer:
         self.print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                             if k != "epsilon") + f" epsilon={record['epsilon']['epsilon']:.3f}")
 
-    def privacy_report(self):
+    def privacy_report(self) -> dict:
         """What privacy.json holds: the mechanism, its epsilon, where its randomness came from; no seed."""
         return {"stage": self.stage, "run_id": self.run_id, "private_data": self.private_data,
                 "privacy_unit": "example", "adjacency": ADJACENCY[self.config.sampling],
@@ -425,7 +425,7 @@ class DPTrainer:
                 "max_grad_norm": self.config.max_grad_norm, "delta": self.delta, **self.mechanism().as_dict(),
                 "epsilon": self.epsilons(), "dp_randomness": self.dp_randomness, "ledger": self.run_dir}
 
-    def release(self, save_model, release_dir=None):
+    def release(self, save_model: Callable[[str], None], release_dir: Optional[str] = None) -> dict:
         """Record the run in the privacy ledger, then write the release: `save_model(release_dir)` and
         privacy.json (default: --output_dir). Returns the privacy report. Main process only writes."""
         release_dir = release_dir or self.config.output_dir
@@ -460,7 +460,7 @@ class DPTrainer:
                 "ratio": result.epsilon_lower_bound / accountant if accountant > 0 else None,
                 "expected_canaries_per_step": self.sample_rate * float(self.canaries.included.sum())}
 
-    def discard_training_state(self):
+    def discard_training_state(self) -> None:
         if self.accelerator.is_main_process:
             discard_training_state(self.config.output_dir, self.config.keep_training_state)
 

@@ -20,3 +20,4 @@ CEILING_CLASSIFICATION=(--freeze none --pooling last --per_device_train_batch_si
 FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
              --num_train_epochs 3 --max_length 48 --train_fraction 0.05 --max_eval_samples 2000)
 TARGETS=(chat demo) DEFAULT_TASK=lm DEFAULT_EPSILON=4
+AUDIT_CANARIES=1000  # --audit: white-box canaries per DP stage

@@ -15,3 +15,4 @@ CEILING_CLASSIFICATION=()
 FINETUNE_LM=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
              --num_train_epochs 30 --max_length 128)
 TARGETS=("" glue/sst2) DEFAULT_TASK=lm DEFAULT_EPSILON=4
+AUDIT_CANARIES=1000  # --audit: white-box canaries per DP stage

@@ -15,3 +15,4 @@ CEILING_CLASSIFICATION=()
 FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
              --num_train_epochs 1 --max_length 32 --train_fraction 0.009 --max_eval_samples 200)
 TARGETS=(chat demo) DEFAULT_TASK=lm DEFAULT_EPSILON=4
+AUDIT_CANARIES=200  # --audit: white-box canaries per DP stage

@@ -9,7 +9,7 @@ from torch import nn
 from common.dp.per_example_grads.errors import ExampleMixingError, NonFiniteGradientError, UnsupportedParameterError
 from common.dp.per_example_grads.factors import GramCache, inner, plan_linear_factors, sq_norm
 from common.dp.per_example_grads.probes import batch_size_of, check_batch_axis, gradient_probe, input_probe, use_pattern
-from common.dp.per_example_grads.rules import RULES, LayerRule, rule_for
+from common.dp.per_example_grads.rules import RULES, LayerRule, rule_for, rule_name
 
 # Modules whose forward in train mode couples the examples of a batch (batch statistics).
 BATCH_COUPLING_MODULES = (nn.modules.batchnorm._BatchNorm,)
@@ -102,18 +102,25 @@ class PerExampleGradients:
         for name, param in self.model.named_parameters(remove_duplicate=False):
             if param.requires_grad:
                 self._param_names.setdefault(param, name)
+        owners, covered = [], set()
         for layer_name, layer in self.model.named_modules(remove_duplicate=False):
             trainable = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
-            if not trainable:
-                continue
-            rule = rule_for(layer)
+            if trainable:
+                rule = rule_for(layer)
+                owners.append((layer_name, layer, rule, trainable))
+                covered.update(p for n, p in trainable if rule is not None and n in rule.parameters)
+        for layer_name, layer, rule, trainable in owners:
             for local_name, param in trainable:
-                full_name = f"{layer_name}.{local_name}" if layer_name else local_name
-                if rule is None or local_name not in rule.parameters:
+                # a tensor that another layer's rule covers is that layer's (BERT's MLM head `bias` is its decoder's);
+                # a use outside that layer still stops the first backward (_check_graph)
+                if param not in covered:
+                    full_name = f"{layer_name}.{local_name}" if layer_name else local_name
                     raise UnsupportedParameterError(
                         f"trainable parameter '{full_name}' belongs to {type(layer).__name__}, which has no "
-                        f"exact per-example gradient rule (supported: {', '.join(t.__name__ for t in RULES)}); "
+                        f"exact per-example gradient rule (supported: {', '.join(rule_name(key) for key in RULES)}); "
                         "freeze it (requires_grad=False), replace the layer, or register a rule (docs/engine.md)")
+            if rule is None:
+                continue
             reason = rule.check(layer) if rule.check is not None else None
             if reason:
                 raise UnsupportedParameterError(f"trainable parameter(s) of '{layer_name}': {reason}")
@@ -251,7 +258,7 @@ class PerExampleGradients:
             param.grad = clipped_sum if param.grad is None else param.grad + clipped_sum
         return norms
 
-    def detach(self):
+    def detach(self) -> None:
         """Remove the hooks; the model is left as it was."""
         for handle in self._handles:
             handle.remove()

@@ -13,6 +13,7 @@ Rules match exact types only: a subclass may change `forward()`, so it needs a r
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -49,7 +50,8 @@ RULES: dict = {}
 
 
 def register_rule(layer_type, parameters, feature_dims=None, lookup=None, check=None):
-    """Decorator: `factors_fn` becomes the rule for `layer_type` (replacing any earlier one)."""
+    """Decorator: `factors_fn` becomes the rule for `layer_type` (replacing any earlier one): a class, or its
+    qualified name `module.Class` (a class of a library that need not be imported to register it)."""
     def register(factors_fn):
         rule = LayerRule(layer_type, factors_fn, tuple(parameters), lookup=lookup, check=check,
                          **({} if feature_dims is None else {"feature_dims": feature_dims}))
@@ -59,8 +61,14 @@ def register_rule(layer_type, parameters, feature_dims=None, lookup=None, check=
 
 
 def rule_for(layer):
-    """The rule for this layer's exact type, or None."""
-    return RULES.get(type(layer))
+    """The rule for this layer's exact type (by class, or by qualified name), or None."""
+    kind = type(layer)
+    return RULES.get(kind) or RULES.get(f"{kind.__module__}.{kind.__qualname__}")
+
+
+def rule_name(key):
+    """A registry key as a short name: the class's name."""
+    return key.rsplit(".", 1)[-1] if isinstance(key, str) else key.__name__
 
 
 @register_rule(nn.Linear, ("weight", "bias"))
@@ -105,3 +113,72 @@ def layer_norm(layer, activation, output_grad):
     if layer.bias is not None:
         factors[layer.bias] = Dense(grad.sum(1).unflatten(1, shape))
     return factors
+
+
+def _rms_normalised(activation, eps):
+    x = f32(activation)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def rms_norm_rule(eps_of):
+    """The rule of an RMSNorm whose output is weight * x / rms(x), or (1 + weight) * x / rms(x) (the same gradient),
+    normalised in float32 as the models do; `eps_of(layer, activation)` reads the layer's epsilon."""
+    def rms_norm(layer, activation, output_grad):
+        normalised = _rms_normalised(activation, eps_of(layer, activation))
+        return {layer.weight: Dense((f32(output_grad) * normalised).sum(1).unflatten(1, layer.weight.shape))}
+    return rms_norm
+
+
+def _torch_rms_eps(layer, activation):
+    return layer.eps if layer.eps is not None else torch.finfo(activation.dtype).eps  # F.rms_norm's default
+
+
+register_rule(nn.RMSNorm, ("weight",), feature_dims=lambda layer: len(layer.normalized_shape))(
+    rms_norm_rule(_torch_rms_eps))
+
+# Hugging Face's RMSNorm classes, one per model family, by qualified name (no model module is imported for it);
+# each is exact against brute force in tests/test_model_zoo.py with every parameter trainable.
+HF_RMS_NORMS = {  # class -> the attribute holding its epsilon
+    "transformers.models.llama.modeling_llama.LlamaRMSNorm": "variance_epsilon",
+    "transformers.models.mistral.modeling_mistral.MistralRMSNorm": "variance_epsilon",
+    "transformers.models.qwen2.modeling_qwen2.Qwen2RMSNorm": "variance_epsilon",
+    "transformers.models.qwen3.modeling_qwen3.Qwen3RMSNorm": "variance_epsilon",
+    "transformers.models.phi3.modeling_phi3.Phi3RMSNorm": "variance_epsilon",
+    "transformers.models.smollm3.modeling_smollm3.SmolLM3RMSNorm": "variance_epsilon",
+    "transformers.models.olmo2.modeling_olmo2.Olmo2RMSNorm": "variance_epsilon",
+    "transformers.models.granite.modeling_granite.GraniteRMSNorm": "variance_epsilon",
+    "transformers.models.t5.modeling_t5.T5LayerNorm": "variance_epsilon",
+    "transformers.models.gemma.modeling_gemma.GemmaRMSNorm": "eps",  # (1 + weight)
+    "transformers.models.gemma2.modeling_gemma2.Gemma2RMSNorm": "eps",
+    "transformers.models.gemma3.modeling_gemma3.Gemma3RMSNorm": "eps",
+}
+for _name, _attribute in HF_RMS_NORMS.items():
+    register_rule(_name, ("weight",))(rms_norm_rule(lambda layer, activation, attribute=_attribute:
+                                                    getattr(layer, attribute)))
+
+
+def _embed_scale(layer):
+    """The factor a scaled word embedding multiplies its rows by: Gemma's buffer, cast to the weight's dtype as its
+    forward does, or BART's float."""
+    scale = layer.embed_scale
+    return scale.to(layer.weight.dtype) if isinstance(scale, torch.Tensor) else scale
+
+
+def _scaled_embedding_lookup(layer, ids):
+    return F.embedding(ids, layer.weight, layer.padding_idx) * _embed_scale(layer)
+
+
+def scaled_embedding(layer, ids, output_grad):
+    """An embedding whose forward multiplies the looked-up rows by a constant: the output gradient, scaled."""
+    rows = embedding(layer, ids, output_grad)[layer.weight]
+    return {layer.weight: Rows(rows.ids, rows.values * _embed_scale(layer), rows.num_rows)}
+
+
+for _name in ("transformers.models.gemma.modeling_gemma.GemmaTextScaledWordEmbedding",
+              "transformers.models.gemma2.modeling_gemma2.Gemma2TextScaledWordEmbedding",
+              "transformers.models.gemma3.modeling_gemma3.Gemma3TextScaledWordEmbedding",
+              "transformers.models.bart.modeling_bart.BartScaledWordEmbedding"):
+    register_rule(_name, ("weight",), lookup=_scaled_embedding_lookup, check=_embedding_check)(scaled_embedding)
+
+# nn.Linear subclasses whose forward is x W^T + b written out: the linear rule
+register_rule("transformers.models.falcon.modeling_falcon.FalconLinear", ("weight", "bias"))(linear)

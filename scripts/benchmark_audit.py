@@ -1,0 +1,149 @@
+"""How tight the one-run audit is, and what it costs, at the main job's DP fine-tuning (next-word prediction).
+
+For each setting, one DP fine-tuning of a stage 5 model on the chat target with the demo preset's recipe and two
+kinds of canaries, each included with probability 1/2 by a secret coin:
+  * white-box: --audit_canaries gradient canaries of the DP loop (common/dp/audit.py), scored on every noisy update;
+  * black-box: as many random-word messages (the secret sharer's canaries) added to the training messages, scored
+    by their loss in the fine-tuned model, with their exposure against random messages never trained on.
+Settings: a stage epsilon of 1, 4 and 16; clipping without noise; and a broken mechanism that adds a tenth of the
+noise while the accountant is told the whole (the epsilon it claims is the epsilon-4 setting's). Also the time of
+the audited fine-tuning at epsilon 4 against the same fine-tuning without canaries, in the same process.
+
+    python scripts/benchmark_audit.py --model_name_or_path runs/demo_lm/pretrained --output_dir results/audit
+
+Nothing here is a release: no ledger entry, no model saved; the private training state is deleted after each run.
+"""
+
+import argparse
+import csv
+import os
+import random
+import secrets
+import time
+
+import torch
+from datasets import Dataset, concatenate_datasets
+
+from common.atomic_io import atomic_path
+from common.data import load_target_task
+from common.demo_data import DEFAULT_CACHE_DIR
+from common.dp.accounting import Mechanism, compute_epsilons
+from common.dp.audit import audit
+from common.dp.training import DPConfig, DPTrainer, add_dp_arguments, discard_training_state
+from common.language_modelling import canary_messages, exposure, message_losses, whole_word_vocabulary
+from common.models import load_finetuning_model
+from common.splits import stable_sample
+from common.stage import DataError, run_stage
+from dp_finetuning.tasks import language_modelling_parts
+
+RECIPE = ["--per_device_train_batch_size", "256", "--gradient_accumulation_steps", "4", "--learning_rate", "3e-3",
+          "--num_train_epochs", "3", "--lr_scheduler_type", "linear"]  # scripts/presets/demo.sh, FINETUNE_LM
+MAX_LENGTH = 48
+REFERENCE_MESSAGES = 2000
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_name_or_path", default="runs/demo_lm/pretrained", help="a stage 5 output")
+    parser.add_argument("--target", default="chat")
+    parser.add_argument("--train_fraction", type=float, default=0.05, help="the demo preset's stable subsample")
+    parser.add_argument("--canaries", type=int, default=1000, help="canaries of each kind")
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0])
+    parser.add_argument("--broken_epsilon", type=float, default=4.0, help="what the broken mechanism claims")
+    parser.add_argument("--output_dir", default="results/audit")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
+    return parser.parse_args(argv)
+
+
+def dp_config(args, work_dir, noise, canaries):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir")
+    return DPConfig.from_args(add_dp_arguments(parser).parse_args(
+        RECIPE + noise + ["--output_dir", work_dir, "--audit_canaries", str(canaries), "--seed", str(args.seed)]))
+
+
+def run_setting(args, train_set, name, noise, canaries=True, broken=False):
+    """One DP fine-tuning with (or without) both kinds of canaries; returns the table's row."""
+    model, tokenizer = load_finetuning_model(args.model_name_or_path, "lm", seed=args.seed)
+    coins = random.Random(secrets.randbits(63))  # the black-box canaries' secret coins and words
+    vocabulary = whole_word_vocabulary(tokenizer)
+    messages = canary_messages(args.canaries, coins, vocabulary) if canaries else []
+    included = [coins.random() < 0.5 for _ in messages]
+    references = canary_messages(REFERENCE_MESSAGES, coins, vocabulary)
+    trained_on = [text for text, inside in zip(messages, included) if inside]
+    data = concatenate_datasets([train_set, Dataset.from_dict({"sentence": trained_on})]) if trained_on else train_set
+    collate, losses, _, lengths = language_modelling_parts(tokenizer, MAX_LENGTH, data, {})
+    work_dir = os.path.join(args.output_dir, "work", name)
+    config = dp_config(args, work_dir, noise, args.canaries if canaries else 0)
+    trainer = DPTrainer(model, data, collate, losses, config, stage="audit", private_data=args.target, lengths=lengths)
+    claimed = compute_epsilons([Mechanism(trainer.noise_multiplier, trainer.sample_rate, trainer.total_steps)],
+                               trainer.delta)["epsilon"] if trainer.noise_multiplier > 0 else float("inf")
+    if broken:
+        trainer.noise_multiplier /= 10  # the accountant was told the whole: `claimed` is what it prints
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    discard_training_state(work_dir)
+    row = {"setting": name, "noise_multiplier": trainer.noise_multiplier, "accountant_epsilon": claimed,
+           "delta": trainer.delta, "steps": trainer.total_steps, "train_seconds": seconds}
+    if not canaries:
+        return row
+    white = trainer.canaries.result(trainer.delta)
+    trainer.model.eval()
+    canary_loss = message_losses(trainer.model, tokenizer, messages, MAX_LENGTH)
+    black = audit(-canary_loss.numpy(), included, trainer.delta)
+    exposures = exposure(canary_loss, message_losses(trainer.model, tokenizer, references, MAX_LENGTH))
+    inside = torch.tensor(included)
+    row.update({"white_box_bound": white.epsilon_lower_bound, "white_box_correct": f"{white.correct}/{white.guesses}",
+                "black_box_bound": black.epsilon_lower_bound, "black_box_correct": f"{black.correct}/{black.guesses}",
+                "exposure_in": float(exposures[inside].mean()), "exposure_out": float(exposures[~inside].mean())})
+    return row
+
+
+def fmt(value, pattern="{:.3f}"):
+    if value is None:
+        return "n/a"
+    return "inf" if isinstance(value, float) and value == float("inf") else pattern.format(value)
+
+
+def write_table(args, rows, plain_seconds, audited_seconds):
+    lines = [f"At the demo preset's next-word fine-tuning ({args.model_name_or_path}, {args.canaries} canaries of "
+             "each kind, each in with probability 1/2; bounds at 95% confidence):", "",
+             "| setting | noise multiplier | accountant epsilon | white-box lower bound (correct/guesses) | "
+             "black-box lower bound (correct/guesses) | mean exposure, in / out (bits) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['setting']} | {r['noise_multiplier']:.3g} | {fmt(r['accountant_epsilon'])} | "
+                     f"{fmt(r['white_box_bound'])} ({r['white_box_correct']}) | {fmt(r['black_box_bound'])} "
+                     f"({r['black_box_correct']}) | {r['exposure_in']:.2f} / {r['exposure_out']:.2f} |")
+    lines += ["", f"Time of the DP fine-tuning at epsilon {args.broken_epsilon:g}: {audited_seconds:.0f} s audited, "
+              f"{plain_seconds:.0f} s without canaries ({audited_seconds / plain_seconds:.2f}x; the black-box canaries "
+              "add about half their number to the training messages)."]
+    os.makedirs(args.output_dir, exist_ok=True)
+    with atomic_path(os.path.join(args.output_dir, "table.md")) as tmp, open(tmp, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with atomic_path(os.path.join(args.output_dir, "table.csv")) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print("\n".join(lines))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not os.path.isfile(os.path.join(args.model_name_or_path, "model.safetensors")):
+        raise DataError(f"--model_name_or_path {args.model_name_or_path}: no stage 5 model (run the main job first: "
+                        "bash scripts/run_pipeline.sh)")
+    task = load_target_task(args.target, None, None, args.cache_dir, 0)
+    train_set = stable_sample(task["train"], args.train_fraction, args.seed)
+    plain = run_setting(args, train_set, "plain", ["--target_epsilon", str(args.broken_epsilon)], canaries=False)
+    rows = [run_setting(args, train_set, f"epsilon {e:g}", ["--target_epsilon", str(e)]) for e in args.epsilons]
+    rows.append(run_setting(args, train_set, "clipping without noise", ["--noise_multiplier", "0"]))
+    rows.append(run_setting(args, train_set, "broken: a tenth of the noise", ["--target_epsilon",
+                                                                               str(args.broken_epsilon)], broken=True))
+    audited = next(r for r in rows if r["setting"] == f"epsilon {args.broken_epsilon:g}")
+    write_table(args, rows, plain["train_seconds"], audited["train_seconds"])
+
+
+if __name__ == "__main__":
+    run_stage(main)
