@@ -92,6 +92,7 @@ def audited_trainer(tmp_path, seed, noise_multiplier, canaries=400, extra=()):
                      private_data="tiny")
 
 
+@pytest.mark.slow
 def test_the_white_box_audit_of_the_dp_loop_stays_under_the_accountant(tmp_path):
     for seed in range(3):
         trainer = audited_trainer(tmp_path, seed, noise_multiplier=2.7)  # epsilon 2
@@ -100,6 +101,7 @@ def test_the_white_box_audit_of_the_dp_loop_stays_under_the_accountant(tmp_path)
         assert 0 <= bound <= trainer.epsilons()["epsilon"] < 2.1
 
 
+@pytest.mark.slow
 def test_the_audit_catches_a_mechanism_with_a_tenth_of_its_noise(tmp_path):
     """The accountant is told sigma, the loop adds sigma / 10: the audit's bound exceeds the claimed epsilon (it
     fails if the canaries stop passing through the noise as the data do)."""

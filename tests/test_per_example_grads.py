@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, get_peft_model
@@ -242,3 +243,50 @@ def test_clip_factor_is_exactly_min_one_c_over_the_norm(max_grad_norm):
     torch.testing.assert_close(norms, expected_norms, rtol=1e-12, atol=0)
     factors = torch.where(expected_norms > max_grad_norm, max_grad_norm / expected_norms.clamp_min(1e-300), 1.0)
     torch.testing.assert_close(model.weight.grad[0], (factors[:, None] * grads).sum(0), rtol=1e-12, atol=1e-300)
+
+
+class HeadWithSharedBias(nn.Module):
+    """BERT's MLM head pattern: a module without a rule owns `bias`, the same tensor as its decoder's, and here also
+    adds it directly, but only to inputs longer than 4 positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Linear(8, 3)
+        self.bias = nn.Parameter(torch.randn(3))
+        self.decoder.bias = self.bias
+
+    def forward(self, x):
+        y = self.decoder(x)
+        return y + self.bias if x.shape[1] > 4 else y
+
+
+def test_a_shared_parameter_is_its_layers_and_a_later_use_outside_it_still_stops_the_run():
+    torch.manual_seed(0)
+    head = HeadWithSharedBias()
+    engine = PerExampleGradients(head, 0.5)  # the shared bias is the decoder's: accepted
+
+    def losses(x):
+        return ((head(x) - 1.0) ** 2).sum((1, 2))
+    engine.backward(losses(torch.randn(4, 3, 8)))
+    with pytest.raises(UnsupportedParameterError, match="'bias' reaches the loss outside a supported layer"):
+        engine.backward(losses(torch.randn(4, 6, 8)))  # the direct use appears on the second step only
+
+
+def test_half_precision_trainable_parameters_are_refused():
+    with pytest.raises(UnsupportedParameterError, match="'weight' is torch.bfloat16; keep trainable parameters in"):
+        PerExampleGradients(nn.Linear(4, 2).bfloat16(), 1.0)
+
+
+def test_rms_norm_without_eps_on_bfloat16_inputs_uses_the_eps_torch_uses():
+    """torch's rms_norm with eps=None computes half-precision inputs in float32 with float32's epsilon: the rule's
+    per-example weight gradient against autograd through F.rms_norm, on small inputs where the epsilon matters."""
+    from common.dp.per_example_grads import rule_for
+    torch.manual_seed(0)
+    layer = nn.RMSNorm(8)
+    inputs = (0.05 * torch.randn(3, 5, 8)).bfloat16()
+    output_grad = torch.randn(3, 5, 8)
+    weight = layer.weight.detach().bfloat16().requires_grad_()
+    expected = torch.stack([torch.autograd.grad(F.rms_norm(inputs[i], (8,), weight, None), weight,
+                                                output_grad[i].bfloat16())[0].float() for i in range(3)])
+    factor = rule_for(layer).factors(layer, inputs, output_grad)[layer.weight]
+    torch.testing.assert_close(factor.values, expected, rtol=2e-2, atol=2e-2)

@@ -20,9 +20,10 @@ includes the cross terms 2 <G_u, G_v> between uses.
 
 Anything the engine cannot clip exactly stops the run with an error naming the
 parameter or layer: a trainable parameter of an unsupported layer type (at attach),
-a trainable parameter reaching the loss outside a supported layer (at the first
-backward), a module that couples examples in its forward (BatchNorm in train mode,
-at its forward), and a layer whose stored rows are not one example each (probes.py).
+a trainable parameter in half precision (at attach), a trainable parameter reaching
+the loss outside a supported layer (at any backward), a module that couples examples
+in its forward (BatchNorm in train mode, at its forward), and a layer whose stored
+rows are not one example each (probes.py).
 
 The package, by concern: `factors` (the factor algebra), `rules` (the public registry: one
 `@register_rule` function per layer type), `probes` (the proof of the batch axis), `engine`

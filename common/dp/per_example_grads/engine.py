@@ -76,7 +76,6 @@ class PerExampleGradients:
         self._call = None
         self._batch_size = None
         self._capture = None
-        self._graph_checked = False
         self._probed_patterns = set()
         self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
         for layer, name in self._hooked.items():
@@ -102,6 +101,11 @@ class PerExampleGradients:
         for name, param in self.model.named_parameters(remove_duplicate=False):
             if param.requires_grad:
                 self._param_names.setdefault(param, name)
+                if param.dtype not in (torch.float32, torch.float64):
+                    # a clipped sum rounded to half precision, and accumulated in it, can move by more than C
+                    raise UnsupportedParameterError(
+                        f"trainable parameter '{name}' is {param.dtype}; keep trainable parameters in float32 (or "
+                        "float64) and compute in half precision under autocast (--mixed_precision bf16)")
         owners, covered = [], set()
         for layer_name, layer in self.model.named_modules(remove_duplicate=False):
             trainable = [(n, p) for n, p in layer.named_parameters(recurse=False) if p.requires_grad]
@@ -207,9 +211,8 @@ class PerExampleGradients:
         _refuse_non_finite("loss", losses)
         check_batch_axis(uses, batch)
         loss = losses.sum()
-        if not self._graph_checked:
-            self._check_graph(loss, uses)
-            self._graph_checked = True
+        # every step: a parameter used outside its layer only on some inputs must still stop the run
+        self._check_graph(loss, uses)
         pattern = use_pattern(uses, batch)
         probe = batch > 1 and pattern not in self._probed_patterns
         output_grads = torch.autograd.grad(loss, [use.output for use in uses], allow_unused=True, retain_graph=probe)

@@ -130,7 +130,11 @@ def rms_norm_rule(eps_of):
 
 
 def _torch_rms_eps(layer, activation):
-    return layer.eps if layer.eps is not None else torch.finfo(activation.dtype).eps  # F.rms_norm's default
+    if layer.eps is not None:
+        return layer.eps
+    # F.rms_norm's default: the machine epsilon of the dtype it computes in, float32 for half-precision inputs
+    dtype = activation.dtype if activation.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.finfo(dtype).eps
 
 
 register_rule(nn.RMSNorm, ("weight",), feature_dims=lambda layer: len(layer.normalized_shape))(
