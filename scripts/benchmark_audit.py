@@ -19,6 +19,7 @@ import csv
 import os
 import random
 import secrets
+import shutil
 import time
 
 import torch
@@ -149,6 +150,7 @@ def main(argv=None):
     rows += [run_setting(args, train_set, f"broken: a tenth of the noise, claims {e:g}", ["--target_epsilon", str(e)],
                          broken=True) for e in args.broken_epsilons]
     audited = next(r for r in rows if r["setting"] == f"epsilon {args.timing_epsilon:g}")
+    shutil.rmtree(os.path.join(args.output_dir, "work"), ignore_errors=True)
     write_table(args, rows, plain["train_seconds"], audited["train_seconds"])
 
 

@@ -49,3 +49,20 @@ def norms_and_clipped_sum(grads, max_grad_norm):
     norms = flat.norm(dim=1)
     clip_factors = (max_grad_norm / norms).clamp(max=1.0)
     return norms, {name: torch.einsum("b,b...->...", clip_factors, g) for name, g in grads.items()}
+
+
+def assert_engine_matches_brute_force(model, losses, grads, rtol=1e-4):
+    """The engine's per-example norms and clipped sum on `model` against the brute-force per-example gradients
+    `grads` ({name: (B, *shape)}), at the median norm as the clip (some examples clipped, some not); `losses(model)`
+    gives the per-example losses of the batch `grads` was computed on."""
+    from common.dp.per_example_grads import PerExampleGradients
+    reference_norms, _ = norms_and_clipped_sum(grads, 1.0)
+    max_grad_norm = reference_norms.median().item()
+    _, reference_sum = norms_and_clipped_sum(grads, max_grad_norm)
+    engine = PerExampleGradients(model, max_grad_norm)
+    norms = engine.backward(losses(model))
+    torch.testing.assert_close(norms.double(), reference_norms, rtol=1e-4, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad.double(), reference_sum[name], rtol=rtol, atol=1e-6, msg=name)
+    engine.detach()

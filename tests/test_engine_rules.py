@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 
 from common.dp.per_example_grads import RULES, PerExampleGradients, UnsupportedParameterError, register_rule, rules
 from common.dp.per_example_grads.rules import HF_RMS_NORMS
+from tests.oracle import assert_engine_matches_brute_force
 
 BATCH, SEQ, WIDTH, VOCAB = 5, 6, 8, 11
 
@@ -74,8 +75,8 @@ def per_example_losses(model, inputs, targets):
     return ((model(inputs) - targets) ** 2).flatten(1).sum(1)
 
 
-def brute_force(model, inputs, targets, max_grad_norm):
-    """(norms, clipped sum by parameter name): one example at a time, in float64."""
+def brute_force(model, inputs, targets):
+    """{name: (B, *shape)} per-example gradients: each example's own loss, differentiated alone, in float64."""
     reference = copy.deepcopy(model).double()
     params = {name: p for name, p in reference.named_parameters() if p.requires_grad}
     grads = []
@@ -83,25 +84,15 @@ def brute_force(model, inputs, targets, max_grad_norm):
         x = inputs[i:i + 1].double() if inputs.is_floating_point() else inputs[i:i + 1]
         loss = per_example_losses(reference, x, targets[i:i + 1].double()).sum()
         grads.append(torch.autograd.grad(loss, list(params.values())))
-    norms = torch.stack([torch.cat([g.flatten() for g in example]).norm() for example in grads])
-    clip = (max_grad_norm / norms).clamp(max=1.0)
-    return norms, {name: sum(c * example[k] for c, example in zip(clip, grads)) for k, name in enumerate(params)}
+    return {name: torch.stack([example[k] for example in grads]) for k, name in enumerate(params)}
 
 
 def check_exact(model, inputs):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         targets = torch.randn(model(inputs).shape, generator=generator)
-    reference_norms, reference_sum = brute_force(model, inputs, targets, 1.0)
-    max_grad_norm = reference_norms.median().item()  # some examples clipped, some not
-    _, reference_sum = brute_force(model, inputs, targets, max_grad_norm)
-    engine = PerExampleGradients(model, max_grad_norm)
-    norms = engine.backward(per_example_losses(model, inputs, targets))
-    torch.testing.assert_close(norms.double(), reference_norms, rtol=1e-4, atol=1e-6)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            torch.testing.assert_close(param.grad.double(), reference_sum[name], rtol=1e-4, atol=1e-6, msg=name)
-    engine.detach()
+    assert_engine_matches_brute_force(model, lambda m: per_example_losses(m, inputs, targets),
+                                      brute_force(model, inputs, targets))
 
 
 @pytest.mark.parametrize("layer_type, case", [(t, c) for t, cases in CASES.items() for c in cases],
