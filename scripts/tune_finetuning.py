@@ -75,9 +75,9 @@ def seed_ledger(trial_dir, model_dir):
         if all(e["run_id"] != release["run_id"] for e in ledger.load_entries(trial_dir)):
             entry = entries[release["run_id"]]
             ledger.record(trial_dir, entry["stage"], entry["run_id"], Mechanism.from_dict(entry),
-                                  entry["delta"], entry["private_data"], entry.get("release"),
-                                  entry.get("dp_randomness", "secret"), entry.get("adjacency"),
-                                  entry.get("privacy_unit", "example"))
+                          entry["delta"], entry["private_data"], entry.get("release"),
+                          entry.get("dp_randomness", "secret"), entry.get("adjacency"),
+                          entry.get("privacy_unit", "example"))
 
 
 def run_trial(args, settings, passthrough):

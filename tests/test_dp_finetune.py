@@ -183,7 +183,7 @@ def test_a_model_that_depends_on_an_uncounted_release_is_refused(tmp_path, pretr
     assert not (tmp_path / "scratch" / "finetune").exists()
     # counted in the run's ledger: accepted, and the results name both releases
     ledger.record(tmp_path / "run", "domain_classifier", "c0ffee", Mechanism(1.0, 0.01, 100), 1e-3,
-                          str(target))
+                  str(target))
     dp_finetune.main(finetune_argv(selective, target, tmp_path / "run" / "finetune", "--random_init",
                                    "--num_train_epochs", "1"))
     results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())

@@ -98,7 +98,7 @@ def test_the_run_directory_composes_every_ledger_on_the_same_data(tmp_path):
     release(tmp_path, "finetune", "f1", FINETUNE, depends_on=[classifier])
     release(tmp_path / "baselines" / "random", "finetune", "f2", FINETUNE)
     ledger.record(tmp_path / "baselines" / "random", "domain_classifier", "c", CLASSIFIER, 1e-5, "target",
-                          release=str(tmp_path / "domain_classifier"))  # one release in two ledgers counts once
+                  release=str(tmp_path / "domain_classifier"))  # one release in two ledgers counts once
     line = run_directory_composition(str(tmp_path))
     expected = epsilon_of(CLASSIFIER, FINETUNE, FINETUNE)
     assert line == (f"All 3 DP releases on target in this run directory together (every variant's models seen at "

@@ -12,6 +12,7 @@ import torch
 from common.dp import ledger
 from common.dp.accounting import Mechanism, compute_epsilons
 from common.dp.training import DPTrainer, private_state_dir, sequence_classification_losses
+from common.stage import DataError
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 NEIGHBOURS = {"D": tiny_dataset(64), "D minus one example": tiny_dataset(64)[1:]}
@@ -147,3 +148,36 @@ def test_the_ledger_command_prints_the_figure_of_the_composition(tmp_path):
     assert delta == 1e-5
     expected = f"composed epsilon of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}"
     assert expected in completed.stdout
+
+
+def test_an_audited_run_resumes_with_its_canary_scores_and_refuses_other_canaries(tmp_path):
+    common = ("--max_train_steps", "5", "--checkpointing_steps", "2", "--deterministic_dp", "--audit_canaries", "40")
+    uninterrupted = trainer_on(tmp_path, tiny_dataset(), "full", *common)
+    uninterrupted.train()
+    killed = trainer_on(tmp_path, tiny_dataset(), "killed", *common)
+    privatise = killed.privatise_gradients
+
+    def privatise_until_step_three(step):
+        if step == 3:
+            raise Killed
+        privatise(step)
+    killed.privatise_gradients = privatise_until_step_three
+    with pytest.raises(Killed):
+        killed.train()
+    with pytest.raises(DataError, match="belongs to another run: audit_canaries 40 != 0"):
+        trainer_on(tmp_path, tiny_dataset(), "killed", *common[:-2], "--resume_from_checkpoint", "latest")
+    resumed = trainer_on(tmp_path, tiny_dataset(), "killed", *common, "--resume_from_checkpoint", "latest")
+    resumed.train()
+    assert torch.equal(resumed.canaries.scores, uninterrupted.canaries.scores)
+    assert torch.equal(resumed.canaries.included, uninterrupted.canaries.included)
+
+
+def test_a_checkpoint_from_before_the_audit_still_resumes_its_run(tmp_path):
+    old = trainer_on(tmp_path, tiny_dataset(), "old", "--max_train_steps", "4")
+    old.train()
+    state_path = os.path.join(private_state_dir(str(tmp_path / "old")), "checkpoint-4", "training_state.pt")
+    state = torch.load(state_path, weights_only=True)
+    del state["signature"]["audit_canaries"]  # what such a checkpoint holds
+    torch.save(state, state_path)
+    assert trainer_on(tmp_path, tiny_dataset(), "old", "--max_train_steps", "4", "--resume_from_checkpoint",
+                      "latest").step == 4

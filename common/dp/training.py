@@ -143,7 +143,8 @@ def ledger_dir(settings) -> str:
 
 
 def derived_seed(seed: int, purpose: str) -> int:
-    """A 63-bit seed for `purpose` derived from `seed` (--deterministic_dp only)."""
+    """A 63-bit seed for `purpose` derived from `seed` (--deterministic_dp's seeds; the audit canaries' from the
+    secret sampling seed)."""
     digest = hashlib.sha256(f"{seed}:{purpose}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
@@ -433,9 +434,9 @@ class DPTrainer:
         if self.accelerator.is_main_process:
             # the ledger first: a release that exists is always counted
             ledger.record(self.run_dir, self.stage, self.run_id, self.mechanism(), self.delta,
-                                  self.private_data, release=os.path.abspath(self.config.output_dir),
-                                  dp_randomness="deterministic" if self.config.deterministic_dp else "secret",
-                                  adjacency=report["adjacency"], privacy_unit=report["privacy_unit"])
+                          self.private_data, release=os.path.abspath(self.config.output_dir),
+                          dp_randomness="deterministic" if self.config.deterministic_dp else "secret",
+                          adjacency=report["adjacency"], privacy_unit=report["privacy_unit"])
             os.makedirs(release_dir, exist_ok=True)
             # privacy.json before the model: from here on the ledger sees the release named on disk
             write_json(os.path.join(release_dir, ledger.PRIVACY_REPORT_NAME), report)
@@ -506,7 +507,10 @@ class DPTrainer:
 
     def _load_state(self, path, state):
         mine = self.run_signature()
-        different = {k: (state["signature"].get(k), v) for k, v in mine.items() if state["signature"].get(k) != v}
+        # a checkpoint written before the audit existed had no canaries
+        theirs = {"audit_canaries": 0, **state["signature"]}
+        different = {k: (theirs.get(k), mine.get(k)) for k in mine.keys() | theirs.keys()
+                     if theirs.get(k) != mine.get(k)}
         if different:
             raise DataError(f"checkpoint {path} belongs to another run: " + ", ".join(
                 f"{k} {old} != {new}" for k, (old, new) in different.items()))
