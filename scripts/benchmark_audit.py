@@ -1,7 +1,7 @@
 """How tight the one-run audit is, and what it costs, at the main job's DP fine-tuning (next-word prediction).
 
-For each setting, one DP fine-tuning of a stage 5 model on the chat target with the demo preset's recipe and two
-kinds of canaries, each included with probability 1/2 by a secret coin:
+For each setting, one DP fine-tuning of a stage 5 model on the chat target with the preset's stage 6 recipe
+(parsed by stage 6 itself) and two kinds of canaries, each included with probability 1/2 by a secret coin:
   * white-box: --audit_canaries gradient canaries of the DP loop (common/dp/audit.py), scored on every noisy update;
   * black-box: as many random-word messages (the secret sharer's canaries) added to the training messages, scored
     by their loss in the fine-tuned model, with their exposure against random messages never trained on.
@@ -20,6 +20,7 @@ import os
 import random
 import secrets
 import shutil
+import subprocess
 import time
 
 import torch
@@ -30,16 +31,14 @@ from common.data import load_target_task
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.dp.accounting import Mechanism, compute_epsilons
 from common.dp.audit import audit
-from common.dp.training import DPConfig, DPTrainer, add_dp_arguments, discard_training_state
+from common.dp.training import DPConfig, DPTrainer, discard_training_state
 from common.language_modelling import canary_messages, exposure, message_losses, whole_word_vocabulary
 from common.models import load_finetuning_model
 from common.splits import stable_sample
 from common.stage import DataError, run_stage
+from dp_finetuning import dp_finetune
 from dp_finetuning.tasks import language_modelling_parts
 
-RECIPE = ["--per_device_train_batch_size", "256", "--gradient_accumulation_steps", "4", "--learning_rate", "3e-3",
-          "--num_train_epochs", "3", "--lr_scheduler_type", "linear"]  # scripts/presets/demo.sh, FINETUNE_LM
-MAX_LENGTH = 48
 REFERENCE_MESSAGES = 2000
 
 
@@ -47,7 +46,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default="runs/demo_lm/pretrained", help="a stage 5 output")
     parser.add_argument("--target", default="chat")
-    parser.add_argument("--train_fraction", type=float, default=0.05, help="the demo preset's stable subsample")
+    parser.add_argument("--preset", default="demo", help="stage 6's recipe: FINETUNE_LM in scripts/presets/<preset>.sh")
     parser.add_argument("--canaries", type=int, default=1000, help="canaries of each kind")
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 16.0])
     parser.add_argument("--broken_epsilons", type=float, nargs="+", default=[1.0, 4.0],
@@ -59,11 +58,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def dp_config(args, work_dir, noise, canaries):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--output_dir")
-    return DPConfig.from_args(add_dp_arguments(parser).parse_args(
-        RECIPE + noise + ["--output_dir", work_dir, "--audit_canaries", str(canaries), "--seed", str(args.seed)]))
+def preset_recipe(preset):
+    """The preset's stage 6 flags for next-word prediction, as bash reads them (scripts/presets/<preset>.sh)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets", f"{preset}.sh")
+    if not os.path.isfile(path):
+        raise DataError(f"--preset {preset}: no {path}")
+    completed = subprocess.run(["bash", "-c", f'source "{path}"; printf "%s\\0" "${{FINETUNE_LM[@]}}"'],
+                               capture_output=True, text=True, check=True)
+    return completed.stdout.split("\0")[:-1]
+
+
+def stage6_args(args, work_dir, noise, canaries):
+    """Stage 6's parsed settings for one setting: the preset's recipe, the noise, the canaries."""
+    return dp_finetune.parse_args(["--task", "lm", "--model_name_or_path", args.model_name_or_path, "--target",
+                                   args.target, *args.recipe, *noise, "--output_dir", work_dir, "--audit_canaries",
+                                   str(canaries), "--seed", str(args.seed)])
 
 
 def run_setting(args, train_set, name, noise, canaries=True, broken=False):
@@ -76,9 +85,9 @@ def run_setting(args, train_set, name, noise, canaries=True, broken=False):
     references = canary_messages(REFERENCE_MESSAGES, coins, vocabulary)
     trained_on = [text for text, inside in zip(messages, included) if inside]
     data = concatenate_datasets([train_set, Dataset.from_dict({"sentence": trained_on})]) if trained_on else train_set
-    collate, losses, _, lengths = language_modelling_parts(tokenizer, MAX_LENGTH, data, {})
-    work_dir = os.path.join(args.output_dir, "work", name)
-    config = dp_config(args, work_dir, noise, args.canaries if canaries else 0)
+    settings = stage6_args(args, os.path.join(args.output_dir, "work", name), noise, args.canaries if canaries else 0)
+    collate, losses, _, lengths = language_modelling_parts(tokenizer, settings.max_length, data, {})
+    config = DPConfig.from_args(settings)
     trainer = DPTrainer(model, data, collate, losses, config, stage="audit", private_data=args.target, lengths=lengths)
     claimed = compute_epsilons([Mechanism(trainer.noise_multiplier, trainer.sample_rate, trainer.total_steps)],
                                trainer.delta)["epsilon"] if trainer.noise_multiplier > 0 else float("inf")
@@ -87,7 +96,7 @@ def run_setting(args, train_set, name, noise, canaries=True, broken=False):
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    discard_training_state(work_dir)
+    discard_training_state(settings.output_dir)
     row = {"setting": name, "noise_multiplier": trainer.noise_multiplier, "accountant_epsilon": claimed,
            "delta": trainer.delta, "sample_rate": trainer.sample_rate, "steps": trainer.total_steps,
            "train_seconds": seconds}
@@ -95,9 +104,9 @@ def run_setting(args, train_set, name, noise, canaries=True, broken=False):
         return row
     white = trainer.canaries.result(trainer.delta)
     trainer.model.eval()
-    canary_loss = message_losses(trainer.model, tokenizer, messages, MAX_LENGTH)
+    canary_loss = message_losses(trainer.model, tokenizer, messages, settings.max_length)
     black = audit(-canary_loss.numpy(), included, trainer.delta)
-    exposures = exposure(canary_loss, message_losses(trainer.model, tokenizer, references, MAX_LENGTH))
+    exposures = exposure(canary_loss, message_losses(trainer.model, tokenizer, references, settings.max_length))
     inside = torch.tensor(included)
     row.update({"white_box_bound": white.epsilon_lower_bound, "white_box_correct": f"{white.correct}/{white.guesses}",
                 "black_box_bound": black.epsilon_lower_bound, "black_box_correct": f"{black.correct}/{black.guesses}",
@@ -143,7 +152,9 @@ def main(argv=None):
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: no stage 5 model (run the main job first: "
                         "bash scripts/run_pipeline.sh)")
     task = load_target_task(args.target, None, None, args.cache_dir, 0)
-    train_set = stable_sample(task["train"], args.train_fraction, args.seed)
+    args.recipe = preset_recipe(args.preset)
+    train_fraction = stage6_args(args, "unused", [], 0).train_fraction
+    train_set = stable_sample(task["train"], train_fraction, args.seed) if train_fraction else task["train"]
     plain = run_setting(args, train_set, "plain", ["--target_epsilon", str(args.timing_epsilon)], canaries=False)
     rows = [run_setting(args, train_set, f"epsilon {e:g}", ["--target_epsilon", str(e)]) for e in args.epsilons]
     rows.append(run_setting(args, train_set, "clipping without noise", ["--noise_multiplier", "0"]))
