@@ -88,7 +88,7 @@ def train(args, accelerator):
 
     trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, DPConfig.from_args(args),
                         stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate,
-                        private_examples=positives)
+                        private_units=positives)
     trainer.train()
 
     def save(directory):

@@ -67,11 +67,23 @@ def _locked(run_dir):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def check_unit(run_dir: str, private_data: str, privacy_unit: str) -> None:
+    """Refuse a release on `private_data` at another privacy unit than the counted releases on it already in the
+    ledger: an epsilon per sender and one per message do not compose into either."""
+    others = sorted({e.get("privacy_unit", "example") for e in counted_entries(run_dir)
+                     if e["private_data"] == private_data} - {privacy_unit})
+    if others:
+        raise ValueError(f"the ledger in {run_dir} holds releases on {private_data!r} per {', '.join(others)}, and "
+                         f"releases per {privacy_unit} would not compose with them; use another run directory "
+                         "(--run_dir) or the same unit for every stage")
+
+
 def record(run_dir: str, stage: str, run_id: str, mechanism: Mechanism, delta: float, private_data: str,
            release: Optional[str] = None, dp_randomness: str = "secret", adjacency: Optional[str] = None,
            privacy_unit: str = "example") -> None:
     """Append the entry of release `run_id` (or replace it: the same run finishing again after a resume)."""
     with _locked(run_dir):
+        check_unit(run_dir, private_data, privacy_unit)
         entries = [e for e in load_entries(run_dir) if e.get("run_id") != run_id]
         entries.append({"stage": stage, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "private_data": private_data, "delta": delta, **mechanism.as_dict(), "release": release,
@@ -194,20 +206,21 @@ def main():
     entries = load_entries(args.run_dir)
     if not entries:
         parser.exit(2, f"error: {ledger_path(args.run_dir)}: no privacy ledger entries there\n")
-    print("| stage | run id | time | private data | noise multiplier | sample rate | steps | sampling | delta | "
+    print("| stage | run id | time | private data | unit | noise multiplier | sample rate | steps | sampling | delta | "
           "epsilon alone | counted |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for e, counted in zip(entries, counted_flags(args.run_dir, entries)):
         alone = compute_epsilons([Mechanism.from_dict(e)], e["delta"])["epsilon"]
         print(f"| {e['stage']} | {e.get('run_id', 'n/a')[:8]} | {e.get('time', 'n/a')} | {e['private_data']} | "
-              f"{e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | {e['steps']} | {e['sampling']} | "
+              f"{e.get('privacy_unit', 'example')} | {e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | {e['steps']} | {e['sampling']} | "
               f"{e['delta']:.3g} | {alone:.3f} | {'yes' if counted else 'superseded'} |")
     counted = counted_entries(args.run_dir)
     if not counted:
         print("\nno counted release: every release in this ledger was deleted with all its derived outputs")
         return
     epsilons, delta = composed_epsilon(args.run_dir, args.delta)
-    print(f"\ncomposed epsilon of the {len(counted)} counted releases at delta={delta:.3g}: " + ", ".join(
+    units = "/".join(sorted({e.get("privacy_unit", "example") for e in counted}))
+    print(f"\ncomposed epsilon per {units} of the {len(counted)} counted releases at delta={delta:.3g}: " + ", ".join(
         f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in epsilons.items()))
     if len(counted) < len(entries):  # if a superseded release was ever shared, this is the figure to cite
         every_delta = composition_delta(entries)

@@ -39,9 +39,11 @@ STATE_FILE = "training_state.pt"
 MICRO_BATCHING = frozenset({"per_device_train_batch_size", "gradient_accumulation_steps"})
 PRIVATE_SUFFIX = ".private"
 FEW_STEPS = 20  # fewer noisy steps than this: the run says how to get more (small private sets)
-ADJACENCY = {"poisson": "add or remove one private example",
-             "shuffle": "zero-out: one private example replaced by one that contributes nothing (the shuffle "
+ADJACENCY = {"poisson": "add or remove one private {unit}",
+             "shuffle": "zero-out: one private {unit} replaced by one that contributes nothing (the shuffle "
                         "sampling's accounting, one Gaussian per epoch at sensitivity C)"}
+PRIVACY_UNITS = ("example", "sender")
+UNIT_ADJACENCY = {"example": "example", "sender": "sender (all of their examples)"}
 AUDIT_NAME = "audit.json"
 SECRET_RANDOMNESS = "secret: seeds drawn from the operating system's entropy, kept only in the private training state"
 
@@ -56,8 +58,17 @@ def add_dp_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     group.add_argument("--target_epsilon_scope", choices=("stage", "run"), default="stage",
                        help="run: --target_epsilon bounds this stage composed with the other stages already in "
                             "the run's privacy ledger")
-    group.add_argument("--max_grad_norm", type=float, default=1.0, help="per-example clip norm C")
-    group.add_argument("--delta", type=float, default=None, help="default 1 / (10 n) for n private examples")
+    group.add_argument("--max_grad_norm", type=float, default=1.0,
+                       help="clip norm C of each example's gradient (of each sender's, with --privacy_unit sender)")
+    group.add_argument("--privacy_unit", choices=PRIVACY_UNITS, default="example",
+                       help="what epsilon protects: one example, or one sender with all of their examples (Poisson "
+                            "sampling of senders, each contributing one clipped gradient; batch sizes and n then "
+                            "count senders): docs/privacy.md")
+    group.add_argument("--max_examples_per_unit", type=int, default=8,
+                       help="--privacy_unit sender: a sampled sender contributes at most this many of their "
+                            "examples per step (drawn with the secret generator)")
+    group.add_argument("--delta", type=float, default=None,
+                       help="default 1 / (10 n) for n private examples (senders, with --privacy_unit sender)")
     group.add_argument("--sampling", choices=("poisson", "shuffle"), default="poisson")
     group.add_argument("--per_device_train_batch_size", type=int, default=32)
     group.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -102,6 +113,8 @@ class DPConfig:
     target_epsilon: Optional[float]
     target_epsilon_scope: str
     max_grad_norm: float
+    privacy_unit: str
+    max_examples_per_unit: int
     delta: Optional[float]
     sampling: str
     per_device_train_batch_size: int
@@ -149,6 +162,30 @@ def derived_seed(seed: int, purpose: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+class UnitMembers:
+    """Each privacy unit's examples: units numbered in the order of their first example, unit u holding the dataset
+    positions `order[starts[u]:starts[u + 1]]`."""
+
+    def __init__(self, labels):
+        numbers = {}
+        unit_of = torch.tensor([numbers.setdefault(label, len(numbers)) for label in labels], dtype=torch.long)
+        self.count = len(numbers)
+        self.order = unit_of.argsort(stable=True)
+        self.starts = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(unit_of).cumsum(0)])
+
+    def draw(self, chosen: torch.Tensor, limit: int, generator: torch.Generator) -> list:
+        """The examples of each unit in `chosen`: all of them, or `limit` of them chosen by `generator` (the same
+        random key per example whatever else is drawn, so each unit's choice depends on its own examples only)."""
+        keys = torch.rand(len(self.order), generator=generator)
+        groups = []
+        for unit in chosen.tolist():
+            members = self.order[self.starts[unit]:self.starts[unit + 1]]
+            if len(members) > limit:
+                members = members[keys[members].argsort()[:limit]]
+            groups.append(members)
+        return groups
+
+
 def private_state_dir(output_dir: str) -> str:
     """Where a DP stage keeps its private training state: beside its output, never inside a release."""
     return output_dir.rstrip("/") + PRIVATE_SUFFIX
@@ -173,13 +210,17 @@ class DPTrainer:
     `eval_fn(model)`, if given, returns a dict of metrics and runs after every epoch on the main process.
     `lengths`, if given (one per example), orders each step's examples by length before they are split into
     micro-batches: less padding, and the same clipped sum, since it does not depend on the order.
+    `units` (one label per example, e.g. its sender) is required with `--privacy_unit sender`: the loop then
+    samples units, and each sampled unit contributes one gradient clipped to C, the sum of at most
+    `--max_examples_per_unit` of its examples' gradients (a micro-batch holds up to the per-device batch of units).
+    `private_units`: how many units are private (stage 3 also trains on public negatives): delta's n.
 
     Use: `train()`, then `release(save_model)` (ledger entry, model, privacy.json), then
     `discard_training_state()` once the stage's own outputs are written.
     """
 
     def __init__(self, model, dataset, collate_fn, loss_fn, config: DPConfig, stage: str, private_data: str,
-                 eval_fn=None, lengths=None, private_examples=None):
+                 eval_fn=None, lengths=None, private_units=None, units=None):
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.model = model.to(self.accelerator.device)
         if self.accelerator.num_processes > 1:  # every process starts from the main process's weights
@@ -188,8 +229,13 @@ class DPTrainer:
         self.dataset, self.collate_fn, self.loss_fn, self.eval_fn = dataset, collate_fn, loss_fn, eval_fn
         self.config, self.stage, self.private_data = config, stage, private_data
         self.num_examples = len(dataset)
-        # the private examples among them (stage 3 trains on public negatives too): what delta is measured against
-        self.private_examples = private_examples or self.num_examples
+        self.unit_level = config.privacy_unit != "example"
+        if self.unit_level and (units is None or len(units) != self.num_examples):
+            raise ValueError(f"--privacy_unit {config.privacy_unit}: the trainer needs one unit label per example")
+        self.units = UnitMembers(units) if self.unit_level else None
+        self.num_units = self.units.count if self.unit_level else self.num_examples
+        # the private units among them (stage 3 trains on public negatives too): what delta is measured against
+        self.private_units = private_units or self.num_units
         self.lengths = None if lengths is None else torch.as_tensor(lengths)
         if self.lengths is not None and self.lengths.shape != (self.num_examples,):
             raise ValueError(f"lengths: one per example expected ({self.num_examples}), "
@@ -197,11 +243,15 @@ class DPTrainer:
         self.logical_batch = (config.per_device_train_batch_size * config.gradient_accumulation_steps
                               * self.accelerator.num_processes)
         self._check_arguments()
-        self.sample_rate = self.logical_batch / self.num_examples
-        self.steps_per_epoch = max(1, self.num_examples // self.logical_batch)
+        self.sample_rate = self.logical_batch / self.num_units
+        self.steps_per_epoch = max(1, self.num_units // self.logical_batch)
         self.total_steps = config.max_train_steps or math.ceil(config.num_train_epochs * self.steps_per_epoch)
-        self.delta = config.delta if config.delta is not None else default_delta(self.private_examples)
+        self.delta = config.delta if config.delta is not None else default_delta(self.private_units)
         self.run_dir = ledger_dir(config)
+        try:
+            ledger.check_unit(self.run_dir, private_data, config.privacy_unit)
+        except ValueError as error:
+            raise DataError(f"--privacy_unit {config.privacy_unit}: {error}") from None
         self.state_dir = private_state_dir(config.output_dir)
         resume_path = resolve_checkpoint(config.resume_from_checkpoint, self.state_dir)
         state = self._read_checkpoint(resume_path) if resume_path else None
@@ -243,10 +293,10 @@ class DPTrainer:
         num_parameters = sum(p.numel() for p in self.params)
         if self.config.sampling != "poisson":
             raise DataError("--audit_canaries: the canaries join the Poisson draws; use --sampling poisson")
-        if not 2 <= count <= min(num_parameters, 2 * self.num_examples):
-            raise DataError(f"--audit_canaries {count}: between 2 and min(trainable parameters, 2 x training examples) "
-                            f"= {min(num_parameters, 2 * self.num_examples):,} (one coordinate each; more canaries "
-                            "than examples would outweigh the data)")
+        if not 2 <= count <= min(num_parameters, 2 * self.num_units):
+            raise DataError(f"--audit_canaries {count}: between 2 and min(trainable parameters, 2 x training "
+                            f"{self.unit_name}s) = {min(num_parameters, 2 * self.num_units):,} (one coordinate each; "
+                            f"more canaries than {self.unit_name}s would outweigh the data)")
         return GradientCanaries(count, num_parameters, derived_seed(self.sampling_seed, "audit canaries"),
                                 self.sample_rate, self.config.max_grad_norm)
 
@@ -265,11 +315,16 @@ class DPTrainer:
         settings = {k: v for k, v in self.config.stage_settings.items() if k not in NOT_SETTINGS | MICRO_BATCHING}
         inputs = {v: fingerprint(v) for v in settings.values() if isinstance(v, str) and os.path.exists(v)}
         return {"stage": self.stage, "settings": settings, "inputs": inputs, "num_examples": self.num_examples,
-                "noise_multiplier": self.noise_multiplier, "logical_batch": self.logical_batch}
+                "num_units": self.num_units, "noise_multiplier": self.noise_multiplier,
+                "logical_batch": self.logical_batch}
 
     def _from_main_process(self, values):
         """`values` as the main process drew them, on every process."""
         return broadcast_object_list(values, from_process=0) if self.accelerator.num_processes > 1 else values
+
+    @property
+    def unit_name(self):
+        return self.config.privacy_unit
 
     @property
     def dp_randomness(self):
@@ -287,14 +342,19 @@ class DPTrainer:
             raise DataError(f"--target_epsilon must be positive, got {config.target_epsilon}")
         if not 0 < config.max_grad_norm < math.inf:
             raise DataError(f"--max_grad_norm must be positive and finite, got {config.max_grad_norm}")
-        if config.delta is not None and not 0 < config.delta < 1 / self.private_examples:
-            raise DataError(f"--delta must be in (0, 1/n) for n private examples: "
-                            f"(0, {1 / self.private_examples:.3g}), got {config.delta}")
+        if config.delta is not None and not 0 < config.delta < 1 / self.private_units:
+            raise DataError(f"--delta must be in (0, 1/n) for n private {self.unit_name}s: "
+                            f"(0, {1 / self.private_units:.3g}), got {config.delta}")
         if config.per_device_train_batch_size < 1 or config.gradient_accumulation_steps < 1:
             raise DataError("--per_device_train_batch_size and --gradient_accumulation_steps must be >= 1")
-        if self.logical_batch > self.num_examples:
+        if config.max_examples_per_unit < 1:
+            raise DataError(f"--max_examples_per_unit must be >= 1, got {config.max_examples_per_unit}")
+        if self.unit_level and self.num_units == 1:
+            raise DataError(f"--privacy_unit {config.privacy_unit}: every training example belongs to one "
+                            f"{self.unit_name}; check the unit column")
+        if self.logical_batch > self.num_units:
             raise DataError(f"the logical batch ({self.logical_batch} = per-device batch x accumulation x "
-                            f"processes) is larger than the dataset ({self.num_examples} examples)")
+                            f"processes) is larger than the dataset ({self.num_units} {self.unit_name}s)")
 
     def _make_optimizer(self):
         config = self.config
@@ -315,17 +375,22 @@ class DPTrainer:
 
     # --- sampling and privatisation -------------------------------------------------------
 
-    def step_indices(self, step: int) -> torch.Tensor:
-        """This process's examples for logical step `step`: a slice of one global draw."""
+    def step_indices(self, step: int):
+        """This process's share of logical step `step`'s draw: the examples (a tensor of dataset positions), or at
+        unit level a list with the examples of each sampled unit."""
         if self.config.sampling == "poisson":
             generator = torch.Generator().manual_seed(self.sampling_seed + step)
-            chosen = (torch.rand(self.num_examples, generator=generator) < self.sample_rate).nonzero().flatten()
+            chosen = (torch.rand(self.num_units, generator=generator) < self.sample_rate).nonzero().flatten()
         else:
             epoch, position = divmod(step, self.steps_per_epoch)
             generator = torch.Generator().manual_seed(self.sampling_seed + epoch)
-            order = torch.randperm(self.num_examples, generator=generator)
+            order = torch.randperm(self.num_units, generator=generator)
             chosen = order[position * self.logical_batch:(position + 1) * self.logical_batch]
-        return chosen[self.accelerator.process_index::self.accelerator.num_processes]
+        chosen = chosen[self.accelerator.process_index::self.accelerator.num_processes]
+        if not self.unit_level:
+            return chosen
+        generator = torch.Generator().manual_seed(derived_seed(self.sampling_seed, "examples of a unit") + step)
+        return self.units.draw(chosen, self.config.max_examples_per_unit, generator)
 
     def privatise_gradients(self, step: int) -> None:
         """Sum the clipped sums over processes, add the noise once, divide by the expected batch size."""
@@ -355,38 +420,61 @@ class DPTrainer:
 
     # --- the loop ---------------------------------------------------------------------------
 
-    def accumulate_clipped_sum(self, indices: torch.Tensor) -> None:
-        """Add the flat-clipped per-example gradients of the examples `indices` (dataset positions) to `.grad`,
-        in micro-batches of at most the per-device batch, ordered by length when lengths were given."""
+    def accumulate_clipped_sum(self, indices) -> None:
+        """Add the flat-clipped gradients of a step's draw (`step_indices`) to `.grad`, in micro-batches of at most
+        the per-device batch of examples (of units, each with its examples, at unit level), ordered by length when
+        lengths were given."""
         # eval mode: no dropout, whose masks (public randomness by batch position) would let one example move the
         # others' gradients, so that the clipped sums of neighbouring data sets could differ by more than C
         self.model.eval()
+        size = self.config.per_device_train_batch_size
+        if not self.unit_level:
+            if self.lengths is not None:
+                indices = indices[self.lengths[indices].argsort(stable=True)]
+            for chunk in indices.split(size):
+                self._backward([chunk])
+            return
+        groups = indices
         if self.lengths is not None:
-            indices = indices[self.lengths[indices].argsort(stable=True)]
+            groups = sorted(groups, key=lambda members: int(self.lengths[members].max()))
+        for start in range(0, len(groups), size):
+            self._backward(groups[start:start + size])
+
+    def _backward(self, groups: list) -> None:
+        """One micro-batch: each tensor of `groups` is the examples of one unit (at example level, one tensor of
+        examples that are each their own unit)."""
+        chunk = torch.cat(groups)
+        units = None
+        if self.unit_level:
+            units = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+        batch = self.collate_fn([self.dataset[i] for i in chunk.tolist()])
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         autocast = torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16,
                                   enabled=self.config.mixed_precision == "bf16")
-        for chunk in indices.split(self.config.per_device_train_batch_size):
-            batch = self.collate_fn([self.dataset[i] for i in chunk.tolist()])
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            with autocast:
-                losses = self.loss_fn(self.model, batch)
-            try:
-                self.engine.backward(losses)
-            except NonFiniteGradientError as error:
-                rows = ", ".join(str(int(chunk[i])) for i in error.examples[:5])
-                raise DataError(f"{self.stage}: training example(s) at row {rows} of the training set give a "
-                                f"non-finite {error.quantity}; nothing was released (fix or remove them)") from None
+        with autocast:
+            losses = self.loss_fn(self.model, batch)
+        try:
+            self.engine.backward(losses, units=units)
+        except NonFiniteGradientError as error:
+            # a loss is an example's; at unit level a norm is a unit's
+            bad = (chunk[error.examples] if units is None or error.quantity == "loss"
+                   else torch.cat([groups[u] for u in error.examples]))
+            rows = ", ".join(str(int(row)) for row in bad[:5])
+            raise DataError(f"{self.stage}: training example(s) at row {rows} of the training set give a "
+                            f"non-finite {error.quantity}; nothing was released (fix or remove them)") from None
 
     def train(self) -> None:
         """Run the DP steps (from the resumed step on); the private training state is saved at the end."""
-        self.print(f"DP training ({self.stage}): n={self.num_examples}, expected logical batch {self.logical_batch} "
+        units = (f"{self.num_units} {self.unit_name}s with {self.num_examples} examples (at most "
+                 f"{self.config.max_examples_per_unit} per {self.unit_name} and step)" if self.unit_level else
+                 self.num_examples)
+        self.print(f"DP training ({self.stage}): n={units}, expected logical batch {self.logical_batch} "
                    f"(q={self.sample_rate:.4g}, {self.config.sampling}), {self.total_steps} steps, noise multiplier "
                    f"{self.noise_multiplier:.4g}, clip {self.config.max_grad_norm}, delta {self.delta:.3g}"
                    + ("" if self.step == 0 else f"; resumed at step {self.step}"))
         if self.total_steps < FEW_STEPS and self.noise_multiplier > 0:
-            self.print(f"note: {self.total_steps} noisy steps are few for {self.num_examples:,} examples; more come "
-                       "from "
-                       "more epochs (--num_train_epochs) or a smaller logical batch (--per_device_train_batch_size x "
+            self.print(f"note: {self.total_steps} noisy steps are few for {self.num_units:,} {self.unit_name}s; more "
+                       "come from more epochs (--num_train_epochs) or a smaller logical batch (--per_device_train_batch_size x "
                        "--gradient_accumulation_steps): docs/own_data.md, small private sets")
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
                         disable=not self.accelerator.is_main_process)
@@ -420,9 +508,14 @@ class DPTrainer:
 
     def privacy_report(self) -> dict:
         """What privacy.json holds: the mechanism, its epsilon, where its randomness came from; no seed."""
-        return {"stage": self.stage, "run_id": self.run_id, "private_data": self.private_data,
-                "privacy_unit": "example", "adjacency": ADJACENCY[self.config.sampling],
-                "num_examples": self.num_examples, "expected_logical_batch_size": self.logical_batch,
+        unit = {"privacy_unit": self.unit_name,
+                "adjacency": ADJACENCY[self.config.sampling].format(unit=UNIT_ADJACENCY[self.unit_name]),
+                "num_examples": self.num_examples}
+        if self.unit_level:
+            unit.update(num_units=self.num_units, private_units=self.private_units,
+                        max_examples_per_unit=self.config.max_examples_per_unit)
+        return {"stage": self.stage, "run_id": self.run_id, "private_data": self.private_data, **unit,
+                "expected_logical_batch_size": self.logical_batch,
                 "max_grad_norm": self.config.max_grad_norm, "delta": self.delta, **self.mechanism().as_dict(),
                 "epsilon": self.epsilons(), "dp_randomness": self.dp_randomness, "ledger": self.run_dir}
 
@@ -473,7 +566,9 @@ class DPTrainer:
                 "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.config.max_grad_norm,
                 "sampling": self.config.sampling, "seed": self.config.seed, "total_steps": self.total_steps,
                 "delta": self.delta, "deterministic_dp": self.config.deterministic_dp,
-                "audit_canaries": self.config.audit_canaries}
+                "audit_canaries": self.config.audit_canaries, "privacy_unit": self.unit_name,
+                "num_units": self.num_units,
+                "max_examples_per_unit": self.config.max_examples_per_unit if self.unit_level else None}
 
     def save_checkpoint(self):
         """Private state only: model, optimiser, step and the DP seeds. Older checkpoints are removed."""
@@ -507,8 +602,9 @@ class DPTrainer:
 
     def _load_state(self, path, state):
         mine = self.run_signature()
-        # a checkpoint written before the audit existed had no canaries
-        theirs = {"audit_canaries": 0, **state["signature"]}
+        # a checkpoint written before the audit and the privacy units existed: no canaries, one unit per example
+        theirs = {"audit_canaries": 0, "privacy_unit": "example", "num_units": self.num_examples,
+                  "max_examples_per_unit": None, **state["signature"]}
         different = {k: (theirs.get(k), mine.get(k)) for k in mine.keys() | theirs.keys()
                      if theirs.get(k) != mine.get(k)}
         if different:

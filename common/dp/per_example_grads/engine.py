@@ -2,12 +2,13 @@
 per-example gradients (the package docstring says how; docs/engine.md the maths)."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from common.dp.per_example_grads.errors import ExampleMixingError, NonFiniteGradientError, UnsupportedParameterError
-from common.dp.per_example_grads.factors import GramCache, inner, plan_linear_factors, sq_norm
+from common.dp.per_example_grads.factors import GramCache, UnitLayout, inner, per_unit, plan_linear_factors, sq_norm
 from common.dp.per_example_grads.probes import batch_size_of, check_batch_axis, gradient_probe, input_probe, use_pattern
 from common.dp.per_example_grads.rules import RULES, LayerRule, rule_for, rule_name
 
@@ -193,10 +194,13 @@ class PerExampleGradients:
         finally:
             self._capture = None
 
-    def backward(self, losses: torch.Tensor) -> torch.Tensor:
+    def backward(self, losses: torch.Tensor, units: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Accumulate the clipped sum into `.grad`; return the unclipped per-example norms (B,).
 
-        `losses`: the per-example losses of the last forward, shape (B,)."""
+        `losses`: the per-example losses of the last forward, shape (B,). `units` (B,), if given, labels each
+        example with its privacy unit (a sender): the engine then clips each unit's gradient, the sum of its
+        examples' gradients, as one (sum_u min(1, C / ||sum_{i in u} g_i||) sum_{i in u} g_i) and returns the
+        unclipped norms per unit, in the order of their labels."""
         uses, self._uses = self._uses, []
         if losses.dim() != 1:
             raise ValueError(f"backward() takes the per-example losses, shape (batch,), got shape {tuple(losses.shape)}"
@@ -236,6 +240,12 @@ class PerExampleGradients:
                     factors.setdefault(param, []).append(factor)
         if not factors:
             raise RuntimeError("the loss does not depend on any trainable parameter")
+        if units is not None:
+            if units.shape != (batch,):
+                raise ValueError(f"units: one label per example expected, shape ({batch},), got {tuple(units.shape)}")
+            layout = UnitLayout.of(units.detach().cpu())
+            factors = {param: [per_unit(f, layout) for f in uses_of_param] for param, uses_of_param in factors.items()}
+            batch = layout.num_units
         plan_linear_factors(factors, self.materialise_budget * _bytes_in_play(uses, output_grads, factors))
         del uses, output_grads
 

@@ -99,6 +99,60 @@ class GramCache:
         return self._grams[key]
 
 
+@dataclass
+class UnitLayout:
+    """Where each unit's examples sit in a batch: `index` (U * width,) lists each unit's example positions, padded
+    with `batch` (a row of zeros) up to `width`, the most examples of one unit; `unit_of` (B,) is each example's
+    unit. `contiguous`: every unit holds `width` consecutive examples in order, so grouping is a reshape."""
+
+    index: torch.Tensor
+    unit_of: torch.Tensor
+    num_units: int
+    width: int
+    batch: int
+    contiguous: bool
+
+    @classmethod
+    def of(cls, units: torch.Tensor) -> "UnitLayout":
+        """The layout of `units` (B,): one label per example; units are numbered in the order of their labels."""
+        labels, unit_of = torch.unique(units, return_inverse=True)
+        batch, num_units = units.shape[0], labels.shape[0]
+        counts = torch.bincount(unit_of, minlength=num_units)
+        width = int(counts.max())
+        order = unit_of.argsort(stable=True)
+        starts = counts.cumsum(0) - counts
+        position = torch.arange(batch) - starts[unit_of[order]]
+        index = torch.full((num_units * width,), batch, dtype=torch.long)
+        index[unit_of[order] * width + position] = order
+        contiguous = bool((counts == width).all()) and bool((order == torch.arange(batch)).all())
+        return cls(index, unit_of, num_units, width, batch, contiguous)
+
+    def concatenate(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (U, width * T, ...): each unit's examples one after the other along the sequence axis
+        (zeros where a unit has fewer than `width`)."""
+        if not self.contiguous:
+            padded = torch.cat([tensor, tensor.new_zeros(1, *tensor.shape[1:])])
+            tensor = padded[self.index.to(tensor.device)]
+        return tensor.reshape(self.num_units, self.width * tensor.shape[1], *tensor.shape[2:])
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B, ...) -> (U, ...): the sum over each unit's examples."""
+        out = f32(tensor).new_zeros(self.num_units, *tensor.shape[1:])
+        return out.index_add_(0, self.unit_of.to(tensor.device), f32(tensor))
+
+
+def per_unit(factor, layout: UnitLayout):
+    """The factor of each unit's gradient, the sum of its examples' gradients: linear and embedding factors
+    concatenate the unit's sequences (sum_i A_i^T B_i = [A_1; ...; A_k]^T [B_1; ...; B_k]), so the ghost norm of
+    the result includes the cross terms between a unit's examples; dense factors are summed."""
+    if isinstance(factor, Outer):
+        return Outer(layout.concatenate(factor.left), layout.concatenate(factor.right))
+    if isinstance(factor, Rows):
+        # padding rows: id 0 with zero values, which adds nothing
+        return Rows(layout.concatenate(factor.ids), layout.concatenate(factor.values), factor.num_rows)
+    return Dense(layout.sum(factor.values))
+
+
 def sq_norm(factor, gram):
     """Per-example squared Frobenius norm of one factor, shape (B,)."""
     if isinstance(factor, Outer):
