@@ -140,7 +140,8 @@ def test_ledger_command_prints_the_composed_epsilon(tmp_path, capsys, monkeypatc
     composed, _ = ledger.composed_epsilon(tmp_path)
     out = capsys.readouterr().out
     assert "| classifier |" in out and "| finetune |" in out
-    assert f"composed epsilon per example of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}" in out
+    assert ("composed epsilon per example of the 2 counted releases at delta=1e-05: "
+            f"epsilon {composed['epsilon']:.3f}") in out
 
 
 def test_calibration_against_a_total_budget_with_earlier_stages():

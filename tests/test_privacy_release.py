@@ -146,7 +146,8 @@ def test_the_ledger_command_prints_the_figure_of_the_composition(tmp_path):
                                capture_output=True, text=True, check=True)
     composed, delta = ledger.composed_epsilon(tmp_path)
     assert delta == 1e-5
-    expected = f"composed epsilon per example of the 2 counted releases at delta=1e-05: epsilon {composed['epsilon']:.3f}"
+    expected = ("composed epsilon per example of the 2 counted releases at delta=1e-05: "
+            f"epsilon {composed['epsilon']:.3f}")
     assert expected in completed.stdout
 
 

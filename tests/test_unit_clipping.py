@@ -65,7 +65,8 @@ def test_unit_clipped_sum_matches_brute_force(case, units):
 def test_units_of_one_example_are_the_per_example_result():
     model, batch = gpt2_lm_batch()
     engine = PerExampleGradients(model, 0.5)
-    per_example = engine.backward(batch_losses(model, batch, lm_loss_per_example), units=torch.arange(6) * 7)  # any distinct labels, in order
+    distinct_labels = torch.arange(6) * 7
+    per_example = engine.backward(batch_losses(model, batch, lm_loss_per_example), units=distinct_labels)
     by_unit = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
     reference = engine.backward(batch_losses(model, batch, lm_loss_per_example))

@@ -212,7 +212,8 @@ def main():
     for e, counted in zip(entries, counted_flags(args.run_dir, entries)):
         alone = compute_epsilons([Mechanism.from_dict(e)], e["delta"])["epsilon"]
         print(f"| {e['stage']} | {e.get('run_id', 'n/a')[:8]} | {e.get('time', 'n/a')} | {e['private_data']} | "
-              f"{e.get('privacy_unit', 'example')} | {e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | {e['steps']} | {e['sampling']} | "
+              f"{e.get('privacy_unit', 'example')} | {e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | "
+              f"{e['steps']} | {e['sampling']} | "
               f"{e['delta']:.3g} | {alone:.3f} | {'yes' if counted else 'superseded'} |")
     counted = counted_entries(args.run_dir)
     if not counted:

@@ -474,8 +474,9 @@ class DPTrainer:
                    + ("" if self.step == 0 else f"; resumed at step {self.step}"))
         if self.total_steps < FEW_STEPS and self.noise_multiplier > 0:
             self.print(f"note: {self.total_steps} noisy steps are few for {self.num_units:,} {self.unit_name}s; more "
-                       "come from more epochs (--num_train_epochs) or a smaller logical batch (--per_device_train_batch_size x "
-                       "--gradient_accumulation_steps): docs/own_data.md, small private sets")
+                       "come from more epochs (--num_train_epochs) or a smaller logical batch "
+                       "(--per_device_train_batch_size x --gradient_accumulation_steps): docs/own_data.md, small "
+                       "private sets")
         progress = tqdm(total=self.total_steps, initial=self.step, desc=self.stage, unit="step",
                         disable=not self.accelerator.is_main_process)
         while self.step < self.total_steps:
