@@ -3,8 +3,8 @@
 Public corpus: a `Dataset` of documents with columns `text`, `source`, `doc_id`.
 Target task: a `DatasetDict` (train, validation, test) with columns `sentence`, `label`
 (labels 0/1; -1 marks an unlabelled test set, as GLUE's), or, for next-word prediction
-(no label column asked for), `sentence` alone (the chat target adds `sender` and
-`conversation`).
+(no label column asked for), `sentence` alone; at sender level every split also has `unit`, from the
+column that names each record's privacy unit (the chat target's `sender`).
 """
 
 import csv
@@ -31,10 +31,13 @@ HUB_PUBLIC = {
 HUB_TARGET = {"glue/sst2": ("nyu-mll/glue", "sst2", "sentence", "label")}
 
 UNLABELLED_TARGETS = ("chat",)
+CHAT_UNIT_COLUMNS = ("sender", "conversation")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 # the text column of local data when no flag names one: `text`, else `sentence` (GLUE's name)
 TEXT_COLUMNS = ("text", "sentence")
 TEXT_COLUMN_HELP = "the column holding the text in local files; default 'text', else 'sentence'"
+UNIT_COLUMN_HELP = ("--privacy_unit sender: the column naming each record's sender (the chat target: 'sender', or "
+                    "'conversation'); targets split here are split by it, no sender in two splits")
 
 
 
@@ -202,19 +205,28 @@ def majority_share(labels):
     return max(positives, 1 - positives)
 
 
-def load_target_task(spec, text_column=None, label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0):
+def load_target_task(spec, text_column=None, label_column="label", cache_dir=DEFAULT_CACHE_DIR, seed=0,
+                     unit_column=None):
     """DatasetDict train/validation/test with `sentence` and `label`, labels checked; local data's text is read
     from `text_column` (None: `text`, else `sentence`).
 
     With label_column=None (next-word prediction, or a stage that only reads the target's text)
-    the splits hold `sentence` without labels; the chat target has no labels at all.
+    the splits hold `sentence` without labels; the chat target has no labels at all. With `unit_column`
+    (sender level) every split keeps a `unit` column read from it, and a target split here (chat, a
+    single local file) is split by unit: each unit's split from a keyed hash of the unit alone.
     """
     if spec in UNLABELLED_TARGETS and label_column is not None:
         raise DataError(f"--target {spec}: messages without labels, a next-word prediction target (--task lm)")
     if spec == "demo":
         task = demo_target_task(cache_dir, seed)
     elif spec == "chat":
-        return chat_target_task(cache_dir, seed)
+        if unit_column not in (None, *CHAT_UNIT_COLUMNS):
+            raise DataError(f"--unit_column {unit_column}: the chat target's messages name their "
+                            f"{' and '.join(CHAT_UNIT_COLUMNS)}")
+        task = chat_target_task(cache_dir, seed, split_by=unit_column or "conversation")
+        columns = ["sentence"] + (["unit"] if unit_column else [])
+        return DatasetDict({name: (split.rename_column(unit_column, "unit") if unit_column else split)
+                            .select_columns(columns) for name, split in task.items()})
     elif spec in HUB_TARGET:
         repository, config, text_column, hub_label = HUB_TARGET[spec]
         label_column = hub_label if label_column is not None else None
@@ -222,39 +234,46 @@ def load_target_task(spec, text_column=None, label_column="label", cache_dir=DEF
         task = DatasetDict({name: task[name] for name in ("train", "validation", "test") if name in task})
         for name, split in task.items():
             _refuse_empty_texts(split, text_column, f"--target {spec} ({name} split)")
-        task = _rename(task, text_column, label_column, f"--target {spec}")
+        task = _rename(task, text_column, label_column, f"--target {spec}", unit_column)
     elif os.path.isdir(spec) and not os.path.exists(os.path.join(spec, "state.json")):
-        task = _local_task_directory(spec, text_column, label_column)
+        task = _local_task_directory(spec, text_column, label_column, unit_column)
     elif os.path.exists(spec):
         dataset, _ = load_local(spec, text_column, label_column)
         text_column = text_column_of(dataset.column_names, text_column, spec)
         _refuse_empty_texts(dataset, text_column, spec)
-        task = _rename(stable_split(dataset, text_column, seed, 0.1), text_column, label_column, spec)
+        if unit_column is not None:
+            _unit_values(dataset, unit_column, spec)
+        task = _rename(stable_split(dataset, unit_column or text_column, seed, 0.1), text_column, label_column, spec,
+                       unit_column)
     else:
         raise DataError(f"--target {spec!r}: not 'demo', 'chat', a known hub task ({', '.join(HUB_TARGET)}) or an "
                         "existing file or directory")
+    if unit_column is not None and "unit" not in task["train"].column_names:
+        raise DataError(f"--unit_column {unit_column}: --target {spec} has no such column (columns: "
+                        f"{', '.join(task['train'].column_names)})")
+    kept = ["sentence"] + (["unit"] if unit_column is not None else [])
     for name in ("train", "validation"):
         if name not in task:
             raise DataError(f"--target {spec}: no {name} split")
         if label_column is None:
-            task[name] = task[name].select_columns(["sentence"])
+            task[name] = task[name].select_columns(kept)
             continue
         bad = set(task[name].unique("label")) - {0, 1}
         if bad:
             raise DataError(f"--target {spec}: {name} labels must be 0 or 1, found {sorted(bad)[:5]}")
     if label_column is None and "test" in task:
-        task["test"] = task["test"].select_columns(["sentence"])
+        task["test"] = task["test"].select_columns(kept)
     return task
 
 
-def _local_task_directory(path, text_column, label_column):
+def _local_task_directory(path, text_column, label_column, unit_column=None):
     """A directory saved with DatasetDict.save_to_disk, or holding train.* / validation.* / test.* files."""
     if os.path.exists(os.path.join(path, "dataset_dict.json")):
         task = datasets.load_from_disk(path)
         for name, split in task.items():
             where = f"{path} ({name} split)"
             _refuse_empty_texts(split, text_column_of(split.column_names, text_column, where), where)
-        return _rename(task, text_column, label_column, path)
+        return _rename(task, text_column, label_column, path, unit_column)
     splits, files = {}, {}
     for name in ("train", "validation", "test"):
         found = [f for f in sorted(glob.glob(os.path.join(path, f"{name}.*"))) if f.endswith(LOCAL_SUFFIXES)]
@@ -264,7 +283,7 @@ def _local_task_directory(path, text_column, label_column):
                                 found[0])
     if not splits:
         raise DataError(f"--target {path}: no train.*/validation.*/test.* files ({', '.join(LOCAL_SUFFIXES)})")
-    return _rename(DatasetDict(splits), text_column, label_column, files)
+    return _rename(DatasetDict(splits), text_column, label_column, files, unit_column)
 
 
 def _refuse_empty_texts(dataset, text_column, where):
@@ -275,9 +294,23 @@ def _refuse_empty_texts(dataset, text_column, where):
                             "the row or fill it in")
 
 
-def _rename(task, text_column, label_column, origin):
-    """`sentence` (and `label`, unless label_column is None) from the named columns; labels must be integers.
-    `origin` names where the task came from in errors: a string, or one file per split."""
+def _unit_values(split, unit_column, where):
+    """The unit of every record of `split`; a missing or blank one stops with its row."""
+    if unit_column not in split.column_names:
+        raise DataError(f"{where}: no column {unit_column!r} (columns: {', '.join(split.column_names)}); "
+                        "--unit_column names the column of each record's sender")
+    values = split[unit_column]
+    for row, value in enumerate(values):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{where}: row {row + 1} has no sender in column {unit_column!r} (found {value!r}); "
+                            "fill it in or remove the row (--unit_column)")
+    return values
+
+
+def _rename(task, text_column, label_column, origin, unit_column=None):
+    """`sentence` (and `label`, unless label_column is None; `unit`, if unit_column is given) from the named
+    columns; labels must be integers. `origin` names where the task came from in errors: a string, or one file per
+    split."""
     renamed = {}
     for name, split in task.items():
         where = origin[name] if isinstance(origin, dict) else f"{origin} ({name} split)"
@@ -286,6 +319,9 @@ def _rename(task, text_column, label_column, origin):
             raise DataError(f"{where}: no column {label_column!r} (columns: {', '.join(split.column_names)}); "
                             "--label_column names the column to read")
         columns = [text] + ([label_column] if label_column is not None else [])
+        if unit_column is not None:
+            _unit_values(split, unit_column, where)
+            columns.append(unit_column)
         if label_column is not None:
             values = split.unique(label_column)
             if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
@@ -295,6 +331,8 @@ def _rename(task, text_column, label_column, origin):
         split = split.select_columns(columns)
         if text != "sentence":
             split = split.rename_column(text, "sentence")
+        if unit_column is not None and unit_column != "unit":
+            split = split.rename_column(unit_column, "unit")
         if label_column is None:
             renamed[name] = split
             continue

@@ -97,31 +97,25 @@ def demo_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, held_out_fraction=0.08
                         held_out_fraction)
 
 
-def chat_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, held_out_fraction=0.05):
+def chat_target_task(cache_dir=DEFAULT_CACHE_DIR, seed=0, held_out_fraction=0.05, split_by="conversation"):
     """Chit-chat messages (MIT; 7,168 conversations, 258,145 messages, 1,315 senders) for next-word prediction.
 
-    One example is one message. The split is by conversation, each conversation's split decided by a
-    keyed hash of its id alone (`keyed_uniform`): validation and test take about `held_out_fraction`
-    of the conversations each, no conversation straddles two splits, and adding or removing a message
-    or a conversation moves no other.
+    One example is one message, with its `sender` and `conversation`. The split is by `split_by`
+    (conversation, or sender at sender level), each one's split decided by a keyed hash of its id alone
+    (`keyed_uniform`): validation and test take about `held_out_fraction` of them each, none straddles
+    two splits, and adding or removing a message, a conversation or a sender moves no other.
     """
     conversations = json.loads(decode(read_from_wheel("chitchat-dataset", CHAT_JSON, cache_dir))[0])
-    parts = {"train": [], "validation": [], "test": []}
+    rows = {name: {"sentence": [], "sender": [], "conversation": []} for name in ("train", "validation", "test")}
     for conversation in sorted(conversations):
-        parts[split_of(conversation, seed, held_out_fraction)].append(conversation)
-
-    def split(conversation_ids):
-        rows = {"sentence": [], "sender": [], "conversation": []}
-        for conversation in conversation_ids:
-            for turn in conversations[conversation]["messages"]:
-                for message in turn:
-                    text = " ".join(message["text"].split())
-                    if text:
-                        rows["sentence"].append(text)
-                        rows["sender"].append(message["sender"])
-                        rows["conversation"].append(conversation)
-        return Dataset.from_dict(rows)
-    return DatasetDict({name: split(ids) for name, ids in parts.items()})
+        for turn in conversations[conversation]["messages"]:
+            for message in turn:
+                text = " ".join(message["text"].split())
+                if text:
+                    record = {"sentence": text, "sender": message["sender"], "conversation": conversation}
+                    for column, value in record.items():
+                        rows[split_of(record[split_by], seed, held_out_fraction)][column].append(value)
+    return DatasetDict({name: Dataset.from_dict(columns) for name, columns in rows.items()})
 
 
 _WIKI_PATTERNS = [

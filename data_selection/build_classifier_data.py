@@ -10,7 +10,10 @@ set by at most that sentence. Validation: the target's validation and test sente
 --od_data_size times as many other random public sentences, whatever the training split holds.
 Punctuation removed, lowercased; empty and repeated positives dropped (a set of texts: one more copy
 of a text changes nothing), repeated public sentences drawn once, a train positive equal to a
-validation text dropped (a rule against the held-out text, record by record). Writes
+validation text dropped (a rule against the held-out text, record by record). At sender level
+(--privacy_unit sender) every training positive keeps its sender in a `unit` column (None for the
+negatives, each its own unit), repeats are dropped within a sender only, and a target split here is
+split by sender, so that adding or removing a sender changes only that sender's records. Writes
 filter_train_nonewline.json and filter_val_nonewline.json (JSON Lines, `sentence` and `label`), the
 same as an HF DatasetDict (train, validation), and stats.json. This output holds the private
 sentences and counts of them: it is private data, never a release.
@@ -25,7 +28,8 @@ import numpy as np
 from datasets import Dataset, DatasetDict
 
 from common.atomic_io import atomic_directory, write_json
-from common.data import TEXT_COLUMN_HELP, load_target_task, private_data_id
+from common.data import TEXT_COLUMN_HELP, UNIT_COLUMN_HELP, load_target_task, private_data_id
+from common.dp.training import PRIVACY_UNITS
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.splits import (
     add_split_seed_argument,
@@ -38,19 +42,24 @@ from common.stage import DataError, StageOutput, add_redo_argument, run_stage
 from common.text import remove_punctuation
 
 
-def distinct_positives(sentences, removed, split, held_out=frozenset()):
+def distinct_positives(sentences, removed, split, held_out=frozenset(), units=None):
     """The distinct non-empty texts of `sentences` as written out, less those in `held_out`; counts why in
-    `removed` (keys named by `split`). Each text is kept or dropped by itself: a set, less a fixed set."""
-    kept, seen = [], set()
-    for text in map(remove_punctuation, sentences):
+    `removed` (keys named by `split`). Each text is kept or dropped by itself: a set, less a fixed set. With
+    `units` (one per sentence), (unit, text) pairs: a text repeated by two senders stays in both, so that each
+    sender's records depend on that sender alone; returns (texts, their units) then."""
+    kept, kept_units, seen = [], [], set()
+    for position, text in enumerate(map(remove_punctuation, sentences)):
+        key = text if units is None else (units[position], text)
         reason = (f"empty_{split}" if not text else f"{split}_in_validation" if text in held_out
-                  else f"duplicate_{split}" if text in seen else None)
+                  else f"duplicate_{split}" if key in seen else None)
         if reason:
             removed[reason] = removed.get(reason, 0) + 1
             continue
-        seen.add(text)
+        seen.add(key)
         kept.append(text)
-    return kept
+        if units is not None:
+            kept_units.append(units[position])
+    return kept if units is None else (kept, kept_units)
 
 
 def public_negatives(public_sentences, wanted, seed, avoid):
@@ -81,19 +90,24 @@ def build(target, public_sentences, num_negatives, validation_ratio, seed):
 
     Validation: the distinct held-out positives (validation and test) against `validation_ratio` times as many
     public negatives; it never depends on the training split, whose positives its metrics are logged beside.
-    Train: the distinct train positives not in validation against `num_negatives` public negatives."""
+    Train: the distinct train positives not in validation against `num_negatives` public negatives; where the
+    target has a `unit` column (sender level), the train split keeps it (None for the negatives)."""
     removed = {}
     held_out = list(target["validation"]["sentence"]) + (list(target["test"]["sentence"]) if "test" in target else [])
     positives = {"validation": distinct_positives(held_out, removed, "held_out")}
-    positives["train"] = distinct_positives(target["train"]["sentence"], removed, "positives",
-                                            frozenset(positives["validation"]))
+    unit_level = "unit" in target["train"].column_names
+    train = distinct_positives(target["train"]["sentence"], removed, "positives", frozenset(positives["validation"]),
+                               target["train"]["unit"] if unit_level else None)
+    positives["train"], units = train if unit_level else (train, None)
     wanted = {"train": num_negatives, "validation": validation_ratio * len(positives["validation"])}
     negatives = public_negatives(public_sentences, wanted, seed, frozenset(positives["validation"]))
     splits = {}
     for name in ("train", "validation"):
-        labels = [1] * len(positives[name]) + [0] * len(negatives[name])
-        splits[name] = Dataset.from_dict({"sentence": positives[name] + negatives[name],
-                                          "label": labels}).shuffle(seed=seed).flatten_indices()
+        columns = {"sentence": positives[name] + negatives[name],
+                   "label": [1] * len(positives[name]) + [0] * len(negatives[name])}
+        if name == "train" and unit_level:
+            columns["unit"] = [str(unit) for unit in units] + [None] * len(negatives[name])
+        splits[name] = Dataset.from_dict(columns).shuffle(seed=seed).flatten_indices()
     return DatasetDict(splits), removed
 
 
@@ -122,6 +136,9 @@ def main(argv=None):
                         help="public negatives in the training set: a fixed number, never derived from the private "
                              "data (the paper: 5 x 67,349 SST-2 sentences = 336,745)")
     parser.add_argument("--od_data_size", type=int, default=5, help="validation negatives per validation positive")
+    parser.add_argument("--privacy_unit", choices=PRIVACY_UNITS, default="example",
+                        help="sender: keep each positive's sender for stage 3's sender-level DP (docs/privacy.md)")
+    parser.add_argument("--unit_column", default="sender", help=UNIT_COLUMN_HELP)
     parser.add_argument("--output_dir", required=True)
     add_train_fraction_argument(parser)
     parser.add_argument("--max_eval_samples", type=int, default=None,
@@ -143,7 +160,8 @@ def main(argv=None):
         raise DataError(f"--sentences_dir {args.sentences_dir}: not a finished stage 1 output (no stats.json)")
     check_exclusion_split(args)
     public = datasets.load_from_disk(args.sentences_dir)
-    target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.split_seed)
+    target = load_target_task(args.target, args.text_column, None, args.cache_dir, args.split_seed,
+                              args.unit_column if args.privacy_unit == "sender" else None)
     if args.train_fraction is not None:
         target["train"] = stable_sample(target["train"], args.train_fraction, args.seed)
     for split in ("validation", "test"):
@@ -159,7 +177,8 @@ def main(argv=None):
         output.claim(tmp_dir)
         write_json(os.path.join(tmp_dir, "stats.json"), {
             **stats, "removed": removed, "num_negatives": args.num_negatives, "od_data_size": args.od_data_size,
-            "target": args.target, "private_data": private_data_id(args.target), "seed": args.seed})
+            "target": args.target, "private_data": private_data_id(args.target), "seed": args.seed,
+            "privacy_unit": args.privacy_unit})
     # counts of the private sentences stay in stats.json (private, like the sentences), out of the log
     print(f"classifier data: the target's train sentences against {args.num_negatives:,} public negatives -> "
           f"{args.output_dir} (counts in stats.json: private)")

@@ -7,7 +7,9 @@
 
 Training uses the shared DP loop (Poisson sampling, exact clipping, noise, an entry in
 the run's privacy ledger). The private data are the target sentences (the positives), so
-delta defaults to 1 / (10 x positives). The release, the classifier with its
+delta defaults to 1 / (10 x positives); at sender level (stage 2 and this stage with
+--privacy_unit sender) the senders are the units sampled and clipped, each public negative a unit
+of its own, and delta defaults to 1 / (10 x senders). The release, the classifier with its
 `privacy.json` and `validation.json` (accuracy and AUC on held-out data after every epoch), goes to
 `<output_dir>/classifier`; the private training state (beside the
 output, in `<output_dir>.private`, resumed with --resume_from_checkpoint) is deleted once it
@@ -72,7 +74,11 @@ def parse_args(argv=None):
 def train(args, accelerator):
     data = datasets.load_from_disk(args.data_dir)
     train_set, validation = data["train"], data["validation"]
-    positives = sum(train_set["label"])
+    positives, units = sum(train_set["label"]), None
+    if "unit" in train_set.column_names:
+        # each public negative is a unit of its own; the private units are the senders
+        units = [unit if unit is not None else ("public", row) for row, unit in enumerate(train_set["unit"])]
+        positives = len({unit for unit in train_set["unit"] if unit is not None})
     model, encode = build_classifier(args.backbone, args.model_name_or_path, args.num_buckets, args.embedding_dim)
 
     def collate(examples):
@@ -88,7 +94,7 @@ def train(args, accelerator):
 
     trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, DPConfig.from_args(args),
                         stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate,
-                        private_units=positives)
+                        private_units=positives, units=units)
     trainer.train()
 
     def save(directory):
@@ -104,6 +110,14 @@ def train(args, accelerator):
         trainer.release(save, tmp)  # the main process writes it
     trainer.discard_training_state()
     accelerator.wait_for_everyone()
+
+
+def check_unit(args):
+    """Refuse a --privacy_unit other than the one stage 2 built the data for."""
+    built_per = "sender" if "unit" in datasets.load_from_disk(args.data_dir)["train"].column_names else "example"
+    if args.privacy_unit != built_per:
+        raise DataError(f"--privacy_unit {args.privacy_unit}: --data_dir {args.data_dir} was built per {built_per} "
+                        "(stage 2's --privacy_unit); use the same unit in both stages")
 
 
 def _private_data_name(data_dir):
@@ -164,6 +178,7 @@ def main(argv=None):
     for flag, path in (("--data_dir", args.data_dir), ("--sentences_dir", args.sentences_dir)):
         if not os.path.isdir(path):
             raise DataError(f"{flag} {path}: no such directory (run the earlier stages first)")
+    check_unit(args)
     output = StageOutput(args, os.path.join("scores", SCORES_COMPLETE))
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     if output.start(accelerator):

@@ -20,7 +20,7 @@ import argparse
 import os
 
 from common.atomic_io import write_json
-from common.data import TEXT_COLUMN_HELP, load_target_task, majority_share, private_data_id
+from common.data import TEXT_COLUMN_HELP, UNIT_COLUMN_HELP, load_target_task, majority_share, private_data_id
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.dp import ledger
 from common.dp.training import DPConfig, DPTrainer, add_dp_arguments, discard_training_state, ledger_dir
@@ -42,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--target", default="demo", help="'demo', 'chat' (--task lm), 'glue/sst2' or local files")
     parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP)
     parser.add_argument("--label_column", default="label")
+    parser.add_argument("--unit_column", default="sender", help=UNIT_COLUMN_HELP)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--freeze", choices=FREEZE_CHOICES, default="none",
                         help="embeddings: token and position embeddings frozen (with --task lm, the tied LM head "
@@ -81,8 +82,9 @@ def main(argv=None):
     except ValueError as error:
         raise DataError(f"--model_name_or_path {args.model_name_or_path}: {error}") from None
     lm = args.task == "lm"
+    unit_column = args.unit_column if args.privacy_unit == "sender" else None
     task = load_target_task(args.target, args.text_column, None if lm else args.label_column, args.cache_dir,
-                            args.split_seed)
+                            args.split_seed, unit_column)
     train_set = task["train"]
     if args.train_fraction is not None:
         train_set = stable_sample(train_set, args.train_fraction, args.seed)
@@ -94,7 +96,7 @@ def main(argv=None):
     trainer = DPTrainer(model, train_set, collate, losses, DPConfig.from_args(args), stage="finetune",
                         private_data=private_data_id(args.target),
                         eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
-                        lengths=lengths)
+                        lengths=lengths, units=train_set["unit"] if unit_column else None)
     if trainer.accelerator.is_main_process:
         output.claim()
     trainer.train()
@@ -115,7 +117,8 @@ def main(argv=None):
     results = {
         "task": args.task, "model_name_or_path": args.model_name_or_path, "random_init": args.random_init,
         "freeze": args.freeze, "lora_r": args.lora_r, "pooling": args.pooling, "target": args.target,
-        "train_examples": len(train_set),
+        "train_examples": len(train_set), "privacy_unit": args.privacy_unit,
+        **({"train_units": trainer.num_units} if unit_column else {}),
         # the held-out examples evaluated (next-word prediction: at most --max_eval_samples of each split)
         "eval_examples": {split: min(len(task[split]), args.max_eval_samples if lm and args.max_eval_samples else
                                      len(task[split])) for split in ("validation", "test") if split in task},
@@ -135,7 +138,7 @@ def main(argv=None):
     trainer.discard_training_state()
     print(", ".join(f"{k} {v:.4f}" for k, v in {**{k: results[k] for k in metrics}, **test}.items()
                     if v is not None and not isinstance(v, int))
-          + f", epsilon {results['epsilon']:.3f}, composed over the run "
+          + f", epsilon {results['epsilon']:.3f} per {args.privacy_unit}, composed over the run "
           f"{results['composed_epsilon']:.3f}")
 
 

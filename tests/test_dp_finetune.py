@@ -358,3 +358,27 @@ def test_stage_six_under_two_processes_releases_once(tmp_path, pretrained, targe
     assert completed.stdout.count("dp_finetune.py finished in") == 1
     assert [e["stage"] for e in ledger.load_entries(tmp_path / "run")] == ["finetune"]
     assert json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())["val_accuracy"] >= 0
+
+
+def test_stage_six_fine_tunes_per_sender(tmp_path, pretrained):
+    """--task lm at sender level on a local single-file target split here: split by sender, one epsilon per
+    sender, q over senders."""
+    rows = [{"text": f"{GOOD if i % 3 else BAD} {i}", "author": f"person {i % 30}"} for i in range(240)]
+    (tmp_path / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["--model_name_or_path", str(pretrained), "--target", str(tmp_path / "messages.jsonl"), "--task", "lm",
+            "--output_dir", str(tmp_path / "run" / "finetune"), "--noise_multiplier", "0.8",
+            "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--privacy_unit", "sender",
+            "--max_examples_per_unit", "2"]
+    with pytest.raises(DataError, match="no column 'sender'"):
+        dp_finetune.main(argv)
+    dp_finetune.main(argv + ["--unit_column", "author"])
+    results = json.loads((tmp_path / "run" / "finetune" / "results.json").read_text())
+    report = json.loads((tmp_path / "run" / "finetune" / "privacy.json").read_text())
+    task = data.load_target_task(str(tmp_path / "messages.jsonl"), label_column=None, unit_column="author")
+    train_senders = set(task["train"]["unit"])
+    assert not train_senders & (set(task["validation"]["unit"]) | set(task["test"]["unit"]))
+    assert results["privacy_unit"] == report["privacy_unit"] == "sender"
+    assert results["train_units"] == report["num_units"] == len(train_senders)
+    assert report["sample_rate"] == pytest.approx(4 / len(train_senders))
+    assert report["max_examples_per_unit"] == 2
+    assert [e["privacy_unit"] for e in ledger.load_entries(str(tmp_path / "run"))] == ["sender"]

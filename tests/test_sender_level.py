@@ -1,13 +1,20 @@
 """The DP loop at sender level (--privacy_unit sender): sampling over senders, whole senders per micro-batch, at
 most --max_examples_per_unit examples each, accounting over senders, neighbours differing by one sender."""
 
+import collections
+import json
+
 import pytest
 import torch
+from datasets import Dataset
 
+from common import demo_data
+from common.data import load_target_task
 from common.dp import ledger
 from common.dp.accounting import Mechanism, compute_epsilons
 from common.dp.training import DPTrainer, sequence_classification_losses
 from common.stage import DataError
+from data_selection import build_classifier_data, train_domain_classifier
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
 
 SIZES = [1, 5, 2, 9, 3, 1, 7, 4, 2, 6, 3, 8, 1, 4, 4]  # examples of each sender, 60 in all
@@ -112,3 +119,97 @@ def test_training_at_sender_level_releases_an_epsilon_per_sender(tmp_path):
 def test_one_sender_for_every_example_is_refused(tmp_path):
     with pytest.raises(DataError, match="every training example belongs to one sender"):
         make_trainer(tmp_path, units=["one"] * 60)
+
+
+# --- the data stages at sender level -------------------------------------------------------------
+
+def write_sender_target(directory, rows):
+    """A local target directory: train.jsonl with (sender, text) rows, and held-out validation text."""
+    directory.mkdir()
+    (directory / "train.jsonl").write_text("".join(json.dumps({"sentence": t, "sender": s}) + "\n" for s, t in rows))
+    (directory / "validation.jsonl").write_text("".join(json.dumps({"sentence": f"held out {i}", "sender": "h"}) + "\n"
+                                                        for i in range(5)))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def public_sentences(tmp_path_factory):
+    path = tmp_path_factory.mktemp("public") / "sentences"
+    Dataset.from_dict({"text": [f"public sentence number {i}" for i in range(120)], "source": ["p"] * 120,
+                       "doc_id": [f"p/{i}" for i in range(120)]}).save_to_disk(str(path))
+    (path / "stats.json").write_text("{}")
+    return path
+
+
+def test_stage2_on_neighbouring_targets_differs_by_one_senders_records(tmp_path, public_sentences):
+    rows = [(f"s{i % 6}", f"message {i}") for i in range(40)] + [("s1", "hello"), ("s2", "hello"), ("s2", "hello")]
+    outputs = {}
+    for name, target_rows in (("D", rows), ("D minus s2", [r for r in rows if r[0] != "s2"])):
+        out = tmp_path / f"cls {name}"
+        build_classifier_data.main(["--sentences_dir", str(public_sentences), "--target",
+                                    str(write_sender_target(tmp_path / f"target {name}", target_rows)),
+                                    "--num_negatives", "50", "--od_data_size", "1", "--output_dir", str(out),
+                                    "--privacy_unit", "sender"])
+        outputs[name] = collections.Counter(zip(*(Dataset.load_from_disk(str(out / "train"))[c]
+                                                  for c in ("sentence", "label", "unit"))))
+    difference = (outputs["D"] - outputs["D minus s2"]) + (outputs["D minus s2"] - outputs["D"])
+    assert {unit for _, _, unit in difference.elements()} == {"s2"}
+    # a text repeated by two senders stays with both; a sender's own repeat is dropped
+    assert outputs["D"][("hello", 1, "s1")] == outputs["D"][("hello", 1, "s2")] == 1
+    assert sum(1 for _, label, unit in outputs["D"].elements() if label == 0 and unit is None) == 50
+
+
+def test_stage3_trains_per_sender_and_refuses_another_unit(tmp_path, public_sentences):
+    target = write_sender_target(tmp_path / "target", [(f"s{i % 9}", f"message {i}") for i in range(60)])
+    build_classifier_data.main(["--sentences_dir", str(public_sentences), "--target", str(target), "--num_negatives",
+                                "60", "--od_data_size", "1", "--output_dir", str(tmp_path / "data"),
+                                "--privacy_unit", "sender"])
+    argv = ["--data_dir", str(tmp_path / "data"), "--sentences_dir", str(public_sentences), "--num_buckets", "64",
+            "--embedding_dim", "8", "--noise_multiplier", "1", "--per_device_train_batch_size", "8",
+            "--max_train_steps", "2", "--output_dir", str(tmp_path / "classifier")]
+    with pytest.raises(DataError, match="--privacy_unit example: .* built per sender"):
+        train_domain_classifier.main(argv)
+    train_domain_classifier.main(argv + ["--privacy_unit", "sender"])
+    with open(tmp_path / "classifier" / "classifier" / "privacy.json") as handle:
+        report = json.load(handle)
+    # 9 senders and 60 public negatives, each its own unit; delta from the senders alone
+    assert (report["privacy_unit"], report["num_units"], report["private_units"]) == ("sender", 69, 9)
+    assert report["sample_rate"] == pytest.approx(8 / 69) and report["delta"] == pytest.approx(1 / 90)
+
+
+def test_chat_split_by_sender_keeps_each_sender_in_one_split_and_moves_no_other(monkeypatch):
+    def conversations(drop_sender=None):
+        return json.dumps({f"conv{c}": {"messages": [[{"text": f"message {c}-{t}", "sender": f"s{(c + t) % 40}"}]
+                                                     for t in range(4) if f"s{(c + t) % 40}" != drop_sender]}
+                           for c in range(300)}).encode()
+
+    def task(**drop):
+        monkeypatch.setattr(demo_data, "read_from_wheel", lambda *args: conversations(**drop))
+        return load_target_task("chat", label_column=None, unit_column="sender")
+
+    full = task()
+    split_of_sender = {}
+    for name, split in full.items():
+        for sender in split["unit"]:
+            assert split_of_sender.setdefault(sender, name) == name
+    assert len(set(split_of_sender.values())) == 3
+    less = task(drop_sender="s7")
+    for name in full:
+        kept = [(t, u) for t, u in zip(full[name]["sentence"], full[name]["unit"]) if u != "s7"]
+        assert list(zip(less[name]["sentence"], less[name]["unit"])) == kept
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"sentence": "hi"}, {"sentence": "yo"}], "no column 'sender'"),
+    ([{"sentence": "hi", "sender": "a"}, {"sentence": "yo", "sender": " "}], "row 2 has no sender in column 'sender'"),
+])
+def test_a_missing_or_empty_sender_is_one_line_naming_the_file(tmp_path, rows, message):
+    path = tmp_path / "target.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=f"{path}.*{message}"):
+        load_target_task(str(path), label_column=None, unit_column="sender")
+
+
+def test_the_demo_target_has_no_senders():
+    with pytest.raises(DataError, match="--unit_column sender: --target demo has no such column"):
+        load_target_task("demo", label_column=None, unit_column="sender")
