@@ -29,8 +29,8 @@ from datasets import Dataset, DatasetDict
 
 from common.atomic_io import atomic_directory, write_json
 from common.data import TEXT_COLUMN_HELP, UNIT_COLUMN_HELP, load_target_task, private_data_id
-from common.dp.training import PRIVACY_UNITS
 from common.demo_data import DEFAULT_CACHE_DIR
+from common.dp.training import PRIVACY_UNITS
 from common.splits import (
     add_split_seed_argument,
     add_train_fraction_argument,
@@ -121,10 +121,19 @@ def check_exclusion_split(args):
     with open(os.path.join(args.sentences_dir, "stats.json")) as handle:
         exclusion = json.load(handle).get("excluded_target")
     split_here = args.target in ("demo", "chat") or os.path.isfile(args.target)  # a target without its own splits
-    if exclusion and split_here and exclusion["target"] == args.target and exclusion["split_seed"] != args.split_seed:
+    if not (exclusion and split_here and exclusion["target"] == args.target):
+        return
+    if exclusion["split_seed"] != args.split_seed:
         raise DataError(f"--split_seed {args.split_seed}: --sentences_dir {args.sentences_dir} excluded the held-out "
                         f"text of --target {args.target} split with --split_seed {exclusion['split_seed']}, which "
                         "holds training text of this split; use the same --split_seed for both stages")
+    unit_column = args.unit_column if args.privacy_unit == "sender" else None
+    if exclusion.get("unit_column") != unit_column:
+        split_by = f"--unit_column {unit_column}" if unit_column else "text"
+        stage1 = f"with --target_unit_column {unit_column}" if unit_column else "without --target_unit_column"
+        raise DataError(f"--privacy_unit {args.privacy_unit}: --sentences_dir {args.sentences_dir} excluded the "
+                        f"held-out text of --target {args.target} split by {exclusion.get('unit_column') or 'text'}, "
+                        f"which holds training text of this split by {split_by}; run stage 1 {stage1}")
 
 
 def main(argv=None):

@@ -88,10 +88,12 @@ def _split_batch(batch, tokenizer, excluded):
 HELD_OUT_SPLITS = ("validation", "test")
 
 
-def target_sentences(spec, cache_dir, split_seed=0, text_column=None):
+def target_sentences(spec, cache_dir, split_seed=0, text_column=None, unit_column=None):
     """Every text and sentence of the target task's held-out splits (validation, test), normalised
-    (`remove_punctuation`). The training split, the private data of the DP stages, is never read."""
-    task = load_target_task(spec, text_column, label_column=None, cache_dir=cache_dir, seed=split_seed)
+    (`remove_punctuation`). The training split, the private data of the DP stages, is never read; a target split
+    here is split as the DP stages split it (by `unit_column` at sender level)."""
+    task = load_target_task(spec, text_column, label_column=None, cache_dir=cache_dir, seed=split_seed,
+                            unit_column=unit_column)
     tokenizer = PunktSentenceTokenizer(PunktParameters())
     tokenizer._params.abbrev_types.update(COMMON_ABBREVIATIONS)
     excluded = set()
@@ -161,6 +163,9 @@ def main(argv=None):
                              "whose public and target text come from the same package). The training split is "
                              "never read; the held-out splits are outside the DP guarantee anyway")
     add_split_seed_argument(parser)
+    parser.add_argument("--target_unit_column", default=None,
+                        help="--exclude_target for sender-level DP stages: split a target without splits of its own "
+                             "(chat, a single file) by this column, as they do")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--num_proc", type=int, default=os.cpu_count())
     parser.add_argument("--num_shards", type=int, default=None, help="default: one per 20,000 documents")
@@ -178,8 +183,8 @@ def main(argv=None):
     if args.max_documents is not None and args.max_documents < len(documents):
         documents = seeded_subset(documents, args.max_documents, seed=0).flatten_indices()
     exclude = args.exclude_target or ("demo" if args.corpus in (["demo"], ["demo-small"]) else None)
-    excluded = (frozenset(target_sentences(exclude, args.cache_dir, args.split_seed, args.target_text_column))
-                if exclude else frozenset())
+    excluded = (frozenset(target_sentences(exclude, args.cache_dir, args.split_seed, args.target_text_column,
+                                           args.target_unit_column)) if exclude else frozenset())
     tokenizer, punkt = load_punkt(documents["text"] if len(documents) < 100_000 else
                                   documents.select(range(100_000))["text"])
     output.claim(work_dir)
@@ -192,7 +197,8 @@ def main(argv=None):
     removed = sum(sentences["is_target"])
     sentences = sentences.filter(lambda flags: [not f for f in flags], input_columns="is_target", batched=True,
                                  batch_size=10_000).remove_columns("is_target")
-    exclusion = {"target": exclude, "split_seed": args.split_seed} if exclude else None
+    exclusion = ({"target": exclude, "split_seed": args.split_seed, "unit_column": args.target_unit_column}
+                 if exclude else None)
     stats = compute_stats(sentences, documents, replaced, removed, punkt, exclusion)
     final_dir = os.path.join(work_dir, "final")
     sentences.save_to_disk(final_dir)

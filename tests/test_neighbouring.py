@@ -252,3 +252,23 @@ def test_stage2_refuses_sentences_that_excluded_another_split_of_its_target(tmp_
     with pytest.raises(DataError, match="--split_seed 0: .* split with --split_seed 1"):
         build_classifier_data.main([*argv, "--output_dir", str(tmp_path / "a")])
     build_classifier_data.main([*argv, "--split_seed", "1", "--output_dir", str(tmp_path / "b")])
+
+
+def test_stage2_per_sender_refuses_sentences_that_excluded_a_split_by_text(tmp_path):
+    """At sender level the target is split by sender: stage 1's exclusion of a split by text would have read
+    training text of that split."""
+    from data_selection import split_sentences
+    target = tmp_path / "messages.csv"
+    target.write_text("sentence,sender\n" + "".join(f"message number {i},s{i % 12}\n" for i in range(60)))
+    (tmp_path / "corpus.txt").write_text("".join(f"Public sentence {i}.\n" for i in range(50)))
+    argv = ["--target", str(target), "--num_negatives", "10", "--od_data_size", "1", "--privacy_unit", "sender"]
+    for unit_flags in ([], ["--target_unit_column", "sender"]):
+        sentences = tmp_path / f"sentences{len(unit_flags)}"
+        split_sentences.main(["--corpus", str(tmp_path / "corpus.txt"), "--exclude_target", str(target), *unit_flags,
+                              "--output_dir", str(sentences), "--num_proc", "1"])
+        build = [*argv, "--sentences_dir", str(sentences), "--output_dir", str(tmp_path / f"data{len(unit_flags)}")]
+        if not unit_flags:
+            with pytest.raises(DataError, match="split by text, .* run stage 1 with --target_unit_column sender"):
+                build_classifier_data.main(build)
+        else:
+            build_classifier_data.main(build)
