@@ -119,6 +119,10 @@ def parse_args(argv=None):
                         help="target task whose validation sentences are evaluated (demo, glue/sst2, files)")
     parser.add_argument("--target_text_column", default=None, help="--eval_target's text column (local files); "
                         "default 'text', else 'sentence'")
+    parser.add_argument("--target_unit_column", default=None,
+                        help="--eval_target of sender-level DP stages: split a target without splits of its own (chat, "
+                             "a single file) by this column as they do, so that the validation senders are not "
+                             "training senders")
     parser.add_argument("--checkpointing_steps", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N directory, or 'latest'")
     parser.add_argument("--logging_steps", type=int, default=10)
@@ -223,7 +227,7 @@ def perplexity(model, blocks, batch_size, device):
 def target_texts(args):
     """The target task's validation sentences (evaluation only, never training)."""
     task = load_target_task(args.eval_target, args.target_text_column, label_column=None, cache_dir=args.cache_dir,
-                            seed=args.split_seed)
+                            seed=args.split_seed, unit_column=args.target_unit_column)
     return list(task["validation"]["sentence"])
 
 

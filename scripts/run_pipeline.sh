@@ -6,7 +6,8 @@
 #                                [--text_column NAME] [--label_column NAME] [--preset smoke|demo|cpu|paper]
 #                                [--run_dir DIR] [--seed N] [--total_epsilon E] [--num_tokens M]
 #                                [--model_size S] [--pretrain_tokens M] [--train_fraction F]
-#                                [--sentences_dir DIR] [--until STAGE]
+#                                [--sentences_dir DIR] [--until STAGE] [--privacy_unit example|sender]
+#                                [--unit_column NAME]
 #                                [--non_private] [--linear_probe] [--audit] [--force] [--redo_changed] [--dry_run]
 #
 # Tasks: lm (default: next-word prediction on private messages, target 'chat' offline) and
@@ -32,6 +33,10 @@
 # chat and demo to CPU scale; another target is used whole by default);
 # --audit audits both DP stages (the preset's AUDIT_CANARIES white-box canaries each): audit.json beside each
 # privacy.json, an empirical lower bound on epsilon, and a line per stage in the summary (docs/privacy.md).
+# --privacy_unit sender protects each sender with all of their messages instead of each message, in both DP stages
+# (the preset's SENDER_* flags: batches of senders, at most --max_examples_per_unit messages each per step; the
+# target split by sender); --unit_column names the target's sender column (default 'sender', the chat target's).
+# The run directory defaults to runs/<preset>_<task>_sender (docs/privacy.md, "Sender-level privacy").
 # --linear_probe (classification) adds a non-private diagnostic of each pre-trained model's frozen features
 # (dp_finetuning/linear_probe.py). --sentences_dir reads (or writes) stage 1's output there instead of in
 # the run directory, so that several runs share it; given without --corpus, a complete stage 1 output there
@@ -48,7 +53,7 @@ cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET="" RUN_DIR="" SEED=0 FORCE=0 DRY_RUN=0 TOTAL_EPSILON="" UNTIL=6 NUM_TOKENS="" MODEL_SIZE=""
 SENTENCES="" NON_PRIVATE=0 REDO=() PRETRAIN_TOKENS="" LINEAR_PROBE=0 USER_CORPUS=() TEXT=() LABEL=() AUDIT=()
-TRAIN_FRACTION=""
+TRAIN_FRACTION="" PRIVACY_UNIT=example UNIT=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) PRESET=$2; shift 2 ;;
@@ -57,6 +62,8 @@ while [ $# -gt 0 ]; do
       [ ${#USER_CORPUS[@]} -gt 0 ] || { echo "run_pipeline.sh: --corpus needs files, directories or corpus names" >&2; exit 2; } ;;
     --text_column) TEXT=(--text_column "$2"); shift 2 ;;
     --train_fraction) TRAIN_FRACTION=$2; shift 2 ;;
+    --privacy_unit) PRIVACY_UNIT=$2; shift 2 ;;
+    --unit_column) UNIT=(--unit_column "$2"); shift 2 ;;
     --label_column) LABEL=(--label_column "$2"); shift 2 ;;
     --task) TASK=$2; shift 2 ;;
     --target) TARGET=$2; shift 2 ;;
@@ -116,16 +123,34 @@ without_train_fraction() {  # ARRAY_NAME: the array less its --train_fraction F
 # whole, unless --train_fraction says otherwise (stages 2 and 6 alike).
 OWN_TARGET=1
 for name in "${TARGETS[@]}"; do if [ "$name" = "$TARGET" ]; then OWN_TARGET=0; fi; done
-if [ -n "$TRAIN_FRACTION" ] || [ "$OWN_TARGET" = 1 ]; then
+case "$PRIVACY_UNIT" in
+  example) [ ${#UNIT[@]} = 0 ] || { echo "run_pipeline.sh: --unit_column needs --privacy_unit sender" >&2; exit 2; } ;;
+  sender) ;;
+  *) echo "run_pipeline.sh: --privacy_unit takes 'example' or 'sender', got '$PRIVACY_UNIT'" >&2; exit 2 ;;
+esac
+if [ -n "$TRAIN_FRACTION" ] || [ "$OWN_TARGET" = 1 ] || [ "$PRIVACY_UNIT" = sender ]; then
   without_train_fraction CLASSIFIER_DATA
   without_train_fraction FINETUNE
+fi
+EVAL_UNIT=()
+if [ "$PRIVACY_UNIT" = sender ]; then  # the preset's sender-level flags override its per-example ones
+  # stage 5 evaluates on the target's validation senders, split as the DP stages split it
+  EVAL_UNIT=(--target_unit_column "${UNIT[1]:-sender}")
+  CLASSIFIER_DATA+=(--privacy_unit sender "${UNIT[@]}" "${SENDER_CLASSIFIER_DATA[@]}")
+  CLASSIFIER+=(--privacy_unit sender "${SENDER_CLASSIFIER[@]}")
+  FINETUNE+=(--privacy_unit sender "${UNIT[@]}" "${SENDER_FINETUNE[@]}")
+  if [ "$OWN_TARGET" = 1 ] || [ -n "$TRAIN_FRACTION" ]; then
+    without_train_fraction CLASSIFIER_DATA
+    without_train_fraction FINETUNE
+  fi
 fi
 if [ -n "$TRAIN_FRACTION" ]; then
   awk -v x="$TRAIN_FRACTION" 'BEGIN { exit !(x ~ /^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$/ && x + 0 > 0 && x + 0 <= 1) }' || {
     echo "run_pipeline.sh: --train_fraction takes a number in (0, 1], got '$TRAIN_FRACTION'" >&2; exit 2; }
   CLASSIFIER_DATA+=(--train_fraction "$TRAIN_FRACTION") FINETUNE+=(--train_fraction "$TRAIN_FRACTION")
 fi
-RUN_DIR=${RUN_DIR:-runs/${PRESET}_$TASK}
+UNIT_SUFFIX="" && [ "$PRIVACY_UNIT" = example ] || UNIT_SUFFIX=_$PRIVACY_UNIT
+RUN_DIR=${RUN_DIR:-runs/${PRESET}_$TASK$UNIT_SUFFIX}
 case "$UNTIL" in [1-6]) ;; *) echo "run_pipeline.sh: --until takes a stage number from 1 to 6, got '$UNTIL'" >&2; exit 2 ;; esac
 TOTAL_EPSILON=${TOTAL_EPSILON:-$DEFAULT_EPSILON}
 
@@ -213,7 +238,7 @@ run python data_selection/sampling_with_logits.py --sentences_dir "$S" --random 
 stage 5 "pre-training"
 for variant in "$R" "$B/random"; do
   launch pretraining/pretrain_gpt2.py --dataset_path "$variant/selected" "${PRETRAIN[@]}" --eval_target "$TARGET" \
-    ${TEXT[@]+--target_text_column "${TEXT[1]}"} \
+    ${TEXT[@]+--target_text_column "${TEXT[1]}"} ${EVAL_UNIT[@]+"${EVAL_UNIT[@]}"} \
     --output_dir "$variant/pretrained" --resume_from_checkpoint latest --seed "$SEED" "${REDO[@]}"
 done
 if [ "$LINEAR_PROBE" = 1 ]; then

@@ -62,14 +62,16 @@ def read_json(path):
 
 
 def finetuning_of(results):
-    """What a fine-tuning trained and, for classification, what its head read: e.g. 'all, last token'."""
+    """What a fine-tuning trained and, for classification, what its head read, and per what unit unless per example:
+    e.g. 'all, last token', 'all, per sender'."""
     if results is None:
         return None
     trained = (f"LoRA r{results['lora_r']}" if results.get("lora_r") else
                {"none": "all", "embeddings": "all but embeddings", "body": "head"}[results.get("freeze", "none")])
-    if results.get("task", "classification") == "lm":
-        return trained
-    return f"{trained}, {'mean-pooled' if results.get('pooling') == 'mean' else 'last token'}"
+    if results.get("task", "classification") != "lm":
+        trained += f", {'mean-pooled' if results.get('pooling') == 'mean' else 'last token'}"
+    unit = results.get("privacy_unit", "example")
+    return trained if unit == "example" else f"{trained}, per {unit}"
 
 
 def summary_rows(run_dir):

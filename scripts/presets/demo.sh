@@ -19,5 +19,13 @@ CEILING_CLASSIFICATION=(--freeze none --pooling last --per_device_train_batch_si
                         --learning_rate 3e-4 --num_train_epochs 3)
 FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 4 --learning_rate 3e-3
              --num_train_epochs 3 --max_length 48 --train_fraction 0.05 --max_eval_samples 2000)
+# --privacy_unit sender: batch sizes count senders (each brings at most --max_examples_per_unit of their messages to a
+# step); every message of the training senders is used (no --train_fraction), and fewer public negatives keep the
+# classifier's senders and negatives about as balanced as its examples are per message.
+SENDER_CLASSIFIER_DATA=(--num_negatives 6000)
+SENDER_CLASSIFIER=(--per_device_train_batch_size 128 --gradient_accumulation_steps 8 --num_train_epochs 10
+                   --max_examples_per_unit 8)
+SENDER_FINETUNE=(--per_device_train_batch_size 32 --gradient_accumulation_steps 4 --num_train_epochs 4
+                 --max_examples_per_unit 8)
 TARGETS=(chat demo) DEFAULT_TASK=lm DEFAULT_EPSILON=4
 AUDIT_CANARIES=1000  # --audit: white-box canaries per DP stage

@@ -14,5 +14,7 @@ FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 32 --gradient_accumulatio
 CEILING_CLASSIFICATION=()
 FINETUNE_LM=(--per_device_train_batch_size 32 --gradient_accumulation_steps 64 --learning_rate 1e-3
              --num_train_epochs 30 --max_length 128)
+# --privacy_unit sender: batch sizes count senders (up to 8 messages each per step)
+SENDER_CLASSIFIER_DATA=() SENDER_CLASSIFIER=(--max_examples_per_unit 8) SENDER_FINETUNE=(--max_examples_per_unit 8)
 TARGETS=("" glue/sst2) DEFAULT_TASK=lm DEFAULT_EPSILON=4
 AUDIT_CANARIES=1000  # --audit: white-box canaries per DP stage

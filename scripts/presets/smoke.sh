@@ -14,5 +14,10 @@ FINETUNE_CLASSIFICATION=(--per_device_train_batch_size 256 --gradient_accumulati
 CEILING_CLASSIFICATION=()
 FINETUNE_LM=(--per_device_train_batch_size 256 --gradient_accumulation_steps 2 --learning_rate 3e-3
              --num_train_epochs 1 --max_length 32 --train_fraction 0.009 --max_eval_samples 200)
+# --privacy_unit sender: batch sizes count senders
+SENDER_CLASSIFIER_DATA=(--num_negatives 1000 --train_fraction 0.05)
+SENDER_CLASSIFIER=(--per_device_train_batch_size 128 --gradient_accumulation_steps 2 --max_examples_per_unit 4)
+SENDER_FINETUNE=(--per_device_train_batch_size 32 --gradient_accumulation_steps 2 --train_fraction 0.02
+                 --max_examples_per_unit 4)
 TARGETS=(chat demo) DEFAULT_TASK=lm DEFAULT_EPSILON=4
 AUDIT_CANARIES=200  # --audit: white-box canaries per DP stage
