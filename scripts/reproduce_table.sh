@@ -7,7 +7,7 @@
 #        [--text_column NAME] [--label_column NAME] [--preset demo|cpu|smoke|paper]
 #        [--seeds "0 1 2"] [--num_tokens "0.2 0.4"] [--model_sizes "nano micro"] [--total_epsilon 4]
 #        [--pretrain_tokens "1 4 16"] [--runs_dir DIR] [--output_dir results/TASK] [--non_private]
-#        [--linear_probe] [--audit] [--redo_changed] [--dry_run]
+#        [--linear_probe] [--audit] [--privacy_unit example|sender] [--unit_column NAME] [--redo_changed] [--dry_run]
 #
 # One pipeline run (scripts/run_pipeline.sh) per model size, budget, pre-training length and seed, in
 # RUNS_DIR/<size>_<budget>_seed<seed>, or with --pretrain_tokens RUNS_DIR/<size>_<budget>_<M>Mtok_seed<seed>
@@ -19,6 +19,8 @@
 # --non_private adds, per variant, fine-tuning without noise (epsilon infinite): the cost of privacy.
 # --linear_probe (classification) adds the non-private frozen-feature diagnostic of every pre-trained model.
 # --audit audits both DP stages of every run (run_pipeline.sh --audit).
+# --privacy_unit sender runs both DP stages per sender (run_pipeline.sh); RUNS_DIR then defaults to
+# runs/table_<preset>_<task>_sender and OUTPUT_DIR to results/<task>_sender, beside the per-example table.
 # --corpus, --target, --text_column and --label_column take your own data, as in run_pipeline.sh; the preset
 # (scripts/presets/<name>.sh) gives every other hyper-parameter.
 set -euo pipefail
@@ -27,7 +29,7 @@ help_if_asked "$0" "$@"  # -h, --help: the header above
 cd "$(dirname "$0")/.."
 
 PRESET=demo TASK="" TARGET=() SEEDS="0 1 2" NUM_TOKENS="" MODEL_SIZES="" TOTAL_EPSILON=4 RUNS_DIR="" OUTPUT_DIR=""
-PRETRAIN_TOKENS="" USER_CORPUS=()
+PRETRAIN_TOKENS="" USER_CORPUS=() PRIVACY_UNIT=example
 DRY_RUN=() EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,7 +39,8 @@ while [ $# -gt 0 ]; do
     --corpus) shift  # one or more values, up to the next flag
       while [ $# -gt 0 ] && [[ "$1" != --* ]]; do USER_CORPUS+=("$1"); shift; done
       [ ${#USER_CORPUS[@]} -gt 0 ] || { echo "reproduce_table.sh: --corpus needs files, directories or corpus names" >&2; exit 2; } ;;
-    --text_column|--label_column|--train_fraction) EXTRA+=("$1" "$2"); shift 2 ;;
+    --text_column|--label_column|--train_fraction|--unit_column) EXTRA+=("$1" "$2"); shift 2 ;;
+    --privacy_unit) PRIVACY_UNIT=$2; EXTRA+=("$1" "$2"); shift 2 ;;
     --seeds) SEEDS=$2; shift 2 ;;
     --num_tokens) NUM_TOKENS=$2; shift 2 ;;
     --model_sizes) MODEL_SIZES=$2; shift 2 ;;
@@ -60,7 +63,8 @@ if [ ${#USER_CORPUS[@]} -gt 0 ]; then CORPUS=("${USER_CORPUS[@]}"); fi
 for seed in $SEEDS; do
   case "$seed" in ''|*[!0-9]*) echo "reproduce_table.sh: --seeds takes integers, got '$seed'" >&2; exit 2 ;; esac
 done
-RUNS_DIR=${RUNS_DIR:-runs/table_${PRESET}_$TASK} OUTPUT_DIR=${OUTPUT_DIR:-results/$TASK}
+UNIT_SUFFIX="" && [ "$PRIVACY_UNIT" = example ] || UNIT_SUFFIX=_$PRIVACY_UNIT
+RUNS_DIR=${RUNS_DIR:-runs/table_${PRESET}_$TASK$UNIT_SUFFIX} OUTPUT_DIR=${OUTPUT_DIR:-results/$TASK$UNIT_SUFFIX}
 
 run_dirs=()
 for size in $MODEL_SIZES; do
