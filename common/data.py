@@ -31,13 +31,14 @@ HUB_PUBLIC = {
 HUB_TARGET = {"glue/sst2": ("nyu-mll/glue", "sst2", "sentence", "label")}
 
 UNLABELLED_TARGETS = ("chat",)
-CHAT_UNIT_COLUMNS = ("sender", "conversation")
+CHAT_UNIT_COLUMN = "sender"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
 # the text column of local data when no flag names one: `text`, else `sentence` (GLUE's name)
 TEXT_COLUMNS = ("text", "sentence")
 TEXT_COLUMN_HELP = "the column holding the text in local files; default 'text', else 'sentence'"
-UNIT_COLUMN_HELP = ("--privacy_unit sender: the column naming each record's sender (the chat target: 'sender', or "
-                    "'conversation'); targets split here are split by it, no sender in two splits")
+UNIT_COLUMN_HELP = ("--privacy_unit sender: the column naming the person who wrote each record (the chat target's: "
+                    "'sender'); targets split here are split by it, and a target with its own splits must not "
+                    "have one sender in two splits")
 
 
 
@@ -220,13 +221,12 @@ def load_target_task(spec, text_column=None, label_column="label", cache_dir=DEF
     if spec == "demo":
         task = demo_target_task(cache_dir, seed)
     elif spec == "chat":
-        if unit_column not in (None, *CHAT_UNIT_COLUMNS):
-            raise DataError(f"--unit_column {unit_column}: the chat target's messages name their "
-                            f"{' and '.join(CHAT_UNIT_COLUMNS)}")
+        if unit_column not in (None, CHAT_UNIT_COLUMN):
+            raise DataError(f"--unit_column {unit_column}: the chat target's messages name their writer in column "
+                            f"{CHAT_UNIT_COLUMN!r}")
         task = chat_target_task(cache_dir, seed, split_by=unit_column or "conversation")
-        columns = ["sentence"] + (["unit"] if unit_column else [])
-        return DatasetDict({name: (split.rename_column(unit_column, "unit") if unit_column else split)
-                            .select_columns(columns) for name, split in task.items()})
+        return DatasetDict({name: split.rename_column(unit_column, "unit") if unit_column else split
+                            for name, split in task.items()})
     elif spec in HUB_TARGET:
         repository, config, text_column, hub_label = HUB_TARGET[spec]
         label_column = hub_label if label_column is not None else None
@@ -251,6 +251,8 @@ def load_target_task(spec, text_column=None, label_column="label", cache_dir=DEF
     if unit_column is not None and "unit" not in task["train"].column_names:
         raise DataError(f"--unit_column {unit_column}: --target {spec} has no such column (columns: "
                         f"{', '.join(task['train'].column_names)})")
+    if unit_column is not None:
+        _refuse_senders_in_two_splits(task, spec, unit_column)
     kept = ["sentence"] + (["unit"] if unit_column is not None else [])
     for name in ("train", "validation"):
         if name not in task:
@@ -305,6 +307,20 @@ def _unit_values(split, unit_column, where):
             raise DataError(f"{where}: row {row + 1} has no sender in column {unit_column!r} (found {value!r}); "
                             "fill it in or remove the row (--unit_column)")
     return values
+
+
+def _refuse_senders_in_two_splits(task, spec, unit_column):
+    """A sender with training and held-out records would have their held-out text read outside DP (evaluation,
+    stage 1's exclusion): splits of one's own must keep each sender in one split."""
+    training = set(task["train"]["unit"])
+    for name in ("validation", "test"):
+        if name in task:
+            shared = training & set(task[name]["unit"])
+            if shared:
+                raise DataError(f"--target {spec}: {len(shared)} sender(s) in column {unit_column!r} have records in "
+                                f"both the train and the {name} split (e.g. {sorted(map(str, shared))[0]!r}); at "
+                                "sender level each sender's records must be in one split (give a single file to be "
+                                "split by sender, or split yours so)")
 
 
 def _rename(task, text_column, label_column, origin, unit_column=None):

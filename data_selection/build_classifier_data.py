@@ -187,7 +187,8 @@ def main(argv=None):
         write_json(os.path.join(tmp_dir, "stats.json"), {
             **stats, "removed": removed, "num_negatives": args.num_negatives, "od_data_size": args.od_data_size,
             "target": args.target, "private_data": private_data_id(args.target), "seed": args.seed,
-            "privacy_unit": args.privacy_unit})
+            "privacy_unit": args.privacy_unit,
+            "unit_column": args.unit_column if args.privacy_unit == "sender" else None})
     # counts of the private sentences stay in stats.json (private, like the sentences), out of the log
     print(f"classifier data: the target's train sentences against {args.num_negatives:,} public negatives -> "
           f"{args.output_dir} (counts in stats.json: private)")

@@ -94,7 +94,7 @@ def train(args, accelerator):
 
     trainer = DPTrainer(model, train_set, collate, sequence_classification_losses, DPConfig.from_args(args),
                         stage="domain_classifier", private_data=_private_data_name(args.data_dir), eval_fn=evaluate,
-                        private_units=positives, units=units)
+                        private_units=positives, units=units, unit_column=_stats(args.data_dir).get("unit_column"))
     trainer.train()
 
     def save(directory):
@@ -120,13 +120,18 @@ def check_unit(args):
                         "(stage 2's --privacy_unit); use the same unit in both stages")
 
 
-def _private_data_name(data_dir):
+def _stats(data_dir):
+    """Stage 2's stats.json ({} where there is none)."""
     stats_path = os.path.join(data_dir, "stats.json")
-    if os.path.exists(stats_path):
-        with open(stats_path) as handle:
-            stats = json.load(handle)
-        return stats.get("private_data", stats.get("target", "target"))
-    return "target"
+    if not os.path.exists(stats_path):
+        return {}
+    with open(stats_path) as handle:
+        return json.load(handle)
+
+
+def _private_data_name(data_dir):
+    stats = _stats(data_dir)
+    return stats.get("private_data", stats.get("target", "target"))
 
 
 def _auc(scores, labels):

@@ -96,7 +96,7 @@ def main(argv=None):
     trainer = DPTrainer(model, train_set, collate, losses, DPConfig.from_args(args), stage="finetune",
                         private_data=private_data_id(args.target),
                         eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
-                        lengths=lengths, units=train_set["unit"] if unit_column else None)
+                        lengths=lengths, units=train_set["unit"] if unit_column else None, unit_column=unit_column)
     if trainer.accelerator.is_main_process:
         output.claim()
     trainer.train()

@@ -213,3 +213,18 @@ def test_a_missing_or_empty_sender_is_one_line_naming_the_file(tmp_path, rows, m
 def test_the_demo_target_has_no_senders():
     with pytest.raises(DataError, match="--unit_column sender: --target demo has no such column"):
         load_target_task("demo", label_column=None, unit_column="sender")
+
+
+def test_a_target_with_a_sender_in_two_of_its_own_splits_is_refused(tmp_path):
+    target = write_sender_target(tmp_path / "target", [("h", "one"), ("s1", "two"), ("s2", "three")])
+    with pytest.raises(DataError, match="1 sender.* both the train and the validation split .*'h'"):
+        load_target_task(str(target), label_column=None, unit_column="sender")
+
+
+def test_releases_per_sender_read_from_another_column_do_not_compose(tmp_path):
+    ledger.record(str(tmp_path), "finetune", "a", Mechanism(1.0, 0.1, 10), 1e-5, "tiny", privacy_unit="sender",
+                  unit_column="author")
+    with pytest.raises(ValueError, match=r"per sender \(column author\).*per sender \(column sender\)"):
+        ledger.check_unit(str(tmp_path), "tiny", "sender", "sender")
+    ledger.check_unit(str(tmp_path), "tiny", "sender", "author")
+    ledger.check_unit(str(tmp_path), "other data", "example")

@@ -67,27 +67,34 @@ def _locked(run_dir):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def check_unit(run_dir: str, private_data: str, privacy_unit: str) -> None:
-    """Refuse a release on `private_data` at another privacy unit than the counted releases on it already in the
-    ledger: an epsilon per sender and one per message do not compose into either."""
-    others = sorted({e.get("privacy_unit", "example") for e in counted_entries(run_dir)
-                     if e["private_data"] == private_data} - {privacy_unit})
+def unit_of(entry: dict) -> str:
+    """A release's privacy unit, with the column that named it: 'example', 'sender (column author)'."""
+    unit = entry.get("privacy_unit", "example")
+    return f"{unit} (column {entry['unit_column']})" if entry.get("unit_column") else unit
+
+
+def check_unit(run_dir: str, private_data: str, privacy_unit: str, unit_column: Optional[str] = None) -> None:
+    """Refuse a release on `private_data` at another privacy unit (or one read from another column) than the counted
+    releases on it already in the ledger: an epsilon per sender and one per message do not compose into either."""
+    mine = unit_of({"privacy_unit": privacy_unit, "unit_column": unit_column})
+    others = sorted({unit_of(e) for e in counted_entries(run_dir) if e["private_data"] == private_data} - {mine})
     if others:
         raise ValueError(f"the ledger in {run_dir} holds releases on {private_data!r} per {', '.join(others)}, and "
-                         f"releases per {privacy_unit} would not compose with them; use another run directory "
+                         f"releases per {mine} would not compose with them; use another run directory "
                          "(--run_dir) or the same unit for every stage")
 
 
 def record(run_dir: str, stage: str, run_id: str, mechanism: Mechanism, delta: float, private_data: str,
            release: Optional[str] = None, dp_randomness: str = "secret", adjacency: Optional[str] = None,
-           privacy_unit: str = "example") -> None:
+           privacy_unit: str = "example", unit_column: Optional[str] = None) -> None:
     """Append the entry of release `run_id` (or replace it: the same run finishing again after a resume)."""
     with _locked(run_dir):
-        check_unit(run_dir, private_data, privacy_unit)
+        check_unit(run_dir, private_data, privacy_unit, unit_column)
         entries = [e for e in load_entries(run_dir) if e.get("run_id") != run_id]
         entries.append({"stage": stage, "run_id": run_id, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                         "private_data": private_data, "delta": delta, **mechanism.as_dict(), "release": release,
-                        "dp_randomness": dp_randomness, "privacy_unit": privacy_unit, "adjacency": adjacency})
+                        "dp_randomness": dp_randomness, "privacy_unit": privacy_unit, "adjacency": adjacency,
+                        **({"unit_column": unit_column} if unit_column else {})})
         write_json(ledger_path(run_dir), {"entries": entries})
 
 
@@ -212,7 +219,7 @@ def main():
     for e, counted in zip(entries, counted_flags(args.run_dir, entries)):
         alone = compute_epsilons([Mechanism.from_dict(e)], e["delta"])["epsilon"]
         print(f"| {e['stage']} | {e.get('run_id', 'n/a')[:8]} | {e.get('time', 'n/a')} | {e['private_data']} | "
-              f"{e.get('privacy_unit', 'example')} | {e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | "
+              f"{unit_of(e)} | {e['noise_multiplier']:.4g} | {e['sample_rate']:.4g} | "
               f"{e['steps']} | {e['sampling']} | "
               f"{e['delta']:.3g} | {alone:.3f} | {'yes' if counted else 'superseded'} |")
     counted = counted_entries(args.run_dir)
@@ -220,7 +227,7 @@ def main():
         print("\nno counted release: every release in this ledger was deleted with all its derived outputs")
         return
     epsilons, delta = composed_epsilon(args.run_dir, args.delta)
-    units = "/".join(sorted({e.get("privacy_unit", "example") for e in counted}))
+    units = "/".join(sorted({unit_of(e) for e in counted}))
     print(f"\ncomposed epsilon per {units} of the {len(counted)} counted releases at delta={delta:.3g}: " + ", ".join(
         f"{name} {'n/a' if value is None else f'{value:.3f}'}" for name, value in epsilons.items()))
     if len(counted) < len(entries):  # if a superseded release was ever shared, this is the figure to cite

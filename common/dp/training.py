@@ -214,13 +214,14 @@ class DPTrainer:
     samples units, and each sampled unit contributes one gradient clipped to C, the sum of at most
     `--max_examples_per_unit` of its examples' gradients (a micro-batch holds up to the per-device batch of units).
     `private_units`: how many units are private (stage 3 also trains on public negatives): delta's n.
+    `unit_column`: the data column the units were read from, recorded with the unit in privacy.json and the ledger.
 
     Use: `train()`, then `release(save_model)` (ledger entry, model, privacy.json), then
     `discard_training_state()` once the stage's own outputs are written.
     """
 
     def __init__(self, model, dataset, collate_fn, loss_fn, config: DPConfig, stage: str, private_data: str,
-                 eval_fn=None, lengths=None, private_units=None, units=None):
+                 eval_fn=None, lengths=None, private_units=None, units=None, unit_column=None):
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.model = model.to(self.accelerator.device)
         if self.accelerator.num_processes > 1:  # every process starts from the main process's weights
@@ -233,6 +234,7 @@ class DPTrainer:
         if self.unit_level and (units is None or len(units) != self.num_examples):
             raise ValueError(f"--privacy_unit {config.privacy_unit}: the trainer needs one unit label per example")
         self.units = UnitMembers(units) if self.unit_level else None
+        self.unit_column = unit_column if self.unit_level else None
         self.num_units = self.units.count if self.unit_level else self.num_examples
         # the private units among them (stage 3 trains on public negatives too): what delta is measured against
         self.private_units = private_units or self.num_units
@@ -249,7 +251,7 @@ class DPTrainer:
         self.delta = config.delta if config.delta is not None else default_delta(self.private_units)
         self.run_dir = ledger_dir(config)
         try:
-            ledger.check_unit(self.run_dir, private_data, config.privacy_unit)
+            ledger.check_unit(self.run_dir, private_data, config.privacy_unit, self.unit_column)
         except ValueError as error:
             raise DataError(f"--privacy_unit {config.privacy_unit}: {error}") from None
         self.state_dir = private_state_dir(config.output_dir)
@@ -513,7 +515,7 @@ class DPTrainer:
                 "adjacency": ADJACENCY[self.config.sampling].format(unit=UNIT_ADJACENCY[self.unit_name]),
                 "num_examples": self.num_examples}
         if self.unit_level:
-            unit.update(num_units=self.num_units, private_units=self.private_units,
+            unit.update(unit_column=self.unit_column, num_units=self.num_units, private_units=self.private_units,
                         max_examples_per_unit=self.config.max_examples_per_unit)
         return {"stage": self.stage, "run_id": self.run_id, "private_data": self.private_data, **unit,
                 "expected_logical_batch_size": self.logical_batch,
@@ -530,7 +532,8 @@ class DPTrainer:
             ledger.record(self.run_dir, self.stage, self.run_id, self.mechanism(), self.delta,
                           self.private_data, release=os.path.abspath(self.config.output_dir),
                           dp_randomness="deterministic" if self.config.deterministic_dp else "secret",
-                          adjacency=report["adjacency"], privacy_unit=report["privacy_unit"])
+                          adjacency=report["adjacency"], privacy_unit=report["privacy_unit"],
+                          unit_column=self.unit_column)
             os.makedirs(release_dir, exist_ok=True)
             # privacy.json before the model: from here on the ledger sees the release named on disk
             write_json(os.path.join(release_dir, ledger.PRIVACY_REPORT_NAME), report)
