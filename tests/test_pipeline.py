@@ -165,6 +165,41 @@ def test_audit_gives_both_dp_stages_the_presets_canaries():
     assert "--audit_canaries" not in pipeline("--preset", "smoke", "--dry_run")
 
 
+def test_sender_level_is_one_flag_away():
+    output = pipeline("--preset", "demo", "--privacy_unit", "sender", "--dry_run")
+    commands = [line for line in output.splitlines() if line.startswith("+ python")]
+    dp_and_data = [c for c in commands if "build_classifier_data" in c or "train_domain_classifier" in c
+                   or "dp_finetune" in c]
+    assert len(dp_and_data) == 5 and all("--privacy_unit sender" in c for c in dp_and_data)
+    # every message of the training senders: the preset's per-message subsample is dropped
+    assert not any("--train_fraction" in c for c in dp_and_data)
+    assert all("runs/demo_lm_sender/" in c for c in commands)
+    assert all("--target_unit_column sender" in c for c in commands if "pretrain_gpt2" in c)
+    assert "--privacy_unit" not in pipeline("--preset", "demo", "--dry_run")
+    custom = pipeline("--preset", "smoke", "--privacy_unit", "sender", "--unit_column", "author", "--dry_run")
+    assert "--unit_column author" in custom and "--target_unit_column author" in custom
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--privacy_unit", "person"], "--privacy_unit takes 'example' or 'sender', got 'person'"),
+    (["--unit_column", "author"], "--unit_column needs --privacy_unit sender"),
+])
+def test_bad_privacy_units_are_refused(args, message):
+    completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), *args, "--dry_run"],
+                               capture_output=True, text=True, cwd=ROOT)
+    assert completed.returncode == 2 and message in completed.stderr
+
+
+@pytest.mark.slow
+def test_smoke_data_stages_per_sender(smoke_run, tmp_path):
+    base, _ = smoke_run
+    pipeline("--preset", "smoke", "--privacy_unit", "sender", "--until", "3", "--run_dir", str(tmp_path / "run"),
+             "--sentences_dir", str(base / "runs" / "sentences"))
+    report = json.loads((tmp_path / "run" / "domain_classifier" / "classifier" / "privacy.json").read_text())
+    assert (report["privacy_unit"], report["unit_column"]) == ("sender", "sender")
+    assert "one private sender" in report["adjacency"] and report["num_units"] > report["private_units"] > 100
+
+
 def test_unknown_preset_is_refused():
     completed = subprocess.run(["bash", os.path.join(ROOT, "scripts", "run_pipeline.sh"), "--preset", "huge"],
                                capture_output=True, text=True, cwd=ROOT)
