@@ -38,6 +38,10 @@ SIGNATURE_NAME = "stage_signature.json"
 # Flags that say where outputs go, how fast or how often to report: not part of what a stage makes.
 NOT_SETTINGS = frozenset({"output_dir", "resume_from_checkpoint", "keep_training_state", "cache_dir",
                           "redo_changed", "num_proc", "logging_steps", "checkpointing_steps", "score_batch_size"})
+# Flags added after outputs were made, at the value that does what those outputs did: a signature without the flag
+# matches a run that leaves it there, so an upgrade does not make every earlier output "changed".
+SETTINGS_ADDED_LATER = {"audit_canaries": 0, "privacy_unit": "example", "unit_column": "sender",
+                        "max_examples_per_unit": 8, "target_unit_column": None}
 # Path flags recorded by value only: the run directory holds everything, its listing is no input.
 NOT_FINGERPRINTED = frozenset({"run_dir"})
 # Where a stage works before its output is complete, and where a DP stage keeps its private training state
@@ -221,6 +225,8 @@ class StageOutput:
         old_settings = stored.get("settings", {})
         for name in sorted(set(old_settings) | set(self.settings)):
             old, new = old_settings.get(name, "(unset)"), self.settings.get(name, "(unset)")
+            if old == "(unset)" and name in SETTINGS_ADDED_LATER and new == SETTINGS_ADDED_LATER[name]:
+                continue
             if old != new:
                 found.append(f"--{name} {_shown(old)} -> {_shown(new)}")
         old_inputs = stored.get("inputs", {})

@@ -228,3 +228,19 @@ def test_releases_per_sender_read_from_another_column_do_not_compose(tmp_path):
         ledger.check_unit(str(tmp_path), "tiny", "sender", "sender")
     ledger.check_unit(str(tmp_path), "tiny", "sender", "author")
     ledger.check_unit(str(tmp_path), "other data", "example")
+
+
+def test_outputs_made_before_the_unit_flags_existed_are_not_changed(tmp_path):
+    """A stage output whose signature predates --privacy_unit and its flags is complete for a run per example, and
+    changed for a run per sender."""
+    from data_selection import split_sentences
+    (tmp_path / "corpus.txt").write_text("".join(f"Public sentence {i}.\n" for i in range(30)))
+    argv = ["--corpus", str(tmp_path / "corpus.txt"), "--output_dir", str(tmp_path / "sentences"), "--num_proc", "1"]
+    split_sentences.main(argv)
+    signature_path = tmp_path / "sentences" / "stage_signature.json"
+    signature = json.loads(signature_path.read_text())
+    del signature["settings"]["target_unit_column"]
+    signature_path.write_text(json.dumps(signature))
+    split_sentences.main(argv)  # complete: skipped
+    with pytest.raises(DataError, match="--target_unit_column \\(unset\\) -> author"):
+        split_sentences.main(argv + ["--target_unit_column", "author"])
