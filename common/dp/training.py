@@ -467,8 +467,10 @@ class DPTrainer:
 
     def train(self) -> None:
         """Run the DP steps (from the resumed step on); the private training state is saved at the end."""
-        units = (f"{self.num_units} {self.unit_name}s with {self.num_examples} examples (at most "
-                 f"{self.config.max_examples_per_unit} per {self.unit_name} and step)" if self.unit_level else
+        public = self.num_units - self.private_units
+        units = (f"{self.num_units} units ({self.private_units} {self.unit_name}s"
+                 + (f", {public} public examples" if public else "") + f") with {self.num_examples} examples (at "
+                 f"most {self.config.max_examples_per_unit} per unit and step)" if self.unit_level else
                  self.num_examples)
         self.print(f"DP training ({self.stage}): n={units}, expected logical batch {self.logical_batch} "
                    f"(q={self.sample_rate:.4g}, {self.config.sampling}), {self.total_steps} steps, noise multiplier "
