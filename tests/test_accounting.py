@@ -153,3 +153,12 @@ def test_calibration_against_a_total_budget_with_earlier_stages():
     assert sigma > calibrate_noise_multiplier(4.0, 0.05, 300, delta)
     with pytest.raises(ValueError, match="already spend"):
         calibrate_noise_multiplier(0.1, 0.05, 300, delta, earlier=earlier)
+
+
+def test_calibration_passes_noise_levels_where_the_prv_discretisation_fails():
+    """A sender-level fine-tuning after its classifier: the search tries a noise multiplier of 1, where the PRV
+    discretisation raises; that trial is judged by the PLD figure the report would print, and the result holds."""
+    earlier = [Mechanism(4.09, 0.1428, 70)]
+    sigma = calibrate_noise_multiplier(4.0, 128 / 1173, 36, 8.53e-5, earlier=earlier)
+    composed = compute_epsilons(earlier + [Mechanism(sigma, 128 / 1173, 36)], 8.53e-5)["epsilon"]
+    assert 3.9 < composed <= 4.0

@@ -167,8 +167,11 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
                          f"the target {target_epsilon}")
 
     def epsilon(noise_multiplier):
-        return epsilon_prv(earlier + [Mechanism(noise_multiplier, sample_rate, steps, sampling, steps_per_epoch)],
-                           delta)[1]
+        mechanisms = earlier + [Mechanism(noise_multiplier, sample_rate, steps, sampling, steps_per_epoch)]
+        try:
+            return epsilon_prv(mechanisms, delta)[1]
+        except RuntimeError:  # the PRV discretisation fails with little noise: the headline's PLD, as reported
+            return epsilon_pld(mechanisms, delta)
 
     low, high = 0.05, 1.0
     while epsilon(high) > target_epsilon:
