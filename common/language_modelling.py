@@ -22,11 +22,16 @@ Metrics over every predicted token of a split (the message's tokens and its clos
 """
 
 import math
+import random
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from common.dp.audit import AuditResult, audit
+
 WORD_START = "\u0120"  # byte-level BPE's mark of a leading space
+MIN_CANARY_VOCABULARY = 20  # words: with fewer, two canaries of six words would often be the same message
 
 
 def encode_message(tokenizer, text, max_length):
@@ -148,3 +153,36 @@ def exposure(canary_losses, reference_losses):
     reference = torch.sort(reference_losses).values
     ranks = torch.searchsorted(reference, canary_losses) + 1  # 1: no reference message is more likely
     return math.log2(len(reference) + 1) - torch.log2(ranks.double())
+
+
+@dataclass
+class MessageCanaries:
+    """The black-box audit's canaries: `messages` of random words, each trained on with probability 1/2 (`included`,
+    a secret coin), and `references`, random messages of the same format never trained on (exposure's candidates);
+    all drawn from one secret seed, so a resumed run draws the same."""
+
+    messages: list
+    included: list
+    references: list
+
+    @classmethod
+    def draw(cls, count: int, seed: int, tokenizer, reference_count: int = 2000) -> "MessageCanaries":
+        generator = random.Random(seed)
+        vocabulary = whole_word_vocabulary(tokenizer)
+        if len(vocabulary) < MIN_CANARY_VOCABULARY:
+            raise ValueError(f"the tokenizer has {len(vocabulary)} whole-word tokens; canary messages need at least "
+                             f"{MIN_CANARY_VOCABULARY} (a tokenizer trained on more text)")
+        messages = canary_messages(count, generator, vocabulary)
+        included = [generator.random() < 0.5 for _ in messages]
+        return cls(messages, included, canary_messages(reference_count, generator, vocabulary))
+
+    def trained_on(self) -> list:
+        return [text for text, inside in zip(self.messages, self.included) if inside]
+
+    def result(self, model, tokenizer, max_length: int, delta: float) -> tuple:
+        """(the audit from each canary's loss in `model`, mean exposure of the included and excluded canaries)."""
+        losses = message_losses(model, tokenizer, self.messages, max_length)
+        exposures = exposure(losses, message_losses(model, tokenizer, self.references, max_length))
+        inside = torch.tensor(self.included)
+        found: AuditResult = audit(-losses.numpy(), self.included, delta)
+        return found, float(exposures[inside].mean()), float(exposures[~inside].mean())

@@ -17,17 +17,36 @@ is refused unless the run's ledger counts them. The release: the model, `privacy
 """
 
 import argparse
+import json
 import os
+import secrets
+from dataclasses import asdict
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from datasets import Dataset, concatenate_datasets
 
 from common.atomic_io import write_json
 from common.data import TEXT_COLUMN_HELP, UNIT_COLUMN_HELP, load_target_task, majority_share, private_data_id
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.dp import ledger
-from common.dp.training import DPConfig, DPTrainer, add_dp_arguments, discard_training_state, ledger_dir
+from common.dp.training import (
+    AUDIT_NAME,
+    DPConfig,
+    DPTrainer,
+    add_dp_arguments,
+    discard_training_state,
+    ledger_dir,
+    private_state_dir,
+)
+from common.language_modelling import MessageCanaries
 from common.models import FREEZE_CHOICES, add_pooling_argument, load_finetuning_model
 from common.splits import add_split_seed_argument, add_train_fraction_argument, check_fraction, stable_sample
 from common.stage import DataError, StageOutput, add_redo_argument, run_stage
 from dp_finetuning.tasks import classification_parts, language_modelling_parts
+
+BLACK_BOX_SEED = "black_box_canaries.json"  # in the private training state: the canaries' secret seed
 
 
 def parse_args(argv=None):
@@ -54,13 +73,61 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     parser.add_argument("--output_dir", required=True, help="the release: model, privacy.json, results.json")
     add_dp_arguments(parser)
+    parser.add_argument("--audit_kind", choices=("white-box", "black-box"), default="white-box",
+                        help="--audit_canaries of the white-box kind (gradient canaries in the DP loop) or, for --task "
+                             "lm, the black-box kind: messages of random words added to the training messages, each "
+                             "with probability 1/2, scored by their loss in the released model (docs/privacy.md)")
     add_redo_argument(parser)
     parser.set_defaults(lr_scheduler_type="linear")
     args = parser.parse_args(argv)
     check_fraction("--train_fraction", args.train_fraction)
     if args.task == "lm" and args.pooling != "last":
         raise DataError("--pooling is for --task classification (a language model predicts every next token)")
+    if args.audit_kind == "black-box" and args.task != "lm":
+        raise DataError("--audit_kind black-box: canary messages are scored by a language model's loss; use --task lm "
+                        "(or the white-box kind)")
     return args
+
+
+def message_canaries(args, tokenizer, private_examples):
+    """The black-box canaries of this run, from a secret seed kept in its private training state (a resumed run
+    reads it; every process gets the main process's)."""
+    if not 2 <= args.audit_canaries <= 2 * private_examples:
+        raise DataError(f"--audit_canaries {args.audit_canaries}: between 2 and 2 x training examples = "
+                        f"{2 * private_examples:,} (more canaries than messages would outweigh the data)")
+    path = os.path.join(private_state_dir(args.output_dir), BLACK_BOX_SEED)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    seed, resumed = None, os.path.exists(path)
+    if accelerator.is_main_process:
+        if resumed:
+            with open(path) as handle:
+                seed = json.load(handle)["seed"]
+        else:
+            seed = secrets.randbits(63)
+    if accelerator.num_processes > 1:
+        seed = broadcast_object_list([seed], from_process=0)[0]
+    try:
+        canaries = MessageCanaries.draw(args.audit_canaries, seed, tokenizer)
+    except ValueError as error:
+        raise DataError(f"--audit_kind black-box with --model_name_or_path {args.model_name_or_path}: "
+                        f"{error}") from None
+    if accelerator.is_main_process and not resumed:
+        write_json(path, {"seed": seed, "canaries": args.audit_canaries})
+    return canaries
+
+
+def write_black_box_audit(args, trainer, tokenizer, canaries, report):
+    """audit.json of the black-box kind beside privacy.json: the bound from the canaries' losses in the released
+    model, and their mean exposure; no canary text (the canaries stay secret with the private training state)."""
+    found, exposure_in, exposure_out = canaries.result(trainer.model, tokenizer, args.max_length, trainer.delta)
+    accountant = report["epsilon"]["epsilon"]
+    write_json(os.path.join(args.output_dir, AUDIT_NAME), {
+        "kind": "black-box: messages of random words, each trained on with probability 1/2, scored by their loss in "
+                "the released model (Steinke et al. 2023; exposure as Carlini et al. 2019)",
+        **asdict(found), "accountant_epsilon": accountant,
+        "ratio": found.epsilon_lower_bound / accountant if accountant > 0 else None,
+        "mean_exposure_included": exposure_in, "mean_exposure_excluded": exposure_out,
+        "cost": f"{len(canaries.trained_on())} canary messages trained on beside the private ones"})
 
 
 def main(argv=None):
@@ -88,15 +155,28 @@ def main(argv=None):
     train_set = task["train"]
     if args.train_fraction is not None:
         train_set = stable_sample(train_set, args.train_fraction, args.seed)
+    private_examples, units = len(train_set), train_set["unit"] if unit_column else None
+    canaries = None
+    if args.audit_kind == "black-box" and args.audit_canaries:
+        canaries = message_canaries(args, tokenizer, private_examples)
+        train_set = concatenate_datasets([train_set, Dataset.from_dict(
+            {"sentence": canaries.trained_on(), **({"unit": [None] * len(canaries.trained_on())} if units else {})})])
+        if units is not None:  # each canary a unit of its own
+            units = units + [("canary", i) for i in range(len(canaries.trained_on()))]
     if lm:
         collate, losses, evaluate, lengths = language_modelling_parts(tokenizer, args.max_length, train_set, task,
                                                                       args.max_eval_samples, args.seed)
     else:
         collate, losses, evaluate, lengths = classification_parts(tokenizer, args.max_length, train_set, task)
-    trainer = DPTrainer(model, train_set, collate, losses, DPConfig.from_args(args), stage="finetune",
+    config = DPConfig.from_args(args)
+    if canaries is not None:
+        config.audit_canaries = 0  # the DP loop's canaries are the white-box kind
+    trainer = DPTrainer(model, train_set, collate, losses, config, stage="finetune",
                         private_data=private_data_id(args.target),
                         eval_fn=lambda trained: {f"val_{k}": v for k, v in evaluate(trained, "validation").items()},
-                        lengths=lengths, units=train_set["unit"] if unit_column else None, unit_column=unit_column)
+                        lengths=lengths, units=units, unit_column=unit_column,
+                        private_units=None if canaries is None else (
+                            len(set(units[:private_examples])) if units else private_examples))
     if trainer.accelerator.is_main_process:
         output.claim()
     trainer.train()
@@ -108,6 +188,8 @@ def main(argv=None):
     if not trainer.accelerator.is_main_process:
         return
     trainer.model.eval()
+    if canaries is not None:
+        write_black_box_audit(args, trainer, tokenizer, canaries, report)
     test = {f"test_{k}": v for k, v in evaluate(trainer.model, "test").items()} if "test" in task else {}
     composed, delta = ledger.composed_epsilon(trainer.run_dir)
     releases = depends_on + [ledger.release_of(report)]

@@ -17,29 +17,24 @@ Nothing here is a release: no ledger entry, no model saved; the private training
 import argparse
 import csv
 import os
-import random
 import secrets
 import shutil
 import subprocess
 import time
 
-import torch
 from datasets import Dataset, concatenate_datasets
 
 from common.atomic_io import atomic_path
 from common.data import load_target_task
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.dp.accounting import Mechanism, compute_epsilons
-from common.dp.audit import audit
 from common.dp.training import DPConfig, DPTrainer, discard_training_state
-from common.language_modelling import canary_messages, exposure, message_losses, whole_word_vocabulary
+from common.language_modelling import MessageCanaries
 from common.models import load_finetuning_model
 from common.splits import stable_sample
 from common.stage import DataError, run_stage
 from dp_finetuning import dp_finetune
 from dp_finetuning.tasks import language_modelling_parts
-
-REFERENCE_MESSAGES = 2000
 
 
 def parse_args(argv=None):
@@ -78,12 +73,8 @@ def stage6_args(args, work_dir, noise, canaries):
 def run_setting(args, train_set, name, noise, canaries=True, broken=False):
     """One DP fine-tuning with (or without) both kinds of canaries; returns the table's row."""
     model, tokenizer = load_finetuning_model(args.model_name_or_path, "lm", seed=args.seed)
-    coins = random.Random(secrets.randbits(63))  # the black-box canaries' secret coins and words
-    vocabulary = whole_word_vocabulary(tokenizer)
-    messages = canary_messages(args.canaries, coins, vocabulary) if canaries else []
-    included = [coins.random() < 0.5 for _ in messages]
-    references = canary_messages(REFERENCE_MESSAGES, coins, vocabulary)
-    trained_on = [text for text, inside in zip(messages, included) if inside]
+    black_box = MessageCanaries.draw(args.canaries if canaries else 0, secrets.randbits(63), tokenizer)
+    trained_on = black_box.trained_on()
     data = concatenate_datasets([train_set, Dataset.from_dict({"sentence": trained_on})]) if trained_on else train_set
     settings = stage6_args(args, os.path.join(args.output_dir, "work", name), noise, args.canaries if canaries else 0)
     collate, losses, _, lengths = language_modelling_parts(tokenizer, settings.max_length, data, {})
@@ -104,13 +95,10 @@ def run_setting(args, train_set, name, noise, canaries=True, broken=False):
         return row
     white = trainer.canaries.result(trainer.delta)
     trainer.model.eval()
-    canary_loss = message_losses(trainer.model, tokenizer, messages, settings.max_length)
-    black = audit(-canary_loss.numpy(), included, trainer.delta)
-    exposures = exposure(canary_loss, message_losses(trainer.model, tokenizer, references, settings.max_length))
-    inside = torch.tensor(included)
+    black, exposure_in, exposure_out = black_box.result(trainer.model, tokenizer, settings.max_length, trainer.delta)
     row.update({"white_box_bound": white.epsilon_lower_bound, "white_box_correct": f"{white.correct}/{white.guesses}",
                 "black_box_bound": black.epsilon_lower_bound, "black_box_correct": f"{black.correct}/{black.guesses}",
-                "exposure_in": float(exposures[inside].mean()), "exposure_out": float(exposures[~inside].mean())})
+                "exposure_in": exposure_in, "exposure_out": exposure_out})
     return row
 
 

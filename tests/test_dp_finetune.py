@@ -382,3 +382,47 @@ def test_stage_six_fine_tunes_per_sender(tmp_path, pretrained):
     assert report["sample_rate"] == pytest.approx(4 / len(train_senders))
     assert report["max_examples_per_unit"] == 2
     assert [e["privacy_unit"] for e in ledger.load_entries(str(tmp_path / "run"))] == ["sender"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_with_words(tmp_path_factory):
+    """A nano model whose tokenizer holds whole words: 60 made-up words, each frequent enough to be one token."""
+    root = tmp_path_factory.mktemp("pretrained_words")
+    words = [a + b + c for a, b, c in zip("bdfgklmnprstvz" * 5, "aeiou" * 14, "ktnslrmpgd" * 7)][:60]
+    Dataset.from_dict({"text": [" ".join(words[(i + j) % 60] for j in range(12)) + " ." for i in range(400)]}
+                      ).save_to_disk(str(root / "data"))
+    pretrain_gpt2.main(["--dataset_path", str(root / "data"), "--output_dir", str(root / "model"),
+                        "--model_size", "nano", "--vocab_size", "400", "--block_size", "32",
+                        "--per_device_train_batch_size", "8", "--max_train_steps", "3"])
+    return root / "model"
+
+
+def test_stage_six_black_box_audit(tmp_path, pretrained, pretrained_with_words):
+    """--audit_kind black-box: canary messages join the training messages by secret coins, audit.json holds the
+    bound and exposures but no canary text, and the secret seed goes with the private training state."""
+    rows = [{"text": f"{GOOD if i % 3 else BAD} {i}"} for i in range(200)]
+    (tmp_path / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "run" / "finetune"
+    argv = ["--target", str(tmp_path / "messages.jsonl"), "--task", "lm", "--output_dir", str(output),
+            "--noise_multiplier", "0.8", "--per_device_train_batch_size", "16", "--max_train_steps", "3",
+            "--model_name_or_path", str(pretrained_with_words), "--audit_canaries", "40", "--audit_kind", "black-box"]
+    with pytest.raises(DataError, match="--audit_kind black-box with --model_name_or_path .*: the tokenizer has 0 "
+                                        "whole-word tokens"):
+        dp_finetune.main([*argv[:-6], "--model_name_or_path", str(pretrained), *argv[-4:]])
+    assert not (tmp_path / "run" / "finetune.private").exists()  # nothing left behind
+    with pytest.raises(DataError, match="--audit_canaries 4000: between 2 and 2 x training examples"):
+        dp_finetune.main([*argv[:-4], "--audit_canaries", "4000", "--audit_kind", "black-box"])
+    dp_finetune.main(argv)
+    found = json.loads((output / "audit.json").read_text())
+    assert found["kind"].startswith("black-box") and found["canaries"] == 40 and found["guesses"] <= 40
+    assert found["epsilon_lower_bound"] >= 0 and found["accountant_epsilon"] > 0
+    assert {"mean_exposure_included", "mean_exposure_excluded"} <= set(found)
+    report = json.loads((output / "privacy.json").read_text())
+    results = json.loads((output / "results.json").read_text())
+    trained_canaries = results["train_examples"] - len(data.load_target_task(
+        str(tmp_path / "messages.jsonl"), label_column=None)["train"])
+    assert 0 < trained_canaries < 40 and report["delta"] == pytest.approx(1 / (10 * (results["train_examples"]
+                                                                                      - trained_canaries)))
+    assert not (tmp_path / "run" / "finetune.private").exists()
+    with pytest.raises(DataError, match="--audit_kind black-box: .* use --task lm"):
+        dp_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--audit_kind", "black-box"])
