@@ -5,8 +5,9 @@ For each setting, one DP fine-tuning of a stage 5 model on the chat target with 
   * white-box: --audit_canaries gradient canaries of the DP loop (common/dp/audit.py), scored on every noisy update;
   * black-box: as many random-word messages (the secret sharer's canaries) added to the training messages, scored
     by their loss in the fine-tuned model, with their exposure against random messages never trained on.
-Settings: a stage epsilon of 1, 4 and 16; clipping without noise; and a broken mechanism that adds a tenth of the
-noise while the accountant is told the whole (claiming epsilon 1, then 4). Also the time of the audited fine-tuning
+Settings: a stage epsilon of 1, 4 and 16; clipping without noise; and two broken mechanisms, claiming epsilon 1, then
+4: one adds a tenth of the noise while the accountant is told the whole, one switches clipping off (every clip factor
+1) while the noise and the accountant assume the clip norm. Also the time of the audited fine-tuning
 at epsilon 4 against the same fine-tuning without canaries, in the same process.
 
     python scripts/benchmark_audit.py --model_name_or_path runs/demo_lm/pretrained --output_dir results/audit
@@ -70,7 +71,7 @@ def stage6_args(args, work_dir, noise, canaries):
                                    str(canaries), "--seed", str(args.seed)])
 
 
-def run_setting(args, train_set, name, noise, canaries=True, broken=False):
+def run_setting(args, train_set, name, noise, canaries=True, broken=False, unclipped=False):
     """One DP fine-tuning with (or without) both kinds of canaries; returns the table's row."""
     model, tokenizer = load_finetuning_model(args.model_name_or_path, "lm", seed=args.seed)
     black_box = MessageCanaries.draw(args.canaries if canaries else 0, secrets.randbits(63), tokenizer)
@@ -84,6 +85,8 @@ def run_setting(args, train_set, name, noise, canaries=True, broken=False):
                                trainer.delta)["epsilon"] if trainer.noise_multiplier > 0 else float("inf")
     if broken:
         trainer.noise_multiplier /= 10  # the accountant was told the whole: `claimed` is what it prints
+    if unclipped:
+        trainer.engine.max_grad_norm = float("inf")  # every factor 1; the noise and the claim still assume C
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -148,6 +151,8 @@ def main(argv=None):
     rows.append(run_setting(args, train_set, "clipping without noise", ["--noise_multiplier", "0"]))
     rows += [run_setting(args, train_set, f"broken: a tenth of the noise, claims {e:g}", ["--target_epsilon", str(e)],
                          broken=True) for e in args.broken_epsilons]
+    rows += [run_setting(args, train_set, f"broken: clipping off, claims {e:g}", ["--target_epsilon", str(e)],
+                         unclipped=True) for e in args.broken_epsilons]
     audited = next(r for r in rows if r["setting"] == f"epsilon {args.timing_epsilon:g}")
     shutil.rmtree(os.path.join(args.output_dir, "work"), ignore_errors=True)
     write_table(args, rows, plain["train_seconds"], audited["train_seconds"])
