@@ -109,15 +109,18 @@ def test_t5_relative_attention_bias_is_refused(seq_len):
 class DictInput(nn.Module):
     """Called with a dict (or a list) and no tensor argument."""
 
-    def __init__(self, flatten_tokens=False):
+    def __init__(self, flatten_tokens=None):
         super().__init__()
         torch.manual_seed(0)
         self.head, self.flatten_tokens = nn.Linear(3, 2), flatten_tokens
 
     def forward(self, inputs):
         x = inputs["x"] if isinstance(inputs, dict) else inputs[0]
-        if self.flatten_tokens:  # every token becomes a row: rows are no longer examples
+        if self.flatten_tokens == "by example":  # every token a row, each example's rows together (OPT)
             return self.head(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], 2)
+        if self.flatten_tokens == "by position":  # every token a row, position by position: examples interleaved
+            rows = self.head(x.transpose(0, 1).reshape(-1, x.shape[-1]))
+            return rows.reshape(x.shape[1], x.shape[0], 2).transpose(0, 1)
         return self.head(x)
 
 
@@ -134,9 +137,15 @@ def test_dict_and_list_inputs_are_exact(container):
     assert_exact(DictInput(), dict_losses, wrap(x), [wrap(x[i:i + 1]) for i in range(4)])
 
 
-def test_rows_that_are_tokens_not_examples_are_refused():
+def test_rows_flattened_example_by_example_are_exact():
+    x = torch.randn(4, 5, 3, generator=torch.Generator().manual_seed(3))
+    assert_exact(DictInput("by example"), dict_losses, {"x": x}, [{"x": x[i:i + 1]} for i in range(4)])
+
+
+def test_rows_flattened_position_by_position_are_refused():
+    """(T * B, d) rows have the batch's row count times T too, but k consecutive rows are not one example's."""
     x = torch.randn(4, 4, 3, generator=torch.Generator().manual_seed(3))
-    assert_refused(DictInput(flatten_tokens=True), dict_losses, {"x": x}, "head")
+    assert_refused(DictInput("by position"), dict_losses, {"x": x}, "head")
 
 
 class Normalised(nn.Module):

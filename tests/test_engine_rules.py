@@ -49,7 +49,17 @@ def short(qualified_name):
     return qualified_name.rsplit(".", 1)[1]
 
 
+def attention_masks(generator):
+    """Left- and right-padded masks: OPT's learned positions count the unpadded tokens."""
+    lengths = torch.randint(2, SEQ + 1, (BATCH,), generator=generator)
+    mask = (torch.arange(SEQ)[None] < lengths[:, None]).long()
+    mask[::2] = mask[::2].flip(1)
+    return mask
+
+
 SCALED_EMBEDDINGS = [key for key in RULES if isinstance(key, str) and key.endswith("ScaledWordEmbedding")]
+OPT_POSITIONS = "transformers.models.opt.modeling_opt.OPTLearnedPositionalEmbedding"
+BART_POSITIONS = "transformers.models.bart.modeling_bart.BartLearnedPositionalEmbedding"
 FALCON_LINEAR = "transformers.models.falcon.modeling_falcon.FalconLinear"
 
 # registry key (a class, or a class's qualified name) -> {case name: (layer factory, input factory, output width)}
@@ -66,6 +76,9 @@ CASES = {
        for name in HF_RMS_NORMS},
     **{name: {short(name): (lambda name=name: hf_class(name)(VOCAB, WIDTH, 0, 2.5), id_inputs, WIDTH)}
        for name in SCALED_EMBEDDINGS},
+    OPT_POSITIONS: {"opt_positions_with_padding": (lambda: hf_class(OPT_POSITIONS)(SEQ, WIDTH), attention_masks,
+                                                   WIDTH)},
+    BART_POSITIONS: {"bart_positions": (lambda: hf_class(BART_POSITIONS)(SEQ, WIDTH), id_inputs, WIDTH)},
     FALCON_LINEAR: {"falcon_linear": (lambda: hf_class(FALCON_LINEAR)(WIDTH, 7, bias=True),
                                       float_inputs((SEQ, WIDTH)), 7)},
 }
@@ -132,3 +145,16 @@ def test_a_rule_refuses_a_configuration_it_cannot_clip():
     model = OneLayer(nn.Embedding(VOCAB, WIDTH, max_norm=1.0), WIDTH)
     with pytest.raises(UnsupportedParameterError, match="'layer'.*max_norm"):
         PerExampleGradients(model, 1.0)
+
+
+def test_ids_read_from_the_arguments_are_checked_against_the_output(monkeypatch):
+    """A rule that reads the looked-up ids from the call's arguments (learned positions) is checked on every call:
+    ids that do not give the layer's output (a library's forward that changed) stop the run, naming the layer."""
+    rule = RULES[OPT_POSITIONS]
+    monkeypatch.setitem(RULES, OPT_POSITIONS, type(rule)(**{**rule.__dict__, "ids": lambda layer, args, kwargs:
+                                                               rule.ids(layer, args, kwargs).flip(1)}))
+    model = OneLayer(hf_class(OPT_POSITIONS)(SEQ, WIDTH), WIDTH)
+    engine = PerExampleGradients(model, 1.0)
+    with pytest.raises(UnsupportedParameterError, match="layer 'layer' .* do not give the layer's output"):
+        model(attention_masks(torch.Generator().manual_seed(0)))
+    engine.detach()

@@ -35,6 +35,10 @@ class _Use:
     output_version: int
 
 
+def _same(expected, output):
+    return expected.shape == output.shape and bool(torch.equal(expected, output))
+
+
 def _refuse_non_finite(quantity, values):
     finite = torch.isfinite(values.detach())
     if not bool(finite.all()):
@@ -80,7 +84,7 @@ class PerExampleGradients:
         self._probed_patterns = set()
         self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
         for layer, name in self._hooked.items():
-            self._handles.append(layer.register_forward_hook(self._store_use))
+            self._handles.append(layer.register_forward_hook(self._store_use, with_kwargs=True))
         safe = {m for m in per_example_safe if isinstance(m, nn.Module)}
         safe_names = {m for m in per_example_safe if isinstance(m, str)}
         for name, module in model.named_modules():
@@ -137,11 +141,15 @@ class PerExampleGradients:
             self._call = (args, kwargs)
         self._batch_size = batch_size_of(args, kwargs)
 
-    def _store_use(self, layer, inputs, output):
+    def _store_use(self, layer, args, kwargs, output):
         if not torch.is_grad_enabled() and self._capture is None:
             return None
         name, rule = self._hooked[layer]
-        x = inputs[0]
+        x = args[0] if rule.ids is None else rule.ids(layer, args, kwargs)
+        if rule.ids is not None and not _same(rule.lookup(layer, x), output):
+            raise UnsupportedParameterError(
+                f"layer '{name}' ({type(layer).__name__}): the ids its rule reads from the call's arguments do not "
+                "give the layer's output (the library's forward changed?); freeze it or update its rule")
         if rule.lookup is not None and x.dim() > 0 and x.shape[0] == 1 and self._batch_size != 1:
             if self._batch_size is None:
                 raise UnsupportedParameterError(
@@ -233,8 +241,9 @@ class PerExampleGradients:
         for use, output_grad in zip(uses, output_grads):
             if output_grad is None:
                 continue
-            x = _flatten_sequence(use.inputs, use.rule.input_feature_dims(use.layer))
-            g = _flatten_sequence(output_grad, use.rule.output_feature_dims(use.layer))
+            # rows flattened to (B * k, ...) (OPT's feed-forward) are (B, k, ...): the probes proved the order
+            x = _flatten_sequence(use.inputs.unflatten(0, (batch, -1)), use.rule.input_feature_dims(use.layer))
+            g = _flatten_sequence(output_grad.unflatten(0, (batch, -1)), use.rule.output_feature_dims(use.layer))
             for param, factor in use.rule.factors(use.layer, x, g).items():
                 if param.requires_grad:
                     factors.setdefault(param, []).append(factor)

@@ -95,15 +95,18 @@ def use_pattern(uses, batch):
 
 
 def check_batch_axis(uses, batch):
-    """Refuse a stored input or output whose first axis is not the batch of `batch` per-example losses."""
+    """Refuse a stored input or output whose first axis is not the batch of `batch` per-example losses, nor the
+    batch's rows flattened with k rows each (B * k, as OPT flattens tokens before its feed-forward: the probes then
+    prove that each run of k rows is one example's), or whose input and output disagree on it."""
     for use in uses:
         for what, tensor, feature_dims in (("input", use.inputs, use.rule.input_feature_dims(use.layer)),
                                            ("output", use.output, use.rule.output_feature_dims(use.layer))):
-            if tensor.dim() < feature_dims + 1 or tensor.shape[0] != batch:
+            if (tensor.dim() < feature_dims + 1 or tensor.shape[0] % batch or tensor.shape[0] == 0
+                    or tensor.shape[0] != use.inputs.shape[0]):
                 raise ExampleMixingError(
                     f"layer '{use.name}' got an {what} of shape {tuple(tensor.shape)} whose first axis is not "
-                    f"the batch ({batch} per-example losses), so its trainable parameters have no per-example "
-                    "gradients")
+                    f"the batch ({batch} per-example losses) or its rows, so its trainable parameters have no "
+                    "per-example gradients")
 
 
 def gradient_probe(losses, uses, output_grads):
@@ -114,7 +117,7 @@ def gradient_probe(losses, uses, output_grads):
     for use, plain, signed in zip(uses, output_grads, probed):
         if plain is None or signed is None:
             continue
-        plain, signed = f32(plain).flatten(1), f32(signed).flatten(1)
+        plain, signed = f32(plain).reshape(losses.shape[0], -1), f32(signed).reshape(losses.shape[0], -1)
         leak = (signed - signs.float()[:, None] * plain).norm(dim=1)
         scale = plain.norm(dim=1).max().clamp_min(1e-30)
         if (leak > 1e-4 * scale).any():
@@ -140,9 +143,9 @@ def input_probe(capture, call, batch):
     captured = [capture(args, kwargs), capture(_map_tensors(args, perturb), _map_tensors(kwargs, perturb))]
     others = torch.arange(batch) != changed
     for (name, before), (name_after, after) in zip(*captured):
-        if name != name_after or before.shape != after.shape or before.dim() == 0 or before.shape[0] != batch:
+        if name != name_after or before.shape != after.shape or before.dim() == 0 or before.shape[0] % batch:
             continue
-        before, after = f32(before)[others], f32(after)[others]
+        before, after = f32(before).unflatten(0, (batch, -1))[others], f32(after).unflatten(0, (batch, -1))[others]
         if not torch.allclose(before, after, rtol=1e-4, atol=1e-6 * before.abs().max().clamp_min(1.0).item()):
             raise ExampleMixingError(
                 f"layer '{name}': its input for other examples changed when only example {changed}'s model inputs "

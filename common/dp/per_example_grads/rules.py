@@ -30,7 +30,9 @@ class LayerRule:
     how many trailing axes of the input and of the output are features (the rest, after the batch axis,
     are flattened into the sequence axis). `lookup(layer, ids)`: for layers fed integer ids (embeddings):
     the input has no feature axis and the output one, and ids broadcast over the batch (shape (1, T)) are
-    looked up per example with it. `check(layer)`: why this instance cannot be handled, or None."""
+    looked up per example with it. `ids(layer, args, kwargs)`: for embeddings whose forward computes the ids it
+    looks up from its arguments (learned positions with an offset): those ids; the engine checks on every call that
+    looking them up gives the layer's output. `check(layer)`: why this instance cannot be handled, or None."""
 
     layer_type: type
     factors: Callable
@@ -38,6 +40,7 @@ class LayerRule:
     feature_dims: Callable = lambda layer: 1
     lookup: Optional[Callable] = None
     check: Optional[Callable] = None
+    ids: Optional[Callable] = None
 
     def input_feature_dims(self, layer):
         return 0 if self.lookup is not None else self.feature_dims(layer)
@@ -49,11 +52,11 @@ class LayerRule:
 RULES: dict = {}
 
 
-def register_rule(layer_type, parameters, feature_dims=None, lookup=None, check=None):
+def register_rule(layer_type, parameters, feature_dims=None, lookup=None, check=None, ids=None):
     """Decorator: `factors_fn` becomes the rule for `layer_type` (replacing any earlier one): a class, or its
     qualified name `module.Class` (a class of a library that need not be imported to register it)."""
     def register(factors_fn):
-        rule = LayerRule(layer_type, factors_fn, tuple(parameters), lookup=lookup, check=check,
+        rule = LayerRule(layer_type, factors_fn, tuple(parameters), lookup=lookup, check=check, ids=ids,
                          **({} if feature_dims is None else {"feature_dims": feature_dims}))
         RULES[layer_type] = rule
         return factors_fn
@@ -186,3 +189,33 @@ for _name in ("transformers.models.gemma.modeling_gemma.GemmaTextScaledWordEmbed
 
 # nn.Linear subclasses whose forward is x W^T + b written out: the linear rule
 register_rule("transformers.models.falcon.modeling_falcon.FalconLinear", ("weight", "bias"))(linear)
+
+
+def _argument(args, kwargs, position, name, default=None):
+    return args[position] if len(args) > position else kwargs.get(name, default)
+
+
+def _opt_position_ids(layer, args, kwargs):
+    """OPT's learned positions: the position of each token among the unpadded ones (from the attention mask), plus
+    the table's offset of 2."""
+    position_ids = _argument(args, kwargs, 2, "position_ids")
+    if position_ids is None:
+        mask = _argument(args, kwargs, 0, "attention_mask")
+        position_ids = (torch.cumsum(mask, dim=1) * mask - 1).long()[:, _argument(args, kwargs, 1,
+                                                                               "past_key_values_length", 0):]
+    return position_ids + layer.offset
+
+
+def _bart_position_ids(layer, args, kwargs):
+    """BART's learned positions: 0..T-1 after any cached length (or the given position ids), plus the offset of 2."""
+    position_ids = _argument(args, kwargs, 2, "position_ids")
+    if position_ids is not None:
+        return position_ids.unsqueeze(0) + layer.offset
+    input_ids, past = _argument(args, kwargs, 0, "input_ids"), _argument(args, kwargs, 1, "past_key_values_length", 0)
+    batch, seq_len = input_ids.shape[:2]
+    return (torch.arange(past, past + seq_len, device=layer.weight.device) + layer.offset).expand(batch, -1)
+
+
+for _name, _ids in (("transformers.models.opt.modeling_opt.OPTLearnedPositionalEmbedding", _opt_position_ids),
+                    ("transformers.models.bart.modeling_bart.BartLearnedPositionalEmbedding", _bart_position_ids)):
+    register_rule(_name, ("weight",), lookup=_embedding_lookup, check=_embedding_check, ids=_ids)(embedding)
