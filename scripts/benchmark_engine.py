@@ -37,7 +37,7 @@ def per_example_loss(logits, labels, lm):
 
 
 def positions(ids):
-    return torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
+    return torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
 
 
 def mean_loss_step(module, optimizer, lm):
@@ -118,8 +118,20 @@ def resting_bytes(model, optimizer):
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_step_bytes(step, model, optimizer, ids, labels):
     before = resting_bytes(model, optimizer)
+    if ids.device.type == "cuda":  # the allocator's own peak, from the memory held before the step
+        torch.cuda.synchronize(ids.device)
+        torch.cuda.reset_peak_memory_stats(ids.device)
+        start = torch.cuda.memory_allocated(ids.device)
+        step(ids, labels)
+        torch.cuda.synchronize(ids.device)
+        return before + torch.cuda.max_memory_allocated(ids.device) - start
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step(ids, labels)
     allocations = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
@@ -135,10 +147,11 @@ def measure(lm, seq_len, args):
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=args.vocab_size, n_positions=max(256, seq_len), n_embd=args.width,
                         n_layer=args.layers, n_head=4, num_labels=2, pad_token_id=0)
-    base = (GPT2LMHeadModel if lm else GPT2ForSequenceClassification)(config)
+    device = torch.device(args.device)
+    base = (GPT2LMHeadModel if lm else GPT2ForSequenceClassification)(config).to(device)
     batch_size = args.batch_size
-    ids = torch.randint(1, args.vocab_size, (batch_size, seq_len))
-    labels = ids if lm else torch.randint(0, 2, (batch_size,))
+    ids = torch.randint(1, args.vocab_size, (batch_size, seq_len), device=device)
+    labels = ids if lm else torch.randint(0, 2, (batch_size,), device=device)
     steps, results = {}, {}
     for name in args.variants:
         make = VARIANTS[name]
@@ -155,13 +168,15 @@ def measure(lm, seq_len, args):
             results[name] = {"error": f"cannot run: {type(error).__name__}: {str(error).splitlines()[0][:70]}"}
     for _ in range(args.repeats):
         for name, step in steps.items():
+            synchronize(device)
             start = time.perf_counter()
             step(ids, labels)
+            synchronize(device)
             results[name]["times"].append(time.perf_counter() - start)
     return results
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq_lens", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--batch_size", type=int, default=32)
@@ -172,9 +187,12 @@ def main():
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab_size", type=int, default=8192)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (times synchronised, the allocator's peak)")
+    args = parser.parse_args(argv)
     args.variants = ["non-private"] + [v for v in args.variants if v != "non-private"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch_size}, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else (
+        f"CPU, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {where}, batch {args.batch_size}, "
           f"width {args.width}, {args.layers} layers, vocab {args.vocab_size}, {args.repeats} repeats")
     for lm in [model == "lm" for model in args.models]:
         print(f"\n### GPT-2 {'LM head, tied weights' if lm else 'sequence classification'}\n")

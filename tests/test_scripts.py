@@ -13,7 +13,7 @@ SCRIPTS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(
 
 
 SHELL_SCRIPTS = ("run_pipeline.sh", "reproduce_table.sh", "train_domain_classifier.sh", "pretraining.sh",
-                 "train_sst2.sh", "test.sh")
+                 "train_sst2.sh", "test.sh", "gpu_check.sh")
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS)
@@ -42,6 +42,17 @@ def test_engine_benchmark_runs_a_tiny_configuration():
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert completed.stdout.count("| this engine |") == 2  # one row per model
+
+
+def test_gpu_check_runs_a_tiny_configuration_on_the_cpu():
+    """scripts/gpu_check.sh --tiny: the GPU check's table on the CPU, so that the prepared script keeps working."""
+    completed = subprocess.run(["bash", "scripts/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=600)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-2000:]
+    rows = [line for line in completed.stdout.splitlines() if line.startswith("| LM head") or
+            line.startswith("| sequence classification")]
+    assert len(rows) == 6 and all(row.endswith("| ok |") for row in rows)
+    assert completed.stdout.count("| this engine |") == 2
 
 
 def test_the_tree_is_lint_clean():
