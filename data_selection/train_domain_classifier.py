@@ -79,6 +79,7 @@ def train(args, accelerator):
         # each public negative is a unit of its own; the private units are the senders
         units = [unit if unit is not None else ("public", row) for row, unit in enumerate(train_set["unit"])]
         positives = len({unit for unit in train_set["unit"] if unit is not None})
+    torch.manual_seed(args.seed)  # the classifier's initialisation follows --seed, as the help says
     model, encode = build_classifier(args.backbone, args.model_name_or_path, args.num_buckets, args.embedding_dim)
 
     def collate(examples):

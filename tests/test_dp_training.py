@@ -158,6 +158,31 @@ def test_two_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
 
 
+def run_two_nodes(tmp_path, mode, name, dp_argv):
+    """The worker as two nodes of one process each, rendezvous over loopback (torchrun --nnodes 2), as on two
+    machines; the main node's result."""
+    result, port = tmp_path / f"{name}.pt", str(free_port())
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
+         str(rank), "--master_addr", "127.0.0.1", "--master_port", port, os.path.join(ROOT, "tests",
+         "distributed_dp_worker.py"), mode, str(result), "--output_dir", str(tmp_path / name), *dp_argv],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
+    return torch.load(result)
+
+
+@pytest.mark.slow
+def test_two_nodes_equal_one_process(tmp_path):
+    """Two machines of one process each (simulated over loopback) take the same DP steps as one process."""
+    common = ["--noise_multiplier", "0", "--max_train_steps", "2", "--max_grad_norm", "0.1",
+              "--learning_rate", "1e-2", "--deterministic_dp"]
+    one = run_worker(tmp_path, 1, "train", "one", common + ["--per_device_train_batch_size", "8"])
+    two = run_two_nodes(tmp_path, "train", "two", common + ["--per_device_train_batch_size", "4"])
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_two_processes_add_the_noise_once(tmp_path):
     noise = run_worker(tmp_path, 2, "noise", "noise", ["--noise_multiplier", "1.5", "--max_grad_norm", "2",
