@@ -12,7 +12,14 @@ import argparse
 import collections
 import os
 
-from common.data import HUB_PUBLIC, HUB_TARGET, TEXT_COLUMN_HELP, load_public_corpus, load_target_task
+from common.data import (
+    HUB_PUBLIC,
+    HUB_TARGET,
+    TEXT_COLUMN_HELP,
+    UNIT_COLUMN_HELP,
+    load_public_corpus,
+    load_target_task,
+)
 from common.demo_data import DEFAULT_CACHE_DIR
 from common.stage import DataError, run_stage
 
@@ -39,15 +46,18 @@ def main(argv=None):
     parser.add_argument("--corpus", nargs="*", default=[])
     parser.add_argument("--text_column", default=None, help=TEXT_COLUMN_HELP + " (the target's and the corpus's)")
     parser.add_argument("--label_column", default="label", help="classification: the 0/1 labels of local files")
+    parser.add_argument("--unit_column", default=None, help=UNIT_COLUMN_HELP + " (checked when given)")
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
     args = parser.parse_args(argv)
     refuse_target_in_corpus(args.target, args.corpus)
     if args.target not in NAMED_TARGETS:
         label_column = args.label_column if args.task == "classification" else None
-        task = load_target_task(args.target, args.text_column, label_column, args.cache_dir, args.split_seed)
+        task = load_target_task(args.target, args.text_column, label_column, args.cache_dir, args.split_seed,
+                                args.unit_column)
         sizes = ", ".join(f"{name} {len(split):,}" for name, split in task.items())
-        print(f"--target {args.target}: {sizes} examples")
+        senders = f" of {len(set(task['train']['unit'])):,} training senders" if args.unit_column else ""
+        print(f"--target {args.target}: {sizes} examples{senders}")
     local = [spec for spec in args.corpus if spec not in NAMED_CORPORA]
     if local:
         corpus, _ = load_public_corpus(local, args.text_column, args.cache_dir)

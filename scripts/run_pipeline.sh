@@ -206,7 +206,8 @@ launch() {  # several processes for the stages that use them
 if [ "$DRY_RUN" = 0 ]; then
   source scripts/setup_venv.sh
   # your own data: its columns, labels and splits, before any stage runs
-  python scripts/check_data.py --task "$TASK" --target "$TARGET" --corpus "${USER_CORPUS[@]}" "${TEXT[@]}" "${LABEL[@]}"
+  python scripts/check_data.py --task "$TASK" --target "$TARGET" --corpus "${USER_CORPUS[@]}" "${TEXT[@]}" "${LABEL[@]}" \
+    ${EVAL_UNIT[@]+--unit_column "${EVAL_UNIT[1]}"}
   if [ "$FORCE" = 1 ] && [ -d "$RUN_DIR" ]; then
     # everything but the privacy ledgers: their releases stay in the history (as superseded once deleted)
     find "$RUN_DIR" -mindepth 1 ! -type d ! -name ledger.json ! -name ledger.json.lock -delete

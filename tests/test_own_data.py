@@ -76,6 +76,8 @@ def test_own_corpus_folder_and_csv_target_end_to_end(own_data, task, target):
      "no column 'label'"),
     (lambda base: None, ["--target", "{base}/messages.csv", "--corpus", "{base}"],
      "--corpus {base} and --target {base}/messages.csv overlap: the private data would be pre-trained on"),
+    (lambda base: None, ["--target", "{base}/messages.csv", "--privacy_unit", "sender"],
+     "{base}/messages.csv: no column 'sender' (columns: text); --unit_column names the column"),
 ])
 def test_bad_own_data_stops_in_one_line_before_stage_1(own_data, tmp_path, make, flags, message):
     base = tmp_path
