@@ -40,8 +40,8 @@ NOT_SETTINGS = frozenset({"output_dir", "resume_from_checkpoint", "keep_training
                           "redo_changed", "num_proc", "logging_steps", "checkpointing_steps", "score_batch_size"})
 # Flags added after outputs were made, at the value that does what those outputs did: a signature without the flag
 # matches a run that leaves it there, so an upgrade does not make every earlier output "changed".
-SETTINGS_ADDED_LATER = {"audit_canaries": 0, "privacy_unit": "example", "unit_column": "sender",
-                        "max_examples_per_unit": 8, "target_unit_column": None}
+SETTINGS_ADDED_LATER = {"audit_canaries": 0, "audit_kind": "white-box", "privacy_unit": "example",
+                        "unit_column": "sender", "max_examples_per_unit": 8, "target_unit_column": None}
 # Path flags recorded by value only: the run directory holds everything, its listing is no input.
 NOT_FINGERPRINTED = frozenset({"run_dir"})
 # Where a stage works before its output is complete, and where a DP stage keeps its private training state

@@ -101,7 +101,12 @@ def message_canaries(args, tokenizer, private_examples):
     if accelerator.is_main_process:
         if resumed:
             with open(path) as handle:
-                seed = json.load(handle)["seed"]
+                stored = json.load(handle)
+            if stored.get("canaries") != args.audit_canaries:
+                raise DataError(f"--audit_canaries {args.audit_canaries}: the private training state in "
+                                f"{os.path.dirname(path)} holds {stored.get('canaries')} black-box canaries; use that "
+                                "count to resume, or delete it to start afresh")
+            seed = stored["seed"]
         else:
             seed = secrets.randbits(63)
     if accelerator.num_processes > 1:
@@ -116,6 +121,26 @@ def message_canaries(args, tokenizer, private_examples):
     return canaries
 
 
+def with_canaries(train_set, units, canaries):
+    """The training set with every canary message after the private ones, each flagged `muted` unless its coin put
+    it in: a muted canary has no label, so it contributes a zero gradient. All m are there whatever the coins, so n
+    and q do not depend on them (each coin adds or zeroes out one record); at sender level each is its own unit."""
+    count = len(canaries.messages)
+    rows = {"sentence": canaries.messages, "muted": [not inside for inside in canaries.included],
+            **({"unit": [None] * count} if units is not None else {})}
+    private = train_set.add_column("muted", [False] * len(train_set))
+    train_set = concatenate_datasets([private, Dataset.from_dict(rows, features=private.features)])
+    return train_set, None if units is None else units + [("canary", i) for i in range(count)]
+
+
+def muting_excluded_canaries(collate):
+    def collate_with_mutes(examples):
+        batch = collate(examples)
+        batch["labels"][torch.tensor([bool(e["muted"]) for e in examples])] = -100
+        return batch
+    return collate_with_mutes
+
+
 def write_black_box_audit(args, trainer, tokenizer, canaries, report):
     """audit.json of the black-box kind beside privacy.json: the bound from the canaries' losses in the released
     model, and their mean exposure; no canary text (the canaries stay secret with the private training state)."""
@@ -127,7 +152,7 @@ def write_black_box_audit(args, trainer, tokenizer, canaries, report):
         **asdict(found), "accountant_epsilon": accountant,
         "ratio": found.epsilon_lower_bound / accountant if accountant > 0 else None,
         "mean_exposure_included": exposure_in, "mean_exposure_excluded": exposure_out,
-        "cost": f"{len(canaries.trained_on())} canary messages trained on beside the private ones"})
+        "cost": f"{len(canaries.messages)} canary messages in the training set, about half of them trained on"})
 
 
 def main(argv=None):
@@ -155,17 +180,16 @@ def main(argv=None):
     train_set = task["train"]
     if args.train_fraction is not None:
         train_set = stable_sample(train_set, args.train_fraction, args.seed)
-    private_examples, units = len(train_set), train_set["unit"] if unit_column else None
+    private_examples, units = len(train_set), list(train_set["unit"]) if unit_column else None
     canaries = None
     if args.audit_kind == "black-box" and args.audit_canaries:
         canaries = message_canaries(args, tokenizer, private_examples)
-        train_set = concatenate_datasets([train_set, Dataset.from_dict(
-            {"sentence": canaries.trained_on(), **({"unit": [None] * len(canaries.trained_on())} if units else {})})])
-        if units is not None:  # each canary a unit of its own
-            units = units + [("canary", i) for i in range(len(canaries.trained_on()))]
+        train_set, units = with_canaries(train_set, units, canaries)
     if lm:
         collate, losses, evaluate, lengths = language_modelling_parts(tokenizer, args.max_length, train_set, task,
                                                                       args.max_eval_samples, args.seed)
+        if canaries is not None:
+            collate = muting_excluded_canaries(collate)
     else:
         collate, losses, evaluate, lengths = classification_parts(tokenizer, args.max_length, train_set, task)
     config = DPConfig.from_args(args)

@@ -162,3 +162,10 @@ def test_calibration_passes_noise_levels_where_the_prv_discretisation_fails():
     sigma = calibrate_noise_multiplier(4.0, 128 / 1173, 36, 8.53e-5, earlier=earlier)
     composed = compute_epsilons(earlier + [Mechanism(sigma, 128 / 1173, 36)], 8.53e-5)["epsilon"]
     assert 3.9 < composed <= 4.0
+
+
+@pytest.mark.slow  # every trial falls back to PLD: about a minute
+def test_calibration_after_an_earlier_stage_whose_prv_discretisation_fails():
+    earlier = [Mechanism(0.3638, 0.3, 20)]  # little noise: the PRV library cannot discretise it
+    sigma = calibrate_noise_multiplier(100, 0.1, 100, 1e-5, earlier=earlier)
+    assert compute_epsilons(earlier + [Mechanism(sigma, 0.1, 100)], 1e-5)["epsilon"] <= 100

@@ -419,10 +419,31 @@ def test_stage_six_black_box_audit(tmp_path, pretrained, pretrained_with_words):
     assert {"mean_exposure_included", "mean_exposure_excluded"} <= set(found)
     report = json.loads((output / "privacy.json").read_text())
     results = json.loads((output / "results.json").read_text())
-    trained_canaries = results["train_examples"] - len(data.load_target_task(
-        str(tmp_path / "messages.jsonl"), label_column=None)["train"])
-    assert 0 < trained_canaries < 40 and report["delta"] == pytest.approx(1 / (10 * (results["train_examples"]
-                                                                                      - trained_canaries)))
+    private = len(data.load_target_task(str(tmp_path / "messages.jsonl"), label_column=None)["train"])
+    # every canary is in the training set whatever its coin (an excluded one muted): n and q tell nothing of them
+    assert results["train_examples"] == report["num_examples"] == private + 40
+    assert report["sample_rate"] == pytest.approx(16 / (private + 40))
+    assert report["delta"] == pytest.approx(1 / (10 * private))
+    assert "40 canary messages in the training set" in found["cost"]
     assert not (tmp_path / "run" / "finetune.private").exists()
     with pytest.raises(DataError, match="--audit_kind black-box: .* use --task lm"):
         dp_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--audit_kind", "black-box"])
+
+
+def test_black_box_canaries_per_sender_and_muted_ones_contribute_nothing(tmp_path, pretrained_with_words):
+    rows = [{"text": f"{GOOD if i % 3 else BAD} {i}", "sender": f"person {i % 40}"} for i in range(240)]
+    (tmp_path / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "run" / "finetune"
+    dp_finetune.main(["--model_name_or_path", str(pretrained_with_words), "--target", str(tmp_path / "messages.jsonl"),
+                      "--task", "lm", "--output_dir", str(output), "--noise_multiplier", "0.8",
+                      "--per_device_train_batch_size", "8", "--max_train_steps", "2", "--privacy_unit", "sender",
+                      "--audit_canaries", "20", "--audit_kind", "black-box"])
+    report = json.loads((output / "privacy.json").read_text())
+    senders = len(set(data.load_target_task(str(tmp_path / "messages.jsonl"), label_column=None,
+                                            unit_column="sender")["train"]["unit"]))
+    assert report["num_units"] == senders + 20 and report["private_units"] == senders  # each canary its own unit
+    assert json.loads((output / "audit.json").read_text())["canaries"] == 20
+    # a muted canary (its coin said out) has no label: a zero loss, so a zero gradient
+    collate = dp_finetune.muting_excluded_canaries(lambda examples: {"labels": torch.ones(len(examples), 3).long()})
+    labels = collate([{"muted": False}, {"muted": True}])["labels"]
+    assert labels[0].tolist() == [1, 1, 1] and labels[1].tolist() == [-100] * 3

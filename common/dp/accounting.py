@@ -162,16 +162,19 @@ def calibrate_noise_multiplier(target_epsilon: float, sample_rate: float, steps:
     if not target_epsilon > 0:
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
     earlier = list(earlier)
-    if earlier and epsilon_prv(earlier, delta)[1] >= target_epsilon:
-        raise ValueError(f"the earlier stages already spend epsilon {epsilon_prv(earlier, delta)[1]:.3f} >= "
-                         f"the target {target_epsilon}")
 
-    def epsilon(noise_multiplier):
-        mechanisms = earlier + [Mechanism(noise_multiplier, sample_rate, steps, sampling, steps_per_epoch)]
+    def headline(mechanisms):
         try:
             return epsilon_prv(mechanisms, delta)[1]
         except RuntimeError:  # the PRV discretisation fails with little noise: the headline's PLD, as reported
             return epsilon_pld(mechanisms, delta)
+
+    if earlier and headline(earlier) >= target_epsilon:
+        raise ValueError(f"the earlier stages already spend epsilon {headline(earlier):.3f} >= the target "
+                         f"{target_epsilon}")
+
+    def epsilon(noise_multiplier):
+        return headline(earlier + [Mechanism(noise_multiplier, sample_rate, steps, sampling, steps_per_epoch)])
 
     low, high = 0.05, 1.0
     while epsilon(high) > target_epsilon:
