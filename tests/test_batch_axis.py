@@ -148,6 +148,45 @@ def test_rows_flattened_position_by_position_are_refused():
     assert_refused(DictInput("by position"), dict_losses, {"x": x}, "head")
 
 
+class SelectedRows(nn.Module):
+    """The head on a selection of the flattened rows: those of `mask` (the real tokens), or every row in an order
+    that depends on the data (sorted by a feature)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x, mask=None, sort=False):
+        rows = x.reshape(-1, x.shape[-1])
+        if mask is not None:
+            rows = rows[mask.flatten()]
+        if sort:
+            rows = rows[rows[:, 0].argsort()]
+        return self.head(rows)
+
+
+def test_rows_selected_or_reordered_by_the_data_are_refused_on_any_step():
+    """A first step of every row in order passes the probes; a later step of the same pattern whose rows are a
+    selection (only the real tokens) or a data-dependent order must still be refused, not grouped wrongly."""
+    x = torch.randn(4, 3, 3, generator=torch.Generator().manual_seed(5))
+    model = SelectedRows()
+    engine = PerExampleGradients(model, 1.0)
+    engine.backward(model(x).pow(2).sum(1).reshape(4, 3).sum(1))  # every row, in order: exact
+    model.zero_grad(set_to_none=True)
+    # 8 rows, a multiple of the batch, but not 4 x 3: which rows are an example's depends on the mask
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 0]]).bool()
+    with pytest.raises(ExampleMixingError, match="'head' got 8 rows for 4 examples of 3 positions"):
+        out = model(x, mask=mask).pow(2).sum(1)
+        engine.backward(torch.stack([rows.sum() for rows in out.split([2, 2, 2, 2])]))
+    with pytest.raises(ExampleMixingError, match="'head'"):
+        out = model(x, sort=True).pow(2).sum(1)
+        order = x.reshape(-1, 3)[:, 0].argsort()
+        owner = torch.arange(12).div(3, rounding_mode="floor")[order]
+        engine.backward(torch.stack([out[owner == i].sum() for i in range(4)]))
+    engine.detach()
+
+
 class Normalised(nn.Module):
     def __init__(self, where):
         super().__init__()

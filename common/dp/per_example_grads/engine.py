@@ -9,7 +9,14 @@ from torch import nn
 
 from common.dp.per_example_grads.errors import ExampleMixingError, NonFiniteGradientError, UnsupportedParameterError
 from common.dp.per_example_grads.factors import GramCache, UnitLayout, inner, per_unit, plan_linear_factors, sq_norm
-from common.dp.per_example_grads.probes import batch_size_of, check_batch_axis, gradient_probe, input_probe, use_pattern
+from common.dp.per_example_grads.probes import (
+    batch_size_of,
+    check_batch_axis,
+    gradient_probe,
+    input_probe,
+    sequence_length_of,
+    use_pattern,
+)
 from common.dp.per_example_grads.rules import RULES, LayerRule, rule_for, rule_name
 
 # Modules whose forward in train mode couples the examples of a batch (batch statistics).
@@ -82,6 +89,8 @@ class PerExampleGradients:
         self._batch_size = None
         self._capture = None
         self._probed_patterns = set()
+        self._sequence_length = None
+        self._flattened_steps = 0
         self._handles = [model.register_forward_pre_hook(self._start_forward, with_kwargs=True)]
         for layer, name in self._hooked.items():
             self._handles.append(layer.register_forward_hook(self._store_use, with_kwargs=True))
@@ -140,6 +149,7 @@ class PerExampleGradients:
             self._uses = []
             self._call = (args, kwargs)
         self._batch_size = batch_size_of(args, kwargs)
+        self._sequence_length = sequence_length_of(args, kwargs)
 
     def _store_use(self, layer, args, kwargs, output):
         if not torch.is_grad_enabled() and self._capture is None:
@@ -190,6 +200,18 @@ class PerExampleGradients:
                     "gradient cannot be clipped")
             stack.extend(next_node for next_node, _ in node.next_functions)
 
+    def _check_flattened_rows(self, flattened, batch):
+        """Rows flattened to (N, ...) with N != B are taken as (B, N / B, ...) only where N is the batch's B x T (T
+        the model call's sequence length): every token of every example, as a reshape of (B, T, ...) lays them out.
+        Fewer rows are a selection (only the real tokens, say), whose grouping by example depends on the data."""
+        for use in flattened:
+            if self._sequence_length is None or use.inputs.shape[0] != batch * self._sequence_length:
+                raise ExampleMixingError(
+                    f"layer '{use.name}' got {use.inputs.shape[0]} rows for {batch} examples of "
+                    f"{self._sequence_length} positions: rows flattened across the batch are accepted only as every "
+                    "position of every example (B x T rows), since which rows are an example's cannot be proved "
+                    "for a selection of them; apply the layer before selecting rows, or freeze it")
+
     def _capture_inputs(self, args, kwargs):
         """(layer name, input) of every hooked layer call of the model on (args, kwargs), without gradients and
         with the same random state on every call (the same dropout masks)."""
@@ -226,10 +248,16 @@ class PerExampleGradients:
         # every step: a parameter used outside its layer only on some inputs must still stop the run
         self._check_graph(loss, uses)
         pattern = use_pattern(uses, batch)
-        probe = batch > 1 and pattern not in self._probed_patterns
+        flattened = [use for use in uses if use.inputs.shape[0] != batch]
+        self._check_flattened_rows(flattened, batch)
+        # rows flattened to (B * T, ...) may be ordered differently on a step of the same shapes: their gradient
+        # probe runs on every step, with fresh signs
+        probe = batch > 1 and (bool(flattened) or pattern not in self._probed_patterns)
         output_grads = torch.autograd.grad(loss, [use.output for use in uses], allow_unused=True, retain_graph=probe)
         if probe:
-            gradient_probe(losses, uses, output_grads)
+            self._flattened_steps += bool(flattened)
+            gradient_probe(losses, uses, output_grads, seed=len(uses) + 7919 * self._flattened_steps)
+        if probe and pattern not in self._probed_patterns:
             if self._call is None:
                 raise UnsupportedParameterError("the layers ran without a call of the model the engine is attached "
                                                 "to; call that model (not one of its parts) in the forward pass")

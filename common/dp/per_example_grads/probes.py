@@ -61,6 +61,16 @@ def batch_size_of(args, kwargs):
     return None
 
 
+def sequence_length_of(args, kwargs):
+    """The sequence length of a model call (the second axis of its first batched tensor of two or more axes), or
+    None: what rows flattened across the batch must number per example."""
+    keyed = [kwargs[k] for k in BATCH_KEYS if isinstance(kwargs.get(k), torch.Tensor)]
+    for tensor in keyed + _tensors_in(list(args) + list(kwargs.values())):
+        if tensor.dim() > 1:
+            return tensor.shape[1]
+    return None
+
+
 def _map_tensors(value, function, depth=2):
     """`value` with `function` applied to every tensor in it (as `_tensors_in` finds them)."""
     if isinstance(value, torch.Tensor):
@@ -109,9 +119,9 @@ def check_batch_axis(uses, batch):
                     "per-example gradients")
 
 
-def gradient_probe(losses, uses, output_grads):
+def gradient_probe(losses, uses, output_grads, seed=0):
     """Refuse a layer whose output rows receive gradient from other examples' losses (the module docstring)."""
-    generator = torch.Generator().manual_seed(len(uses))
+    generator = torch.Generator().manual_seed(seed)
     signs = (torch.randint(0, 2, (losses.shape[0],), generator=generator) * 2 - 1).to(losses.device, losses.dtype)
     probed = torch.autograd.grad(losses, [use.output for use in uses], grad_outputs=signs, allow_unused=True)
     for use, plain, signed in zip(uses, output_grads, probed):
