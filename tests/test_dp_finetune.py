@@ -397,6 +397,7 @@ def pretrained_with_words(tmp_path_factory):
     return root / "model"
 
 
+@pytest.mark.slow
 def test_stage_six_black_box_audit(tmp_path, pretrained, pretrained_with_words):
     """--audit_kind black-box: canary messages join the training messages by secret coins, audit.json holds the
     bound and exposures but no canary text, and the secret seed goes with the private training state."""
@@ -430,6 +431,7 @@ def test_stage_six_black_box_audit(tmp_path, pretrained, pretrained_with_words):
         dp_finetune.parse_args(["--model_name_or_path", "m", "--output_dir", "o", "--audit_kind", "black-box"])
 
 
+@pytest.mark.slow
 def test_black_box_canaries_per_sender_and_muted_ones_contribute_nothing(tmp_path, pretrained_with_words):
     rows = [{"text": f"{GOOD if i % 3 else BAD} {i}", "sender": f"person {i % 40}"} for i in range(240)]
     (tmp_path / "messages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

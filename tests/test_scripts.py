@@ -44,6 +44,7 @@ def test_engine_benchmark_runs_a_tiny_configuration():
     assert completed.stdout.count("| this engine |") == 2  # one row per model
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_a_tiny_configuration_on_the_cpu():
     """scripts/gpu_check.sh --tiny: the GPU check's table on the CPU, so that the prepared script keeps working."""
     completed = subprocess.run(["bash", "scripts/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
