@@ -144,8 +144,10 @@ def run_directory_composition(run_dir):
     lines = []
     for data in data_sets:
         epsilons, delta, count = ledger.composition_of_ledgers(ledgers, data)
+        units = sorted({ledger.unit_of(e) for directory in ledgers for e in ledger.counted_entries(directory)
+                        if e["private_data"] == data})
         line = (f"All {count} DP releases on {data} in this run directory together (every variant's models seen at "
-                f"once): epsilon {fmt(epsilons['epsilon'], '{:.3f}')} at delta {delta:.3g}")
+                f"once): epsilon {fmt(epsilons['epsilon'], '{:.3f}')} per {'/'.join(units)} at delta {delta:.3g}")
         if math.isinf(epsilons["epsilon"]):  # fine-tunings without noise (--non_private): the others alone
             noisy, noisy_delta, noisy_count = ledger.composition_of_ledgers(ledgers, data, noisy_only=True)
             if noisy_count:
@@ -160,10 +162,13 @@ def split_sizes_line(run_dir, rows):
     examples = {r["train_examples"] for r in rows if r["train_examples"]}
     if not examples:
         return ""
-    evaluated = (read_json(os.path.join(run_dir, "finetune", "results.json")) or {}).get("eval_examples", {})
-    held_out = " and ".join(f"{count:,} {split}" for split, count in evaluated.items())
+    results = read_json(os.path.join(run_dir, "finetune", "results.json")) or {}
+    held_out = " and ".join(f"{count:,} {split}" for split, count in results.get("eval_examples", {}).items())
+    unit = results.get("privacy_unit", "example")
+    senders = (f" of {results['train_units']:,} {unit}s, epsilon per {unit} (the held-out splits hold other "
+               f"{unit}s)" if "train_units" in results else "")
     return (f"DP fine-tuning on {', '.join(f'{n:,}' for n in sorted(examples))} private training examples (see "
-            "--train_fraction)" + (f", evaluated on {held_out} examples" if held_out else "") + ".")
+            f"--train_fraction){senders}" + (f", evaluated on {held_out} examples" if held_out else "") + ".")
 
 
 def classifier_line(run_dir):
