@@ -106,8 +106,8 @@ def test_the_run_directory_composes_every_ledger_on_the_same_data(tmp_path):
     release(tmp_path / "non_private", "finetune", "f0", Mechanism(0.0, 0.05, 200))
     assert run_directory_composition(str(tmp_path)) == (
         f"All 4 DP releases on target in this run directory together (every variant's models seen at once): epsilon "
-        f"inf per example at delta 1e-05 (the run holds fine-tunings without noise; the 3 with noise alone: epsilon {expected:.3f} "
-        "at delta 1e-05).")
+        f"inf per example at delta 1e-05 (the run holds fine-tunings without noise; the 3 with noise alone: epsilon "
+        f"{expected:.3f} at delta 1e-05).")
 
 
 def test_the_recipe_search_composes_the_trials_of_earlier_grids(tmp_path):
