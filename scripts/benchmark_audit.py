@@ -20,6 +20,7 @@ import csv
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import time
 
@@ -48,6 +49,10 @@ def parse_args(argv=None):
     parser.add_argument("--broken_epsilons", type=float, nargs="+", default=[1.0, 4.0],
                         help="what the broken mechanism claims (one run each)")
     parser.add_argument("--timing_epsilon", type=float, default=4.0, help="audited against plain at this epsilon")
+    parser.add_argument("--timing_only", type=int, default=0, metavar="REPEATS",
+                        help="only time, REPEATS times interleaved, the fine-tuning at --timing_epsilon plain, with "
+                             "the white-box canaries (what --audit_canaries adds to a stage) and with both kinds; "
+                             "writes timing.md")
     parser.add_argument("--output_dir", default="results/audit")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache_dir", default=DEFAULT_CACHE_DIR)
@@ -71,10 +76,12 @@ def stage6_args(args, work_dir, noise, canaries):
                                    str(canaries), "--seed", str(args.seed)])
 
 
-def run_setting(args, train_set, name, noise, canaries=True, broken=False, unclipped=False):
-    """One DP fine-tuning with (or without) both kinds of canaries; returns the table's row."""
+def run_setting(args, train_set, name, noise, canaries=True, broken=False, unclipped=False, black_box_too=True):
+    """One DP fine-tuning with (or without) both kinds of canaries (or the white-box kind alone); returns the table's
+    row."""
     model, tokenizer = load_finetuning_model(args.model_name_or_path, "lm", seed=args.seed)
-    black_box = MessageCanaries.draw(args.canaries if canaries else 0, secrets.randbits(63), tokenizer)
+    black_box = MessageCanaries.draw(args.canaries if canaries and black_box_too else 0, secrets.randbits(63),
+                                     tokenizer)
     trained_on = black_box.trained_on()
     data = concatenate_datasets([train_set, Dataset.from_dict({"sentence": trained_on})]) if trained_on else train_set
     settings = stage6_args(args, os.path.join(args.output_dir, "work", name), noise, args.canaries if canaries else 0)
@@ -94,7 +101,7 @@ def run_setting(args, train_set, name, noise, canaries=True, broken=False, uncli
     row = {"setting": name, "noise_multiplier": trainer.noise_multiplier, "accountant_epsilon": claimed,
            "delta": trainer.delta, "sample_rate": trainer.sample_rate, "steps": trainer.total_steps,
            "train_seconds": seconds}
-    if not canaries:
+    if not canaries or not black_box_too:
         return row
     white = trainer.canaries.result(trainer.delta)
     trainer.model.eval()
@@ -137,6 +144,29 @@ def write_table(args, rows, plain_seconds, audited_seconds):
     print("\n".join(lines))
 
 
+def write_timing(args, train_set):
+    """timing.md: the minimum and median seconds of each variant over `--timing_only` interleaved repeats."""
+    variants = {"plain": {"canaries": False}, "white-box canaries": {"black_box_too": False},
+                "both kinds": {}}
+    seconds = {name: [] for name in variants}
+    for repeat in range(args.timing_only):
+        for name, kind in variants.items():
+            row = run_setting(args, train_set, f"timing {repeat} {name}", ["--target_epsilon",
+                                                                           str(args.timing_epsilon)], **kind)
+            seconds[name].append(row["train_seconds"])
+    plain = statistics.median(seconds["plain"])
+    lines = [f"The DP fine-tuning at epsilon {args.timing_epsilon:g} ({args.model_name_or_path}, {args.canaries} "
+             f"canaries of each kind), {args.timing_only} interleaved repeats:", "",
+             "| variant | seconds, min / median | median / plain |", "|---|---|---|"]
+    lines += [f"| {name} | {min(values):.1f} / {statistics.median(values):.1f} | "
+              f"{statistics.median(values) / plain:.2f}x |" for name, values in seconds.items()]
+    shutil.rmtree(os.path.join(args.output_dir, "work"), ignore_errors=True)
+    os.makedirs(args.output_dir, exist_ok=True)
+    with atomic_path(os.path.join(args.output_dir, "timing.md")) as tmp, open(tmp, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isfile(os.path.join(args.model_name_or_path, "model.safetensors")):
@@ -146,6 +176,9 @@ def main(argv=None):
     args.recipe = preset_recipe(args.preset)
     train_fraction = stage6_args(args, "unused", [], 0).train_fraction
     train_set = stable_sample(task["train"], train_fraction, args.seed) if train_fraction else task["train"]
+    if args.timing_only:
+        write_timing(args, train_set)
+        return
     plain = run_setting(args, train_set, "plain", ["--target_epsilon", str(args.timing_epsilon)], canaries=False)
     rows = [run_setting(args, train_set, f"epsilon {e:g}", ["--target_epsilon", str(e)]) for e in args.epsilons]
     rows.append(run_setting(args, train_set, "clipping without noise", ["--noise_multiplier", "0"]))
