@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ from common.dp import ledger
 from common.dp.accounting import Mechanism, compute_epsilons
 from common.dp.training import DPTrainer, sequence_classification_losses
 from tests.tiny_task import collate, parse_dp_args, tiny_dataset, tiny_model
+from tests.two_nodes import free_port, run_two_nodes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,12 +127,6 @@ def test_bad_arguments_fail_before_training(tmp_path, argv, message):
     assert not os.path.exists(tmp_path / "run")
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def run_worker(tmp_path, processes, mode, name, dp_argv):
     result = tmp_path / f"{name}.pt"
     launcher = [sys.executable]
@@ -158,28 +152,16 @@ def test_two_processes_equal_one_process(tmp_path):
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
 
 
-def run_two_nodes(tmp_path, mode, name, dp_argv):
-    """The worker as two nodes of one process each, rendezvous over loopback (torchrun --nnodes 2), as on two
-    machines; the main node's result."""
-    result, port = tmp_path / f"{name}.pt", str(free_port())
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
-         str(rank), "--master_addr", "127.0.0.1", "--master_port", port, os.path.join(ROOT, "tests",
-         "distributed_dp_worker.py"), mode, str(result), "--output_dir", str(tmp_path / name), *dp_argv],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
-    return torch.load(result)
-
-
 @pytest.mark.slow
 def test_two_nodes_equal_one_process(tmp_path):
     """Two machines of one process each (simulated over loopback) take the same DP steps as one process."""
     common = ["--noise_multiplier", "0", "--max_train_steps", "2", "--max_grad_norm", "0.1",
               "--learning_rate", "1e-2", "--deterministic_dp"]
     one = run_worker(tmp_path, 1, "train", "one", common + ["--per_device_train_batch_size", "8"])
-    two = run_two_nodes(tmp_path, "train", "two", common + ["--per_device_train_batch_size", "4"])
+    result = tmp_path / "two.pt"
+    run_two_nodes(os.path.join(ROOT, "tests", "distributed_dp_worker.py"), "train", str(result), "--output_dir",
+                  str(tmp_path / "two"), *common, "--per_device_train_batch_size", "4")
+    two = torch.load(result)
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
 
 

@@ -90,6 +90,19 @@ class Killed(Exception):
     pass
 
 
+def kill_at_step_three(trainer):
+    """Train `trainer` until it is killed as it privatises step 3 (after the checkpoint of step 2)."""
+    privatise = trainer.privatise_gradients
+
+    def privatise_until_step_three(step):
+        if step == 3:
+            raise Killed
+        privatise(step)
+    trainer.privatise_gradients = privatise_until_step_three
+    with pytest.raises(Killed):
+        trainer.train()
+
+
 def test_a_killed_run_resumes_from_its_private_state_with_one_ledger_entry(tmp_path):
     common = ("--max_train_steps", "5", "--checkpointing_steps", "2")
     uninterrupted = train_and_release(trainer_on(tmp_path, tiny_dataset(), "full", "--deterministic_dp", *common))
@@ -97,15 +110,7 @@ def test_a_killed_run_resumes_from_its_private_state_with_one_ledger_entry(tmp_p
     for mode in (("--deterministic_dp",), ()):
         name = f"killed{len(mode)}"
         killed = trainer_on(tmp_path, tiny_dataset(), name, *mode, *common)
-        privatise = killed.privatise_gradients
-
-        def privatise_until_step_three(step):
-            if step == 3:
-                raise Killed
-            privatise(step)
-        killed.privatise_gradients = privatise_until_step_three
-        with pytest.raises(Killed):
-            killed.train()
+        kill_at_step_three(killed)
         assert os.listdir(private_state_dir(str(tmp_path / name))) == ["checkpoint-2"]
         assert not (tmp_path / name).exists()  # the private state is beside the release, never in it
         resumed = trainer_on(tmp_path, tiny_dataset(), name, *mode, *common, "--resume_from_checkpoint", "latest")
@@ -155,16 +160,7 @@ def test_an_audited_run_resumes_with_its_canary_scores_and_refuses_other_canarie
     common = ("--max_train_steps", "5", "--checkpointing_steps", "2", "--deterministic_dp", "--audit_canaries", "40")
     uninterrupted = trainer_on(tmp_path, tiny_dataset(), "full", *common)
     uninterrupted.train()
-    killed = trainer_on(tmp_path, tiny_dataset(), "killed", *common)
-    privatise = killed.privatise_gradients
-
-    def privatise_until_step_three(step):
-        if step == 3:
-            raise Killed
-        privatise(step)
-    killed.privatise_gradients = privatise_until_step_three
-    with pytest.raises(Killed):
-        killed.train()
+    kill_at_step_three(trainer_on(tmp_path, tiny_dataset(), "killed", *common))
     with pytest.raises(DataError, match="belongs to another run: audit_canaries 40 != 0"):
         trainer_on(tmp_path, tiny_dataset(), "killed", *common[:-2], "--resume_from_checkpoint", "latest")
     resumed = trainer_on(tmp_path, tiny_dataset(), "killed", *common, "--resume_from_checkpoint", "latest")

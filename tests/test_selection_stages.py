@@ -11,6 +11,7 @@ from common.dp.per_example_grads import PerExampleGradients
 from common.stage import DataError
 from data_selection import domain_classifier, sampling_with_logits, train_domain_classifier
 from data_selection.domain_classifier import build_classifier, load_classifier
+from tests.two_nodes import ROOT, run_two_nodes
 
 FILM = "film movie actor scene plot funny boring director cast drama comedy screen".split()
 MARKET = "stock market shares bank profit investor trade price index fund bond rate".split()
@@ -167,24 +168,11 @@ def test_demo_selection_finds_the_movie_plots_at_epsilon_one(tmp_path, demo_sent
 def test_stage3_as_two_nodes_equals_one_process(two_domains):
     """Stage 3 (DP training, then scoring shared shard by shard) as two machines of one process each, simulated
     over loopback (torchrun --nnodes 2), gives the scores of one process."""
-    import socket
-    import subprocess
-    import sys
     common = ["--num_train_epochs", "2", "--deterministic_dp"]
     train_domain_classifier.main(stage3_argv(two_domains, *common))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    argv = stage3_argv(two_domains, *common, "--per_device_train_batch_size", "30", "--output_dir",
-                       str(two_domains / "two_nodes" / "domain_classifier"))
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                               "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", port,
-                               os.path.join(root, "data_selection", "train_domain_classifier.py"), *argv],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600) for node in nodes]
-    assert all(node.returncode == 0 for node in nodes), "\n".join(err[-2000:] for _, err in outputs)
+    run_two_nodes(os.path.join(ROOT, "data_selection", "train_domain_classifier.py"),
+                  *stage3_argv(two_domains, *common, "--per_device_train_batch_size", "30", "--output_dir",
+                               str(two_domains / "two_nodes" / "domain_classifier")))
     one = domain_classifier.load_scores(str(two_domains / "run" / "domain_classifier" / "scores"), 100)
     two = domain_classifier.load_scores(str(two_domains / "two_nodes" / "domain_classifier" / "scores"), 100)
     assert all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(one, two))
