@@ -11,7 +11,7 @@ cost of a probing step. Peak memory = memory held before the step (parameters, g
 optimiser state) plus the largest amount allocated during the step, from the profiler's
 allocation events.
 
-    python scripts/benchmark_engine.py [--seq_lens 64 128 256 512] [--repeats 5] [--models classification lm]
+    python scripts/benchmark_engine.py [--seq_lens 64 128 256] [--repeats 7] [--models classification lm]
 """
 
 import argparse
@@ -178,9 +178,9 @@ def measure(lm, seq_len, args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq_lens", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--seq_lens", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--models", nargs="+", choices=("classification", "lm"), default=["classification", "lm"])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="non-private is always run: the ratios are against it")

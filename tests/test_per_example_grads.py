@@ -14,6 +14,7 @@ from transformers import (
 )
 
 from common.dp.per_example_grads import PerExampleGradients, UnsupportedParameterError
+from common.dp.per_example_grads import engine as engine_module
 from common.dp.per_example_grads import factors as engine_factors
 from tests.oracle import (
     batch_losses,
@@ -109,19 +110,46 @@ def test_norms_and_clipped_sum_match_brute_force(case):
 
 
 @pytest.mark.parametrize("seq_len", [12, 32])  # ghost norms at 12; norms from materialised slices at 32
-@pytest.mark.parametrize("materialise_budget", [0.0, 1e9])  # nothing kept materialised, or everything
-def test_every_cost_plan_is_exact(seq_len, materialise_budget, monkeypatch):
+@pytest.mark.parametrize("keep", [False, True])  # nothing kept materialised, or every linear layer's gradient
+def test_every_cost_plan_is_exact(seq_len, keep, monkeypatch):
     monkeypatch.setattr(engine_factors, "MATERIALISE_CHUNK_ELEMENTS", 500)  # several slices per layer
+    if keep:  # free memory passes: keeping always saves time
+        monkeypatch.setattr(engine_factors, "FLOPS_PER_ELEMENT_PASS", 0)
+    kept = []
+
+    def plan_and_count(factors, budget_bytes):
+        linear = [(uses, i) for uses in factors.values() for i, f in enumerate(uses) if type(f) is engine_factors.Outer]
+        engine_factors.plan_linear_factors(factors, budget_bytes)
+        kept.extend(type(uses[i]) is engine_factors.Dense for uses, i in linear)
+
+    monkeypatch.setattr(engine_module, "plan_linear_factors", plan_and_count)
     model = gpt2_lm()
     batch = padded_batch([seq_len, 7, 3, seq_len - 2], seq_len=seq_len, lm=True)
     reference_grads = per_example_grads(model, batch, lm_loss_per_example)
     reference_norms, reference_sum = norms_and_clipped_sum(reference_grads, 0.3)
-    engine = PerExampleGradients(model, 0.3, materialise_budget=materialise_budget)
+    engine = PerExampleGradients(model, 0.3, materialise_budget=1e9 if keep else 0.0)
     norms = engine.backward(batch_losses(model, batch, lm_loss_per_example))
+    # without a budget, only the gradients no larger than their Gram matrices are kept
+    assert kept and all(kept) == keep
     assert relative_error(norms, reference_norms) <= 1e-5
     params = dict(model.named_parameters())
     clipped = torch.cat([params[name].grad.flatten() for name in reference_sum])
     assert relative_error(clipped, torch.cat([g.flatten() for g in reference_sum.values()])) <= 1e-5
+
+
+def test_plan_counts_memory_passes_and_caps_kept_bytes():
+    """At T = 64 a 256 x 1024 gradient is cheaper through its Gram matrices and a GEMM than materialised; at T = 256
+    a 256 x 1024 one is kept, unless the batch's gradients exceed MAX_KEPT_BYTES, whatever the budget."""
+    def planned(batch, seq_len, left_width, right_width):
+        factor = engine_factors.Outer(torch.zeros(batch, seq_len, left_width), torch.zeros(batch, seq_len, right_width))
+        factors = {torch.zeros(1): [factor]}
+        engine_factors.plan_linear_factors(factors, budget_bytes=1e12)
+        return type(next(iter(factors.values()))[0]).__name__, factor.norm_by_materialising
+
+    assert planned(32, 64, 256, 1024) == ("Outer", False)
+    fitting = engine_factors.MAX_KEPT_BYTES // (4 * 256 * 1024)
+    assert planned(fitting, 256, 256, 1024) == ("Dense", True)
+    assert planned(fitting + 1, 256, 256, 1024) == ("Outer", True)
 
 
 def test_tied_norm_includes_cross_term():

@@ -75,7 +75,7 @@ class PerExampleGradients:
     as a fraction of what the step holds anyway (see `factors.plan_linear_factors`).
     """
 
-    def __init__(self, model: nn.Module, max_grad_norm: float, per_example_safe=(), materialise_budget=0.1):
+    def __init__(self, model: nn.Module, max_grad_norm: float, per_example_safe=(), materialise_budget=0.5):
         if not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
         self.model = model

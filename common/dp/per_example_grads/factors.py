@@ -9,6 +9,12 @@ import torch
 
 # Per-example gradients materialised only for their norm are built this many elements at a time.
 MATERIALISE_CHUNK_ELEMENTS = 2 ** 22
+# The time of one pass (a write or a read) over an element of a materialised gradient, in flops of a GEMM: memory
+# bandwidth against GEMM throughput, measured on CPU (about 30 GB/s against 160 GFLOP/s; docs/engine.md).
+FLOPS_PER_ELEMENT_PASS = 21
+# Gradients are kept materialised only up to this many bytes per layer: above 32 MiB, glibc's allocator maps fresh
+# pages for every tensor, and faulting them in made a kept gradient slower than the GEMM it saves (docs/engine.md).
+MAX_KEPT_BYTES = 32 * 2 ** 20
 
 
 def f32(tensor):
@@ -24,11 +30,15 @@ class Outer:
     norm_by_materialising: bool = False  # chosen by plan_linear_factors
 
     def costs(self):
-        """Per example: (ghost norm flops, materialising flops, bytes of the materialised gradient)."""
+        """Per example, in flops (memory passes as FLOPS_PER_ELEMENT_PASS each): the ghost norm, the norm by
+        materialising (written, read once), the GEMM of the clipped sum over the sequence, a gradient kept
+        materialised (written, read for its norm and for the clipped sum), and the bytes it holds."""
         _, seq_len, left_width = self.left.shape
-        right_width = self.right.shape[2]
-        return (2 * seq_len * seq_len * (left_width + right_width), 2 * seq_len * left_width * right_width,
-                4 * left_width * right_width)
+        elements = left_width * self.right.shape[2]
+        product = 2 * seq_len * elements
+        return (2 * seq_len * seq_len * (left_width + self.right.shape[2]),
+                product + 2 * FLOPS_PER_ELEMENT_PASS * elements, product,
+                product + 3 * FLOPS_PER_ELEMENT_PASS * elements, 4 * elements)
 
     def materialise(self):
         return Dense(torch.bmm(f32(self.left).transpose(1, 2), f32(self.right)))
@@ -43,7 +53,7 @@ class Outer:
         total = None
         for start in range(0, width, step):
             block = torch.bmm(left[:, :, start:start + step].transpose(1, 2), right)
-            part = _batched_dot(block, block)
+            part = _sq_norms(block)
             total = part if total is None else total + part
         return total
 
@@ -162,33 +172,35 @@ def sq_norm(factor, gram):
     if isinstance(factor, Rows):
         same_row = factor.ids[:, :, None] == factor.ids[:, None, :]
         return (gram(factor.values) * same_row).sum((1, 2))
-    values = f32(factor.values)
-    return _batched_dot(values, values)
+    return _sq_norms(f32(factor.values))
 
 
 def plan_linear_factors(factors, budget_bytes):
     """Choose, per linear-layer factor, how its norm and clipped sum are computed, by estimated cost.
 
     Per example with sequence length T, widths R and K, the ghost norm costs 2 T^2 (R + K) flops
-    and materialising the gradient 2 T R K; either way the clipped sum is then one GEMM over the
-    sequence (2 T R K). A gradient kept materialised needs no GEMM for the clipped sum (2 R K for a
-    weighted sum instead) but holds 4 R K bytes until the end of the step. So every factor takes
-    the cheaper norm, and factors are kept materialised where that needs no more memory than
-    their Gram matrices, then by time saved per byte while the kept bytes fit `budget_bytes`.
+    and materialising the gradient 2 T R K plus a write and a read of its R K elements; either way
+    the clipped sum is then one GEMM over the sequence (2 T R K). A gradient kept materialised needs
+    no GEMM for the clipped sum (one more read instead) but holds 4 R K bytes until the end of the
+    step. So every factor takes the cheaper norm, and factors are kept materialised where that
+    needs no more memory than their Gram matrices, then by time saved per byte while the kept
+    bytes fit `budget_bytes` (and each at most MAX_KEPT_BYTES). Counting the memory passes
+    matters at short sequences: at T = 64 a kept gradient is slower than its Gram matrices and
+    GEMM (docs/engine.md).
     """
     ranked = []
     for uses_of_param in factors.values():
         for index, factor in enumerate(uses_of_param):
             if not isinstance(factor, Outer):
                 continue
-            ghost, materialising, nbytes = factor.costs()
+            ghost, materialising, product, kept, nbytes = factor.costs()
             factor.norm_by_materialising = materialising < ghost
             batch, seq_len = factor.left.shape[:2]
             if nbytes <= 8 * seq_len * seq_len:  # no larger than the two Gram matrices
                 uses_of_param[index] = factor.materialise()
                 continue
-            saving = min(ghost, materialising) - 2 * nbytes // 4
-            if saving > 0:
+            saving = min(ghost, materialising) + product - kept
+            if saving > 0 and batch * nbytes <= MAX_KEPT_BYTES:
                 ranked.append((saving / nbytes, batch * nbytes, uses_of_param, index))
     ranked.sort(key=lambda candidate: -candidate[0])
     for _, nbytes, uses_of_param, index in ranked:
@@ -200,6 +212,12 @@ def plan_linear_factors(factors, budget_bytes):
 def _batched_dot(x, y):
     """sum over all but the first axis of x * y, without the x * y temporary."""
     return torch.bmm(x.reshape(x.shape[0], 1, -1), y.reshape(y.shape[0], -1, 1)).flatten()
+
+
+def _sq_norms(x):
+    """sum over all but the first axis of x * x: one pass of a norm reduction, several times faster than a batched
+    dot product on a materialised gradient, and summed more accurately."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
 
 
 def _gather_rows(table, ids):
