@@ -9,7 +9,9 @@ the table gives the minimum and the median time, and ratios of the medians. "thi
 probing" runs the engine's batch-axis probes on every step instead of the first only: the
 cost of a probing step. Peak memory = memory held before the step (parameters, gradients,
 optimiser state) plus the largest amount allocated during the step, from the profiler's
-allocation events.
+allocation events. A second table splits the non-private and the engine's steps into phases
+(forward, backward and, for the engine, its four phases: output gradients, factors, norms,
+clipped sums; noise; optimiser), from the profiler's record_function ranges.
 
     python scripts/benchmark_engine.py [--seq_lens 64 128 256] [--repeats 7] [--models classification lm]
 """
@@ -21,7 +23,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from common.dp.per_example_grads import PerExampleGradients
@@ -43,9 +45,13 @@ def positions(ids):
 def mean_loss_step(module, optimizer, lm):
     """A step whose backward is autograd's own on the batch-mean loss (non-private, Opacus hooks)."""
     def step(ids, labels):
-        per_example_loss(module(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("forward"):
+            loss = per_example_loss(module(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean()
+        with record_function("backward"):
+            loss.backward()
+        with record_function("optimiser"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return step, optimizer
 
 
@@ -60,11 +66,16 @@ def this_engine(model, lm, batch_size, probe_every_step=False):
     def step(ids, labels):
         if probe_every_step:
             engine._probed_patterns.clear()
-        engine.backward(per_example_loss(model(input_ids=ids, position_ids=positions(ids)).logits, labels, lm))
-        for param in model.parameters():
-            param.grad.add_(torch.randn_like(param.grad), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch_size)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("forward"):
+            losses = per_example_loss(model(input_ids=ids, position_ids=positions(ids)).logits, labels, lm)
+        with record_function("backward"):
+            engine.backward(losses)
+        with record_function("noise"):
+            for param in model.parameters():
+                param.grad.add_(torch.randn_like(param.grad), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch_size)
+        with record_function("optimiser"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return step, optimizer
 
 
@@ -173,7 +184,37 @@ def measure(lm, seq_len, args):
             step(ids, labels)
             synchronize(device)
             results[name]["times"].append(time.perf_counter() - start)
+    for name in ("non-private", "this engine"):
+        if name in steps:
+            results[name]["phases"] = phase_milliseconds(steps[name], ids, labels)
     return results
+
+
+PHASES = ("forward", "backward", "per_example_grads: output gradients", "per_example_grads: factors",
+          "per_example_grads: norms", "per_example_grads: clipped sums", "noise", "optimiser")
+
+
+def phase_milliseconds(step, ids, labels, steps=3):
+    """Milliseconds per step in each phase (the step's record_function ranges and the engine's own), the mean of
+    `steps` profiled steps."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(ids, labels)
+    synchronize(ids.device)
+    totals = {event.key: event.cpu_time_total for event in prof.key_averages() if event.key in PHASES}
+    return {phase: totals.get(phase, 0.0) / steps / 1000 for phase in PHASES}
+
+
+def print_phases(rows):
+    print("\nWhere the time goes, ms per step (mean of 3 profiled steps; backward = the engine's four phases for "
+          "the engine, autograd's backward for the non-private step):\n")
+    print("| T | variant | forward | backward | output gradients | factors | norms | clipped sums | noise | "
+          "optimiser |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seq_len, name, phases in rows:
+        cells = " | ".join(f"{phases[phase]:.0f}" if phases[phase] else "-" for phase in PHASES)
+        print(f"| {seq_len} | {name} | {cells} |", flush=True)
 
 
 def main(argv=None):
@@ -198,8 +239,10 @@ def main(argv=None):
         print(f"\n### GPT-2 {'LM head, tied weights' if lm else 'sequence classification'}\n")
         print("| T | variant | time min / median (s) | time ratio | peak memory (MB) | memory ratio |")
         print("|---|---|---|---|---|---|")
+        phase_rows = []
         for seq_len in args.seq_lens:
             results = measure(lm, seq_len, args)
+            phase_rows += [(seq_len, name, result["phases"]) for name, result in results.items() if "phases" in result]
             base = results["non-private"]
             base_time = statistics.median(base["times"])
             for name, result in results.items():
@@ -211,6 +254,7 @@ def main(argv=None):
                 print(f"| {seq_len} | {label} | {min(result['times']):.3f} / {seconds:.3f} | "
                       f"{seconds / base_time:.2f}x | {result['memory'] / 2**20:.0f} | "
                       f"{result['memory'] / base['memory']:.2f}x |", flush=True)
+        print_phases(phase_rows)
 
 
 if __name__ == "__main__":

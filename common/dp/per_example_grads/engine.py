@@ -6,6 +6,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from common.dp.per_example_grads.errors import ExampleMixingError, NonFiniteGradientError, UnsupportedParameterError
 from common.dp.per_example_grads.factors import GramCache, UnitLayout, inner, per_unit, plan_linear_factors, sq_norm
@@ -242,6 +243,18 @@ class PerExampleGradients:
                 raise RuntimeError(f"the input or output of layer '{use.name}' was modified in place after "
                                    "its forward; per-example gradients would be wrong")
         batch = losses.shape[0]
+        output_grads = self._output_grads(losses, uses)
+        factors, batch = self._factors(uses, output_grads, batch, units)
+        del uses, output_grads
+        norms, clip_factors = self._clip_factors(factors, batch, losses)
+        self._add_clipped_sums(factors, clip_factors)
+        return norms
+
+    @record_function("per_example_grads: output gradients")
+    def _output_grads(self, losses, uses):
+        """The gradient of the summed loss at every stored layer output, after the checks (and the probes, on a
+        step with a new pattern of layer uses)."""
+        batch = losses.shape[0]
         _refuse_non_finite("loss", losses)
         check_batch_axis(uses, batch)
         loss = losses.sum()
@@ -264,7 +277,12 @@ class PerExampleGradients:
             input_probe(self._capture_inputs, self._call, batch)
             self._probed_patterns.add(pattern)
         self._call = None
+        return output_grads
 
+    @record_function("per_example_grads: factors")
+    def _factors(self, uses, output_grads, batch, units):
+        """Each trainable parameter's per-example (or per-unit) gradient factors, planned; and the number of rows
+        (examples or units) they have."""
         factors = {}
         for use, output_grad in zip(uses, output_grads):
             if output_grad is None:
@@ -284,10 +302,13 @@ class PerExampleGradients:
             factors = {param: [per_unit(f, layout) for f in uses_of_param] for param, uses_of_param in factors.items()}
             batch = layout.num_units
         plan_linear_factors(factors, self.materialise_budget * _bytes_in_play(uses, output_grads, factors))
-        del uses, output_grads
+        return factors, batch
 
-        accumulate_dtype = torch.float64 if loss.dtype == torch.float64 else torch.float32
-        sq_norms = loss.new_zeros(batch, dtype=accumulate_dtype)
+    @record_function("per_example_grads: norms")
+    def _clip_factors(self, factors, batch, losses):
+        """The unclipped norms (tied uses' cross terms included) and the clip factors min(1, C / norm)."""
+        accumulate_dtype = torch.float64 if losses.dtype == torch.float64 else torch.float32
+        sq_norms = losses.new_zeros(batch, dtype=accumulate_dtype)
         gram = GramCache()
         for uses_of_param in factors.values():
             for i, factor in enumerate(uses_of_param):
@@ -298,15 +319,16 @@ class PerExampleGradients:
         norms = sq_norms.clamp_min(0).sqrt()
         _refuse_non_finite("gradient norm", norms)
         # exactly min(1, C / ||g_i||); a zero norm (no gradient) keeps the factor 1
-        clip_factors = (self.max_grad_norm / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
+        return norms, (self.max_grad_norm / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
 
+    @record_function("per_example_grads: clipped sums")
+    def _add_clipped_sums(self, factors, clip_factors):
         for param, uses_of_param in factors.items():
             clipped_sum = uses_of_param[0].weighted_sum(clip_factors)
             for factor in uses_of_param[1:]:
                 clipped_sum += factor.weighted_sum(clip_factors)
             clipped_sum = clipped_sum.to(param.dtype)
             param.grad = clipped_sum if param.grad is None else param.grad + clipped_sum
-        return norms
 
     def detach(self) -> None:
         """Remove the hooks; the model is left as it was."""
