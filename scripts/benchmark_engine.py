@@ -9,9 +9,9 @@ the table gives the minimum and the median time, and ratios of the medians. "thi
 probing" runs the engine's batch-axis probes on every step instead of the first only: the
 cost of a probing step. Peak memory = memory held before the step (parameters, gradients,
 optimiser state) plus the largest amount allocated during the step, from the profiler's
-allocation events. A second table splits the non-private and the engine's steps into phases
-(forward, backward and, for the engine, its four phases: output gradients, factors, norms,
-clipped sums; noise; optimiser), from the profiler's record_function ranges.
+allocation events. A second table splits the timed steps of the non-private step and the
+engine into phases: forward, backward (for the engine, its four phases: output gradients,
+factors, norms, clipped sums), noise, optimiser.
 
     python scripts/benchmark_engine.py [--seq_lens 64 128 256] [--repeats 7] [--models classification lm]
 """
@@ -20,10 +20,11 @@ import argparse
 import copy
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
 from common.dp.per_example_grads import PerExampleGradients
@@ -42,14 +43,27 @@ def positions(ids):
     return torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
 
 
+@contextmanager
+def timed(phases, name):
+    """Add the seconds the block takes to phases[name] (a list), if phases is a dict."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    yield
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    if phases is not None:
+        phases.setdefault(name, []).append(time.perf_counter() - start)
+
+
 def mean_loss_step(module, optimizer, lm):
     """A step whose backward is autograd's own on the batch-mean loss (non-private, Opacus hooks)."""
-    def step(ids, labels):
-        with record_function("forward"):
+    def step(ids, labels, phases=None):
+        with timed(phases, "forward"):
             loss = per_example_loss(module(input_ids=ids, position_ids=positions(ids)).logits, labels, lm).mean()
-        with record_function("backward"):
+        with timed(phases, "backward"):
             loss.backward()
-        with record_function("optimiser"):
+        with timed(phases, "optimiser"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return step, optimizer
@@ -62,18 +76,26 @@ def non_private(model, lm, batch_size):
 def this_engine(model, lm, batch_size, probe_every_step=False):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine = PerExampleGradients(model, MAX_GRAD_NORM)
+    current = {"phases": None}  # where the engine's own phases are recorded during a step
+    for phase, method in (("output gradients", "_output_grads"), ("factors", "_factors"), ("norms", "_clip_factors"),
+                          ("clipped sums", "_add_clipped_sums")):
+        def timed_method(*args, _phase=phase, _method=getattr(engine, method)):
+            with timed(current["phases"], _phase):
+                return _method(*args)
+        setattr(engine, method, timed_method)
 
-    def step(ids, labels):
+    def step(ids, labels, phases=None):
         if probe_every_step:
             engine._probed_patterns.clear()
-        with record_function("forward"):
+        current["phases"] = phases
+        with timed(phases, "forward"):
             losses = per_example_loss(model(input_ids=ids, position_ids=positions(ids)).logits, labels, lm)
-        with record_function("backward"):
+        with timed(phases, "backward"):
             engine.backward(losses)
-        with record_function("noise"):
+        with timed(phases, "noise"):
             for param in model.parameters():
                 param.grad.add_(torch.randn_like(param.grad), alpha=NOISE_MULTIPLIER * MAX_GRAD_NORM).div_(batch_size)
-        with record_function("optimiser"):
+        with timed(phases, "optimiser"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return step, optimizer
@@ -105,7 +127,7 @@ def opacus_ghost(model, lm, batch_size):
                                                 expected_batch_size=batch_size)
     criterion = DPLossFastGradientClipping(module, optimizer, torch.nn.CrossEntropyLoss(reduction="mean"))
 
-    def step(ids, labels):
+    def step(ids, labels, phases=None):
         logits = module(input_ids=ids, position_ids=positions(ids)).logits
         shape = None
         if lm:  # Opacus takes flattened tokens and the (B, T, V) shape to average them per example
@@ -172,7 +194,7 @@ def measure(lm, seq_len, args):
             step(ids, labels)  # warm-up, creates the optimiser state
             memory = peak_step_bytes(step, model, optimizer, ids, labels)
             steps[name] = step
-            results[name] = {"times": [], "memory": memory}
+            results[name] = {"times": [], "memory": memory, "phases": {}}
         except ImportError:
             results[name] = {"error": "not installed (pip install -r requirements-bench.txt)"}
         except Exception as error:  # report why a library refuses the model, then go on
@@ -181,39 +203,24 @@ def measure(lm, seq_len, args):
         for name, step in steps.items():
             synchronize(device)
             start = time.perf_counter()
-            step(ids, labels)
+            step(ids, labels, results[name]["phases"])
             synchronize(device)
             results[name]["times"].append(time.perf_counter() - start)
-    for name in ("non-private", "this engine"):
-        if name in steps:
-            results[name]["phases"] = phase_milliseconds(steps[name], ids, labels)
     return results
 
 
-PHASES = ("forward", "backward", "per_example_grads: output gradients", "per_example_grads: factors",
-          "per_example_grads: norms", "per_example_grads: clipped sums", "noise", "optimiser")
-
-
-def phase_milliseconds(step, ids, labels, steps=3):
-    """Milliseconds per step in each phase (the step's record_function ranges and the engine's own), the mean of
-    `steps` profiled steps."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step(ids, labels)
-    synchronize(ids.device)
-    totals = {event.key: event.cpu_time_total for event in prof.key_averages() if event.key in PHASES}
-    return {phase: totals.get(phase, 0.0) / steps / 1000 for phase in PHASES}
+PHASES = ("forward", "backward", "output gradients", "factors", "norms", "clipped sums", "noise", "optimiser")
 
 
 def print_phases(rows):
-    print("\nWhere the time goes, ms per step (mean of 3 profiled steps; backward = the engine's four phases for "
-          "the engine, autograd's backward for the non-private step):\n")
+    print("\nWhere the time goes: median ms per step of each phase over the timed steps (the engine's backward is its "
+          "four phases: output gradients, factors, norms, clipped sums):\n")
     print("| T | variant | forward | backward | output gradients | factors | norms | clipped sums | noise | "
           "optimiser |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seq_len, name, phases in rows:
-        cells = " | ".join(f"{phases[phase]:.0f}" if phases[phase] else "-" for phase in PHASES)
+        cells = " | ".join(f"{1000 * statistics.median(phases[phase]):.0f}" if phase in phases else "-"
+                           for phase in PHASES)
         print(f"| {seq_len} | {name} | {cells} |", flush=True)
 
 
@@ -242,7 +249,8 @@ def main(argv=None):
         phase_rows = []
         for seq_len in args.seq_lens:
             results = measure(lm, seq_len, args)
-            phase_rows += [(seq_len, name, result["phases"]) for name, result in results.items() if "phases" in result]
+            phase_rows += [(seq_len, name, results[name]["phases"]) for name in ("non-private", "this engine")
+                           if "phases" in results.get(name, {})]
             base = results["non-private"]
             base_time = statistics.median(base["times"])
             for name, result in results.items():

@@ -41,7 +41,13 @@ def test_engine_benchmark_runs_a_tiny_configuration():
                                 "--variants", "non-private", "this engine"], cwd=ROOT, env=environment,
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert completed.stdout.count("| this engine |") == 2  # one row per model
+    rows = [line.split(" | ") for line in completed.stdout.splitlines() if line.startswith("| 16 | this engine |")]
+    assert len(rows) == 4  # per model: its ratio row and its phases (forward, backward, the engine's four, ...)
+    phases = [row for row in rows if len(row) == 10]
+    assert len(phases) == 2
+    for row in phases:
+        forward, backward, *engine_phases = (float(cell.strip(" |")) for cell in row[2:8])
+        assert sum(engine_phases) <= backward + len(engine_phases)  # the four phases are within the backward (ms)
 
 
 @pytest.mark.slow
