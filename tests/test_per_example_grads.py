@@ -13,7 +13,7 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-from common.dp.per_example_grads import PerExampleGradients, UnsupportedParameterError
+from common.dp.per_example_grads import NonFiniteGradientError, PerExampleGradients, UnsupportedParameterError
 from common.dp.per_example_grads import engine as engine_module
 from common.dp.per_example_grads import factors as engine_factors
 from tests.oracle import (
@@ -150,6 +150,40 @@ def test_plan_counts_memory_passes_and_caps_kept_bytes():
     fitting = engine_factors.MAX_KEPT_BYTES // (4 * 256 * 1024)
     assert planned(fitting, 256, 256, 1024) == ("Dense", True)
     assert planned(fitting + 1, 256, 256, 1024) == ("Outer", True)
+
+
+def test_norm_of_a_large_kept_gradient_is_summed_exactly():
+    """A 768 x 3072 gradient at T = 256 is kept materialised; its norm summed in float32 came out 4e-5 too small
+    (one example could move the clipped sum by C (1 + 4e-5)). Against the float64 gradient, B = 1."""
+    torch.manual_seed(0)
+    model = nn.Linear(768, 3072, bias=False)
+    x, target = torch.randn(1, 256, 768), torch.randn(1, 256, 3072)
+    exact = torch.einsum("btk,btr->kr", target.double(), x.double()).norm()
+    engine = PerExampleGradients(model, max_grad_norm=0.5 * exact.item())
+    norm = engine.backward((model(x) * target).sum((1, 2)))[0]
+    assert abs(norm.item() / exact.item() - 1) < 1e-6
+    assert model.weight.grad.double().norm().item() <= 0.5 * exact.item() * (1 + 1e-6)
+
+
+def test_overflowing_cross_term_is_refused():
+    """A parameter used twice: 2 <G_a, G_b> overflows to -inf in float32; clamped to 0 it would pass as norm 0 and
+    clip factor 1. The engine refuses it."""
+    class TwoUses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4, bias=False)
+
+        def forward(self, x):
+            return self.lin(x[:, :1]) + self.lin(x[:, 1:])
+
+    torch.manual_seed(0)
+    model = TwoUses()
+    engine = PerExampleGradients(model, max_grad_norm=1.0)
+    first = F.normalize(torch.randn(2, 1, 4), dim=-1) * 4.16e9
+    target = F.normalize(torch.randn(2, 1, 4), dim=-1) * 4.16e9
+    losses = (model(torch.cat([first, -0.6 * first], 1)) * target).sum((1, 2))
+    with pytest.raises(NonFiniteGradientError):
+        engine.backward(losses)
 
 
 def test_tied_norm_includes_cross_term():

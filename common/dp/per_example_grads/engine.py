@@ -316,8 +316,9 @@ class PerExampleGradients:
                 for other in uses_of_param[i + 1:]:
                     sq_norms += 2 * inner(factor, other)
         del gram
+        # before the clamp: a cross term of a parameter used twice can overflow to -inf, which the clamp would hide
+        _refuse_non_finite("gradient norm", sq_norms)
         norms = sq_norms.clamp_min(0).sqrt()
-        _refuse_non_finite("gradient norm", norms)
         # exactly min(1, C / ||g_i||); a zero norm (no gradient) keeps the factor 1
         return norms, (self.max_grad_norm / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
 
