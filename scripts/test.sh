@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the test suite: creates or reuses .venv, installs the requirements, runs pytest.
-#   bash scripts/test.sh          # everything (what CI runs)
+#   bash scripts/test.sh          # everything (what CI runs), then the 20 slowest tests
 #   bash scripts/test.sh --fast   # without the whole pipelines and multi-process runs (marked slow)
 set -euo pipefail
 source "$(dirname "$0")/shell_helpers.sh"
@@ -11,4 +11,4 @@ if [ "${1:-}" = --fast ]; then
   shift
   exec python -m pytest -q -m "not slow" "$@" tests
 fi
-exec python -m pytest -q "$@" tests
+exec python -m pytest -q --durations=20 "$@" tests
