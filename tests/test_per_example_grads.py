@@ -165,9 +165,11 @@ def test_norm_of_a_large_kept_gradient_is_summed_exactly():
     assert model.weight.grad.double().norm().item() <= 0.5 * exact.item() * (1 + 1e-6)
 
 
-def test_overflowing_cross_term_is_refused():
-    """A parameter used twice: 2 <G_a, G_b> overflows to -inf in float32; clamped to 0 it would pass as norm 0 and
-    clip factor 1. The engine refuses it."""
+@pytest.mark.parametrize("scale", [4.16e9, 1e20])
+def test_large_cross_term_is_exact_or_refused(scale):
+    """A parameter used twice, with a negative cross term 2 <G_a, G_b> beyond float32's range at 4.16e9 when summed
+    in float32 (clamped, the -inf passed as norm 0 and clip factor 1): summed in float64 it is exact; at 1e20 the
+    Gram matrices themselves overflow, and the engine refuses the step."""
     class TwoUses(nn.Module):
         def __init__(self):
             super().__init__()
@@ -179,11 +181,15 @@ def test_overflowing_cross_term_is_refused():
     torch.manual_seed(0)
     model = TwoUses()
     engine = PerExampleGradients(model, max_grad_norm=1.0)
-    first = F.normalize(torch.randn(2, 1, 4), dim=-1) * 4.16e9
-    target = F.normalize(torch.randn(2, 1, 4), dim=-1) * 4.16e9
+    first = F.normalize(torch.randn(2, 1, 4), dim=-1) * scale
+    target = F.normalize(torch.randn(2, 1, 4), dim=-1) * scale
     losses = (model(torch.cat([first, -0.6 * first], 1)) * target).sum((1, 2))
-    with pytest.raises(NonFiniteGradientError):
-        engine.backward(losses)
+    exact = torch.einsum("bti,btj->bij", target.double(), 0.4 * first.double()).flatten(1).norm(dim=1)
+    if scale > 1e19:
+        with pytest.raises(NonFiniteGradientError):
+            engine.backward(losses)
+    else:
+        torch.testing.assert_close(engine.backward(losses).double(), exact, rtol=1e-5, atol=0)
 
 
 def test_tied_norm_includes_cross_term():

@@ -210,8 +210,9 @@ def plan_linear_factors(factors, budget_bytes):
 
 
 def _batched_dot(x, y):
-    """sum over all but the first axis of x * y, without the x * y temporary."""
-    return torch.bmm(x.reshape(x.shape[0], 1, -1), y.reshape(y.shape[0], -1, 1)).flatten()
+    """sum over all but the first axis of x * y (B x T x T' Gram matrices), the rows' sums added in float64: a float32
+    sum over all T T' products drops the small ones as _sq_norms's does."""
+    return (x * y).sum(2).sum(1, dtype=torch.float64)
 
 
 def _sq_norms(x):
