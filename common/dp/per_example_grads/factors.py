@@ -171,7 +171,7 @@ def sq_norm(factor, gram):
         return _batched_dot(gram(factor.left), gram(factor.right))
     if isinstance(factor, Rows):
         same_row = factor.ids[:, :, None] == factor.ids[:, None, :]
-        return (gram(factor.values) * same_row).sum((1, 2))
+        return _batched_dot(gram(factor.values), same_row)
     return _sq_norms(f32(factor.values))
 
 
@@ -209,18 +209,22 @@ def plan_linear_factors(factors, budget_bytes):
             budget_bytes -= nbytes
 
 
+def _rows(x):
+    """(B, ...) -> (B, rows, -1): the second axis as rows, the rest flattened."""
+    return x.reshape(x.shape[0], x.shape[1] if x.dim() > 2 else 1, -1)
+
+
 def _batched_dot(x, y):
-    """sum over all but the first axis of x * y (B x T x T' Gram matrices), the rows' sums added in float64: a float32
-    sum over all T T' products drops the small ones as _sq_norms's does."""
-    return (x * y).sum(2).sum(1, dtype=torch.float64)
+    """sum over all but the first axis of x * y, each row's sum added in float64: a float32 sum of millions of
+    products drops the small ones (_sq_norms)."""
+    return (_rows(x) * _rows(y)).sum(2).sum(1, dtype=torch.float64)
 
 
 def _sq_norms(x):
-    """sum over all but the first axis of x * x, in float64: the squared norm of each row of the gradient (one norm
-    reduction, several times faster than a batched dot product), summed over rows in float64, since a float32 sum
-    of millions of squares drops the small ones (a norm 4e-5 too small for a 768 x 3072 gradient)."""
-    rows = x.reshape(x.shape[0], x.shape[1] if x.dim() > 2 else 1, -1)
-    return torch.linalg.vector_norm(rows, dim=2).square().sum(1, dtype=torch.float64)
+    """sum over all but the first axis of x * x: the squared norm of each row (one norm reduction, several times
+    faster than a batched dot product), the rows added in float64, since a float32 sum of millions of squares drops
+    the small ones (a norm 4e-5 too small for a 768 x 3072 gradient)."""
+    return torch.linalg.vector_norm(_rows(x), dim=2).square().sum(1, dtype=torch.float64)
 
 
 def _gather_rows(table, ids):
@@ -237,7 +241,7 @@ def _inner_outer_outer(f, h):
 def _inner_outer_rows(f, h):
     # <left^T right, rows> = sum_{s,t} left[s, id_t] (right_s . values_t)
     picked = _gather_rows(f32(f.left), h.ids)
-    return (picked * torch.bmm(f32(f.right), f32(h.values).transpose(1, 2))).sum((1, 2))
+    return _batched_dot(picked, torch.bmm(f32(f.right), f32(h.values).transpose(1, 2)))
 
 
 def _inner_outer_dense(f, h):
@@ -246,16 +250,16 @@ def _inner_outer_dense(f, h):
 
 def _inner_rows_rows(f, h):
     same_row = f.ids[:, :, None] == h.ids[:, None, :]
-    return (torch.bmm(f32(f.values), f32(h.values).transpose(1, 2)) * same_row).sum((1, 2))
+    return _batched_dot(torch.bmm(f32(f.values), f32(h.values).transpose(1, 2)), same_row)
 
 
 def _inner_rows_dense(f, h):
     picked = torch.gather(f32(h.values), 1, f.ids[:, :, None].expand(-1, -1, h.values.shape[2]))
-    return (picked * f32(f.values)).sum((1, 2))
+    return _batched_dot(picked, f32(f.values))
 
 
 def _inner_dense_dense(f, h):
-    return (f32(f.values).flatten(1) * f32(h.values).flatten(1)).sum(1)
+    return _batched_dot(f32(f.values), f32(h.values))
 
 
 _INNER = {
