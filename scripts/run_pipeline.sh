@@ -16,7 +16,7 @@
 # directories (docs/own_data.md). --text_column names the text column of both (default 'text', else
 # 'sentence'), --label_column the target's 0/1 labels (classification; default 'label'); your data is
 # checked before stage 1 (scripts/check_data.py). Presets, every stage's hyper-parameters in one file each
-# (scripts/presets/<name>.sh): demo (default; the offline demo data, about 12 minutes on 2 CPU cores), cpu
+# (scripts/presets/<name>.sh): demo (default; the offline demo data, about 15 minutes on 2 CPU cores), cpu
 # (classification by default: the demo data with 16M tokens of pre-training per variant, the learning
 # curve's largest length; about 75 minutes per seed on 2 cores), smoke (a few minutes; what the tests
 # run), paper (the reference hyper-parameters on hub data, for GPUs; with --task lm it needs --target).

@@ -1,4 +1,4 @@
-# Preset demo (the default): the offline demo data, about 12 minutes on 2 CPU cores.
+# Preset demo (the default): the offline demo data, about 15 minutes on 2 CPU cores.
 # Sourced by run_pipeline.sh and reproduce_table.sh: edit a hyper-parameter here, once.
 CORPUS=(demo) CORPUS_FLAGS=()
 # stage 2: a fixed number of public negatives (never derived from the private count); about 5 per positive
